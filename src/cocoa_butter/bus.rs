@@ -1,0 +1,398 @@
+//! Everything the runtime does on NATS JetStream besides pulling: the
+//! connection, streams and consumers (created when missing, checked for
+//! drift when present), publishing envelopes and dead letters.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use futures::future::try_join_all;
+use uuid::Uuid;
+
+use super::config::{NatsConfig, RoomSettings};
+use super::envelope::{Cause, EventEnvelope};
+use super::room::Outbound;
+
+/// Headers the runtime writes on every dead letter.
+pub mod dlq_headers {
+    pub const REASON: &str = "Choco-Dlq-Reason";
+    pub const DETAIL: &str = "Choco-Dlq-Detail";
+    pub const ROOM: &str = "Choco-Dlq-Room";
+    pub const DELIVERIES: &str = "Choco-Dlq-Deliveries";
+    pub const ORIGINAL_SUBJECT: &str = "Choco-Dlq-Original-Subject";
+    pub const ORIGINAL_STREAM: &str = "Choco-Dlq-Original-Stream";
+    pub const ORIGINAL_SEQUENCE: &str = "Choco-Dlq-Original-Sequence";
+}
+
+/// Headers on every envelope the runtime publishes, so tools can route and
+/// trace without decoding the body.
+pub mod event_headers {
+    pub const EVENT_TYPE: &str = "Choco-Event-Type";
+    pub const CORRELATION_ID: &str = "Choco-Correlation-Id";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("cannot connect to NATS at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("stream {stream}: {reason}")]
+    StreamConflict { stream: String, reason: String },
+    #[error("stream {stream} does not exist and nats.provision is false")]
+    StreamMissing { stream: String },
+    #[error("consumer {consumer} on {stream}: {reason}")]
+    ConsumerConflict {
+        stream: String,
+        consumer: String,
+        reason: String,
+    },
+    #[error("consumer {consumer} on {stream} does not exist and nats.provision is false")]
+    ConsumerMissing { stream: String, consumer: String },
+    /// The server could not be asked; worth retrying.
+    #[error("JetStream request failed: {0}")]
+    Unavailable(String),
+}
+
+fn unavailable(err: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(err.to_string())
+}
+
+/// Connects without waiting for the server: the client keeps retrying in
+/// the background and the rooms report not-ready until it is connected.
+pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .name(&nats.connection_name)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .request_timeout(Some(nats.request_timeout))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                other => tracing::info!(event = %other, "NATS connection event"),
+            }
+        })
+        .connect(nats.url.as_str())
+        .await
+        .map_err(|err| BusError::Connect {
+            url: nats.url.clone(),
+            reason: err.to_string(),
+        })
+}
+
+/// The stream configuration the runtime creates for a domain or the DLQ.
+fn stream_config(name: &str, subject: String, duplicate_window: Duration) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects: vec![subject],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// Makes sure `name` exists and captures `subject`. An existing stream with
+/// other storage or subjects is a conflict the runtime refuses to paper over.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    name: &str,
+    subject: String,
+) -> Result<(), BusError> {
+    match js.get_stream(name).await {
+        Ok(mut existing) => {
+            let info = existing.info().await.map_err(unavailable)?;
+            let config = &info.config;
+            if config.storage != stream::StorageType::File {
+                return Err(BusError::StreamConflict {
+                    stream: name.into(),
+                    reason: format!("uses {:?} storage, the factory expects file storage", config.storage),
+                });
+            }
+            if !config.subjects.iter().any(|s| s == &subject) {
+                return Err(BusError::StreamConflict {
+                    stream: name.into(),
+                    reason: format!(
+                        "captures {:?}, the factory expects it to capture {subject:?}",
+                        config.subjects
+                    ),
+                });
+            }
+            if config.duplicate_window != nats.duplicate_window {
+                tracing::warn!(
+                    stream = name,
+                    configured = ?nats.duplicate_window,
+                    actual = ?config.duplicate_window,
+                    "stream duplicate window differs from nats.duplicate_window; keeping the server's"
+                );
+            }
+            Ok(())
+        }
+        Err(err)
+            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
+                if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            if !nats.provision {
+                return Err(BusError::StreamMissing { stream: name.into() });
+            }
+            js.create_stream(stream_config(name, subject, nats.duplicate_window))
+                .await
+                .map_err(|err| BusError::StreamConflict {
+                    stream: name.into(),
+                    reason: err.to_string(),
+                })?;
+            tracing::info!(stream = name, "created stream");
+            Ok(())
+        }
+        Err(err) => Err(unavailable(err)),
+    }
+}
+
+/// The durable pull consumer a room reads its prefix through.
+pub fn consumer_config(room: &RoomSettings) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(room.durable_name.clone()),
+        description: Some(format!("{} ({})", room.service, room.label)),
+        filter_subject: room.subject_prefix.clone(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_wait: room.consumer.ack_wait,
+        max_deliver: room.consumer.max_deliver,
+        max_ack_pending: room.consumer.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// Differences between the consumer on the server and the configured one,
+/// as `field: server → configured`.
+fn consumer_drift(actual: &consumer::Config, wanted: &consumer::pull::Config) -> Vec<String> {
+    let mut drift = Vec::new();
+    if actual.filter_subject != wanted.filter_subject {
+        drift.push(format!(
+            "filter_subject: {:?} → {:?}",
+            actual.filter_subject, wanted.filter_subject
+        ));
+    }
+    if actual.ack_wait != wanted.ack_wait {
+        drift.push(format!("ack_wait: {:?} → {:?}", actual.ack_wait, wanted.ack_wait));
+    }
+    if actual.max_deliver != wanted.max_deliver {
+        drift.push(format!(
+            "max_deliver: {} → {}",
+            actual.max_deliver, wanted.max_deliver
+        ));
+    }
+    if actual.max_ack_pending != wanted.max_ack_pending {
+        drift.push(format!(
+            "max_ack_pending: {} → {}",
+            actual.max_ack_pending, wanted.max_ack_pending
+        ));
+    }
+    drift
+}
+
+/// Binds the room's durable consumer: created when missing (with
+/// `provision`), compared with the configuration when present. Drift is
+/// updated on the server with `provision`, and reported either way.
+pub async fn bind_consumer(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    room: &RoomSettings,
+) -> Result<consumer::PullConsumer, BusError> {
+    let stream = js.get_stream(&room.stream).await.map_err(unavailable)?;
+    let wanted = consumer_config(room);
+    let conflict = |reason: String| BusError::ConsumerConflict {
+        stream: room.stream.clone(),
+        consumer: room.durable_name.clone(),
+        reason,
+    };
+    match stream.consumer_info(&room.durable_name).await {
+        Ok(info) => {
+            if info.config.ack_policy != consumer::AckPolicy::Explicit {
+                return Err(conflict("is not an explicit-ack consumer".into()));
+            }
+            if info.config.deliver_subject.is_some() {
+                return Err(conflict("is a push consumer; the room needs a pull consumer".into()));
+            }
+            let drift = consumer_drift(&info.config, &wanted);
+            if !drift.is_empty() {
+                if nats.provision {
+                    stream
+                        .update_consumer(wanted.clone())
+                        .await
+                        .map_err(|err| conflict(format!("cannot update drifted settings: {err}")))?;
+                    tracing::warn!(drift = ?drift, consumer = %room.durable_name, "consumer settings drifted; updated them on the server");
+                } else {
+                    tracing::error!(drift = ?drift, consumer = %room.durable_name, "consumer settings differ from the configuration and nats.provision is false; running with the server's");
+                }
+            }
+        }
+        Err(err)
+            if matches!(err.kind(), jetstream::context::ConsumerInfoErrorKind::NotFound)
+                || matches!(err.kind(), jetstream::context::ConsumerInfoErrorKind::JetStream(ref js_err)
+                    if js_err.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
+        {
+            if !nats.provision {
+                return Err(BusError::ConsumerMissing {
+                    stream: room.stream.clone(),
+                    consumer: room.durable_name.clone(),
+                });
+            }
+            stream
+                .create_consumer(wanted)
+                .await
+                .map_err(|err| conflict(err.to_string()))?;
+            tracing::info!(consumer = %room.durable_name, stream = %room.stream, "created consumer");
+        }
+        Err(err) => return Err(unavailable(err)),
+    }
+    stream
+        .get_consumer(&room.durable_name)
+        .await
+        .map_err(unavailable)
+}
+
+/// Publishes a room's outputs as envelopes on its prefix, with ids derived
+/// from their cause so that publishing the same outputs again is dropped by
+/// JetStream's duplicate window.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    subject_base: String,
+    domain: String,
+    service: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("publishing {subject} failed: {reason}")]
+pub struct PublishError {
+    pub subject: String,
+    pub reason: String,
+}
+
+impl Publisher {
+    pub fn new(js: jetstream::Context, room: &RoomSettings) -> Self {
+        Publisher {
+            js,
+            subject_base: room.subject_base.clone(),
+            domain: room.domain.clone(),
+            service: room.service.clone(),
+        }
+    }
+
+    /// Publishes every output and waits until JetStream stored each of them.
+    /// Returns the event ids, in order.
+    pub async fn publish(
+        &self,
+        cause: &Cause,
+        outputs: &[Outbound],
+    ) -> Result<Vec<Uuid>, PublishError> {
+        let mut acks = Vec::with_capacity(outputs.len());
+        let mut ids = Vec::with_capacity(outputs.len());
+        for (index, output) in outputs.iter().enumerate() {
+            let event_id = cause.output_id(index);
+            let subject = format!("{}{}", self.subject_base, output.action);
+            let event_type = format!("{}.{}", self.domain, output.action);
+            let payload = serde_json::to_vec(&output.payload).map_err(|err| PublishError {
+                subject: subject.clone(),
+                reason: err.to_string(),
+            })?;
+            let envelope = EventEnvelope::new(
+                event_id,
+                event_type.clone(),
+                output.aggregate_id.clone(),
+                cause.correlation_id.clone(),
+                payload,
+                self.service.clone(),
+            );
+            let message = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(envelope.encode()))
+                .message_id(event_id.to_string())
+                .header(event_headers::EVENT_TYPE, event_type.as_str())
+                .header(event_headers::CORRELATION_ID, cause.correlation_id.as_str());
+            let ack = self
+                .js
+                .send_publish(subject.clone(), message)
+                .await
+                .map_err(|err| PublishError {
+                    subject: subject.clone(),
+                    reason: err.to_string(),
+                })?;
+            acks.push(async move {
+                ack.await.map_err(|err| PublishError {
+                    subject,
+                    reason: err.to_string(),
+                })
+            });
+            ids.push(event_id);
+        }
+        try_join_all(acks).await?;
+        Ok(ids)
+    }
+}
+
+/// Where a dead letter came from and why it is dead.
+pub struct DeadLetter<'a> {
+    pub room: &'a str,
+    pub event_type: &'a str,
+    pub reason: &'a str,
+    pub detail: &'a str,
+    pub deliveries: i64,
+    pub original_subject: &'a str,
+    pub original_stream: &'a str,
+    pub original_sequence: u64,
+    pub body: Bytes,
+}
+
+/// Moves a message to the dead-letter stream with its body unchanged. The
+/// message id is the original's stream position, so dead-lettering the same
+/// delivery twice stores it once.
+pub async fn publish_dead_letter(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    letter: DeadLetter<'_>,
+) -> Result<(), PublishError> {
+    let subject = format!(
+        "{}.{}.{}",
+        nats.dlq_subject_prefix, letter.room, letter.event_type
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(dlq_headers::REASON, letter.reason);
+    headers.insert(dlq_headers::DETAIL, header_safe(letter.detail));
+    headers.insert(dlq_headers::ROOM, letter.room);
+    headers.insert(dlq_headers::DELIVERIES, letter.deliveries.to_string().as_str());
+    headers.insert(dlq_headers::ORIGINAL_SUBJECT, letter.original_subject);
+    headers.insert(dlq_headers::ORIGINAL_STREAM, letter.original_stream);
+    headers.insert(
+        dlq_headers::ORIGINAL_SEQUENCE,
+        letter.original_sequence.to_string().as_str(),
+    );
+    let message = jetstream::message::PublishMessage::build()
+        .payload(letter.body)
+        .headers(headers)
+        .message_id(format!(
+            "dlq:{}:{}",
+            letter.original_stream, letter.original_sequence
+        ));
+    let fail = |reason: String| PublishError {
+        subject: subject.clone(),
+        reason,
+    };
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|err| fail(err.to_string()))?
+        .await
+        .map_err(|err| fail(err.to_string()))?;
+    Ok(())
+}
+
+/// Header values are one line of printable text; keep a detail readable and short.
+fn header_safe(detail: &str) -> HeaderValue {
+    let cleaned: String = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect();
+    HeaderValue::from(cleaned.as_str())
+}

@@ -1,0 +1,495 @@
+//! The consumer engine: from a durable pull consumer to acknowledged work.
+//!
+//! ```text
+//! pull stream ──▶ dispatch ──┬─▶ not an input: own output → ack │ unknown → DLQ
+//!  (batch, heartbeats)       ├─▶ bad envelope/payload → DLQ (no retries)
+//!                            └─▶ lane of its aggregate_id ──▶ Room::handle
+//!                                   (one at a time, in        ├─ Ok → publish outputs → ack
+//!                                    stream order)            ├─ Permanent → DLQ → term
+//!                                                             └─ Transient → nak(backoff) or DLQ on last delivery
+//! ```
+//!
+//! Ordering: each aggregate has at most one lane, and a lane handles its
+//! messages one after another in the order they were pulled, which is
+//! stream order. Lanes of different aggregates run concurrently; a semaphore
+//! bounds the messages held at once (`consumer.max_in_flight`).
+//!
+//! A transient failure is nak'd with a delay so the server redelivers it. So
+//! that later events of the same aggregate cannot overtake it meanwhile, its
+//! lane holds them (keeping them alive with in-progress acks) until the
+//! nak'd message comes back, or until its delay plus one ack-wait has passed
+//! (then another replica has it).
+
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::bus::{self, DeadLetter, Publisher};
+use super::config::{NatsConfig, RoomSettings};
+use super::envelope::EventEnvelope;
+use super::metrics::{Outcome, RoomMetrics};
+use super::room::{HandleError, InboundEvent, Room};
+
+/// Whether a room can do its work right now; behind /readyz and gRPC health.
+pub struct RoomState {
+    client: async_nats::Client,
+    bound: AtomicBool,
+}
+
+impl RoomState {
+    pub fn new(client: async_nats::Client) -> Self {
+        RoomState {
+            client,
+            bound: AtomicBool::new(false),
+        }
+    }
+
+    pub fn nats_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub fn consumer_bound(&self) -> bool {
+        self.bound.load(Ordering::Acquire)
+    }
+
+    pub fn set_bound(&self, bound: bool) {
+        self.bound.store(bound, Ordering::Release);
+    }
+
+    pub fn ready(&self) -> bool {
+        self.nats_connected() && self.consumer_bound()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error("cannot open the pull stream: {0}")]
+    Open(String),
+    #[error("pull stream failed: {0}")]
+    Stream(String),
+    #[error("pull stream ended")]
+    Ended,
+}
+
+/// One room's consumer: everything needed to turn deliveries into outcomes.
+pub struct Engine {
+    pub room: Arc<dyn Room>,
+    pub settings: RoomSettings,
+    pub nats: NatsConfig,
+    pub js: jetstream::Context,
+    pub publisher: Publisher,
+    pub metrics: RoomMetrics,
+}
+
+/// A delivery holding its share of the in-flight bound until dropped.
+struct Job {
+    message: jetstream::Message,
+    event: InboundEvent,
+    event_type: String,
+    started: Instant,
+    _slot: Slot,
+}
+
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: RoomMetrics,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+    }
+}
+
+/// After a nak, the lane waits for this sequence to come back.
+#[derive(Clone, Copy)]
+struct AwaitRedelivery {
+    sequence: u64,
+    until: Instant,
+}
+
+type LaneMap = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>>;
+
+impl Engine {
+    /// Pulls and dispatches until `intake` is cancelled (then drains what it
+    /// holds and returns Ok) or the pull stream fails (then drains and
+    /// returns the error, and the supervisor binds again).
+    pub async fn run(
+        self: Arc<Self>,
+        consumer: PullConsumer,
+        intake: CancellationToken,
+    ) -> Result<(), ConsumerError> {
+        let cfg = &self.settings.consumer;
+        let mut messages = consumer
+            .stream()
+            .max_messages_per_batch(cfg.batch)
+            .heartbeat(cfg.heartbeat)
+            .expires(cfg.heartbeat * 6)
+            .messages()
+            .await
+            .map_err(|err| ConsumerError::Open(err.to_string()))?;
+
+        let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
+        let lanes: LaneMap = Arc::default();
+        let tasks = TaskTracker::new();
+        let result = loop {
+            let permit = tokio::select! {
+                _ = intake.cancelled() => break Ok(()),
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break Ok(()),
+                },
+            };
+            let next = tokio::select! {
+                _ = intake.cancelled() => break Ok(()),
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    self.metrics.in_flight.inc();
+                    let slot = Slot {
+                        _permit: permit,
+                        metrics: self.metrics.clone(),
+                    };
+                    self.dispatch(message, slot, &lanes, &tasks, &intake);
+                }
+                Some(Err(err)) => break Err(ConsumerError::Stream(err.to_string())),
+                None => break Err(ConsumerError::Ended),
+            }
+        };
+        // Stop pulling first; what the client buffered but we never took is
+        // redelivered by the server after ack_wait.
+        drop(messages);
+        tasks.close();
+        tasks.wait().await;
+        result
+    }
+
+    fn dispatch(
+        self: &Arc<Self>,
+        message: jetstream::Message,
+        slot: Slot,
+        lanes: &LaneMap,
+        tasks: &TaskTracker,
+        intake: &CancellationToken,
+    ) {
+        let started = Instant::now();
+        let (sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(err) => {
+                // Not a JetStream delivery: nothing to ack or dead-letter.
+                tracing::warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
+                return;
+            }
+        };
+        let subject = message.subject.to_string();
+        let action = subject
+            .strip_prefix(&self.settings.subject_base)
+            .unwrap_or(&subject)
+            .to_string();
+        let event_type = self.settings.event_type(&action);
+        self.metrics.received(&event_type);
+
+        if self.room.outputs().contains(&action.as_str()) {
+            let engine = self.clone();
+            tasks.spawn(async move {
+                let _slot = slot;
+                if let Err(err) = message.ack().await {
+                    tracing::warn!(error = %err, "ack of an own output failed; it will be redelivered and skipped again");
+                }
+                engine.metrics.finished(&event_type, Outcome::Skipped, secs(started));
+            });
+            return;
+        }
+
+        let verdict = if self.room.inputs().contains(&action.as_str()) {
+            verify(&message.payload, &event_type)
+        } else {
+            Err(HandleError::permanent(
+                "unknown_event_type",
+                format!(
+                    "{event_type} is not an input of {} (inputs: {})",
+                    self.settings.service,
+                    self.room.inputs().join(", ")
+                ),
+            ))
+        };
+        let envelope = match verdict {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                let engine = self.clone();
+                tasks.spawn(async move {
+                    let _slot = slot;
+                    engine
+                        .finish_failed(&message, &event_type, sequence, delivered, started, err)
+                        .await;
+                });
+                return;
+            }
+        };
+
+        let aggregate = envelope.aggregate_id.clone();
+        let job = Job {
+            event: InboundEvent {
+                envelope,
+                action,
+                subject,
+                stream_sequence: sequence,
+                delivered,
+            },
+            message,
+            event_type,
+            started,
+            _slot: slot,
+        };
+        let Ok(mut lanes_guard) = lanes.lock() else {
+            return;
+        };
+        let job = match lanes_guard.get(&aggregate) {
+            Some(lane) => match lane.send(job) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        // A fresh channel with its receiver alive accepts the send.
+        let _ = sender.send(job);
+        lanes_guard.insert(aggregate.clone(), sender);
+        drop(lanes_guard);
+        tasks.spawn(self.clone().lane(aggregate, receiver, lanes.clone(), intake.clone()));
+    }
+
+    /// Handles one aggregate's messages in order, then removes itself.
+    async fn lane(
+        self: Arc<Self>,
+        aggregate: String,
+        mut receiver: mpsc::UnboundedReceiver<Job>,
+        lanes: LaneMap,
+        intake: CancellationToken,
+    ) {
+        let mut queue: VecDeque<Job> = VecDeque::new();
+        let mut awaiting: Option<AwaitRedelivery> = None;
+        let keepalive = self.settings.consumer.ack_wait / 3;
+        loop {
+            while let Ok(job) = receiver.try_recv() {
+                queue.push_back(job);
+            }
+            if let Some(wait) = awaiting {
+                if let Some(pos) = queue
+                    .iter()
+                    .position(|job| job.event.stream_sequence == wait.sequence)
+                {
+                    if let Some(job) = queue.remove(pos) {
+                        awaiting = self.process(job).await;
+                    }
+                    continue;
+                }
+                if Instant::now() >= wait.until || intake.is_cancelled() {
+                    // Gone to another replica, or we are shutting down: the
+                    // held messages go on (or are redelivered after ack_wait).
+                    awaiting = None;
+                    if intake.is_cancelled() {
+                        queue.clear();
+                    }
+                    continue;
+                }
+                let tick = (Instant::now() + keepalive).min(wait.until);
+                tokio::select! {
+                    job = receiver.recv() => if let Some(job) = job { queue.push_back(job) },
+                    _ = tokio::time::sleep_until(tick.into()) => {
+                        for job in &queue {
+                            let _ = job.message.ack_with(AckKind::Progress).await;
+                        }
+                    }
+                    _ = intake.cancelled() => {}
+                }
+                continue;
+            }
+            let job = match queue.pop_front() {
+                Some(job) => job,
+                None => {
+                    // Leave only when nothing can arrive: the dispatcher
+                    // sends under the same lock.
+                    let Ok(mut guard) = lanes.lock() else { return };
+                    match receiver.try_recv() {
+                        Ok(job) => job,
+                        Err(_) => {
+                            guard.remove(&aggregate);
+                            return;
+                        }
+                    }
+                }
+            };
+            awaiting = self.process(job).await;
+        }
+    }
+
+    /// Runs the room's handler on one message and settles the message.
+    async fn process(&self, job: Job) -> Option<AwaitRedelivery> {
+        let handled = AssertUnwindSafe(self.room.handle(&job.event))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(HandleError::permanent("handler_panic", what))
+            });
+        let published = match handled {
+            Ok(outputs) => self
+                .publisher
+                .publish(&job.event.cause(), &outputs)
+                .await
+                .map_err(HandleError::transient),
+            Err(err) => Err(err),
+        };
+        let event = &job.event;
+        match published {
+            Ok(_) => {
+                if let Err(err) = job.message.ack().await {
+                    tracing::warn!(error = %err, event_id = %event.envelope.event_id, "ack failed; the redelivery will publish nothing new");
+                }
+                tracing::debug!(
+                    event_id = %event.envelope.event_id,
+                    correlation_id = %event.envelope.correlation(),
+                    event_type = %job.event_type,
+                    "handled"
+                );
+                self.metrics
+                    .finished(&job.event_type, Outcome::Ok, secs(job.started));
+                None
+            }
+            Err(err) => {
+                self.finish_failed(
+                    &job.message,
+                    &job.event_type,
+                    event.stream_sequence,
+                    event.delivered,
+                    job.started,
+                    err,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Dead-letters a permanent failure, or a transient one on its last
+    /// delivery; naks any other transient failure with a growing delay.
+    async fn finish_failed(
+        &self,
+        message: &jetstream::Message,
+        event_type: &str,
+        sequence: u64,
+        delivered: i64,
+        started: Instant,
+        err: HandleError,
+    ) -> Option<AwaitRedelivery> {
+        let max_deliver = self.settings.consumer.max_deliver;
+        let (reason, detail) = match err {
+            HandleError::Permanent { reason, detail } => (reason, detail),
+            HandleError::Transient(detail) if delivered >= max_deliver => {
+                ("max_deliveries_exceeded".to_string(), detail)
+            }
+            HandleError::Transient(detail) => {
+                let delay = self.retry_delay(delivered);
+                tracing::warn!(
+                    error = %detail,
+                    event_type,
+                    delivered,
+                    retry_in = ?delay,
+                    "transient failure; retrying"
+                );
+                if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %err, "nak failed; the server redelivers after ack_wait");
+                }
+                self.metrics
+                    .finished(event_type, Outcome::Retried, secs(started));
+                return Some(AwaitRedelivery {
+                    sequence,
+                    until: Instant::now() + delay + self.settings.consumer.ack_wait,
+                });
+            }
+        };
+        let letter = DeadLetter {
+            room: &self.settings.name,
+            event_type,
+            reason: &reason,
+            detail: &detail,
+            deliveries: delivered,
+            original_subject: &message.subject,
+            original_stream: &self.settings.stream,
+            original_sequence: sequence,
+            body: message.payload.clone(),
+        };
+        match bus::publish_dead_letter(&self.js, &self.nats, letter).await {
+            Ok(()) => {
+                tracing::warn!(reason = %reason, detail = %detail, event_type, sequence, "dead-lettered");
+                if let Err(err) = message.ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %err, "term ack failed; the dead letter is deduplicated on redelivery");
+                }
+                self.metrics.dead_lettered(event_type, &reason);
+                self.metrics
+                    .finished(event_type, Outcome::DeadLettered, secs(started));
+                None
+            }
+            Err(err) => {
+                // Cannot even dead-letter: hand it back and try again later.
+                let delay = self.retry_delay(delivered);
+                tracing::error!(error = %err, reason = %reason, "dead-lettering failed; retrying");
+                let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                self.metrics
+                    .finished(event_type, Outcome::Retried, secs(started));
+                Some(AwaitRedelivery {
+                    sequence,
+                    until: Instant::now() + delay + self.settings.consumer.ack_wait,
+                })
+            }
+        }
+    }
+
+    /// `retry_base · 2^(delivered-1)`, capped at `retry_max`, with ±25 % jitter
+    /// so a burst of failures does not come back as a burst.
+    fn retry_delay(&self, delivered: i64) -> Duration {
+        let cfg = &self.settings.consumer;
+        let exponent = u32::try_from(delivered.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+        let base = cfg
+            .retry_base
+            .saturating_mul(2u32.saturating_pow(exponent))
+            .min(cfg.retry_max);
+        base.mul_f64(0.75 + fastrand::f64() * 0.5)
+    }
+}
+
+/// The runtime's part of validation: the envelope, its event type against
+/// the subject, and that the payload is JSON at all.
+fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
+    let envelope = EventEnvelope::decode(body)
+        .map_err(|err| HandleError::permanent(err.reason(), err.to_string()))?;
+    if envelope.event_type != event_type {
+        return Err(HandleError::permanent(
+            "event_type_mismatch",
+            format!(
+                "envelope says {:?} but arrived on the subject of {event_type:?}",
+                envelope.event_type
+            ),
+        ));
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(&envelope.payload)
+        .map_err(|err| HandleError::permanent("payload_invalid", format!("payload is not JSON: {err}")))?;
+    Ok(envelope)
+}
+
+fn secs(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64()
+}

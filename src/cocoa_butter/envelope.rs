@@ -1,0 +1,272 @@
+//! The EventEnvelope: the JSON body of every message on `choco.events.>`.
+//!
+//! Wire-compatible with the platform's Go struct: `payload` is the payload's
+//! bytes in standard base64 (how Go's encoding/json writes `[]byte`),
+//! `content_hash` is the lower-case hex SHA-256 of those bytes, `created_at`
+//! is RFC 3339. Unknown fields are tolerated so producers can add metadata.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The schema version this runtime writes.
+pub const SCHEMA_VERSION: &str = "1.0.0";
+/// The major version this runtime reads; anything else is dead-lettered.
+pub const SUPPORTED_SCHEMA_MAJOR: u64 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventEnvelope {
+    pub event_id: String,
+    pub event_type: String,
+    #[serde(default)]
+    pub aggregate_id: String,
+    #[serde(default)]
+    pub correlation_id: String,
+    #[serde(default)]
+    pub content_hash: String,
+    #[serde(default)]
+    pub schema_version: String,
+    #[serde(with = "base64_bytes")]
+    pub payload: Vec<u8>,
+    pub created_at: DateTime<Utc>,
+    #[serde(default)]
+    pub source_service: String,
+}
+
+/// Why a message body is not a usable envelope. Each of these is permanent:
+/// redelivering the same bytes cannot fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("malformed envelope: {0}")]
+    Malformed(String),
+    #[error("content_hash {claimed} does not match the payload's SHA-256 {actual}")]
+    ContentHashMismatch { claimed: String, actual: String },
+    #[error("schema_version {0:?} is not supported (this runtime reads major version 1)")]
+    UnsupportedSchemaVersion(String),
+}
+
+impl EnvelopeError {
+    /// The dead-letter reason: stable, snake_case, meant for dashboards.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EnvelopeError::Malformed(_) => "malformed_envelope",
+            EnvelopeError::ContentHashMismatch { .. } => "content_hash_mismatch",
+            EnvelopeError::UnsupportedSchemaVersion(_) => "unsupported_schema_version",
+        }
+    }
+}
+
+/// Lower-case hex SHA-256.
+pub fn content_hash(payload: &[u8]) -> String {
+    hex::encode(Sha256::digest(payload))
+}
+
+impl EventEnvelope {
+    /// Wraps a payload for publishing.
+    pub fn new(
+        event_id: Uuid,
+        event_type: String,
+        aggregate_id: String,
+        correlation_id: String,
+        payload: Vec<u8>,
+        source_service: String,
+    ) -> Self {
+        EventEnvelope {
+            event_id: event_id.to_string(),
+            event_type,
+            aggregate_id,
+            correlation_id,
+            content_hash: content_hash(&payload),
+            schema_version: SCHEMA_VERSION.to_string(),
+            payload,
+            created_at: Utc::now(),
+            source_service,
+        }
+    }
+
+    /// Parses and checks a message body: structure, required fields, schema
+    /// major version and content hash, in that order.
+    pub fn decode(body: &[u8]) -> Result<Self, EnvelopeError> {
+        let envelope: EventEnvelope = serde_json::from_slice(body)
+            .map_err(|err| EnvelopeError::Malformed(err.to_string()))?;
+        for (field, value) in [
+            ("event_id", &envelope.event_id),
+            ("event_type", &envelope.event_type),
+            ("aggregate_id", &envelope.aggregate_id),
+            ("content_hash", &envelope.content_hash),
+            ("schema_version", &envelope.schema_version),
+        ] {
+            if value.trim().is_empty() {
+                return Err(EnvelopeError::Malformed(format!("{field} is required")));
+            }
+        }
+        let major = envelope
+            .schema_version
+            .split('.')
+            .next()
+            .and_then(|major| major.parse::<u64>().ok());
+        if major != Some(SUPPORTED_SCHEMA_MAJOR) {
+            return Err(EnvelopeError::UnsupportedSchemaVersion(
+                envelope.schema_version,
+            ));
+        }
+        let actual = content_hash(&envelope.payload);
+        if !actual.eq_ignore_ascii_case(envelope.content_hash.trim()) {
+            return Err(EnvelopeError::ContentHashMismatch {
+                claimed: envelope.content_hash,
+                actual,
+            });
+        }
+        Ok(envelope)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing a struct of strings, bytes and a timestamp cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The correlation id to carry forward: the envelope's own, or its
+    /// event id when the producer started a new chain.
+    pub fn correlation(&self) -> &str {
+        if self.correlation_id.is_empty() {
+            &self.event_id
+        } else {
+            &self.correlation_id
+        }
+    }
+}
+
+/// What caused a set of outputs: an input event or an API request. Output
+/// ids are derived from it, so handling the same cause twice yields the same
+/// ids and JetStream's duplicate window drops the second copy.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    pub id: String,
+    pub correlation_id: String,
+    pub at: DateTime<Utc>,
+}
+
+impl Cause {
+    pub fn of(envelope: &EventEnvelope) -> Self {
+        Cause {
+            id: envelope.event_id.clone(),
+            correlation_id: envelope.correlation().to_string(),
+            at: envelope.created_at,
+        }
+    }
+
+    /// The UUIDv7 of the `index`-th output: its time is the cause's (taken
+    /// from the cause's own UUIDv7 when it is one), its random bits a hash of
+    /// the cause id and the index.
+    pub fn output_id(&self, index: usize) -> Uuid {
+        let millis = Uuid::parse_str(&self.id)
+            .ok()
+            .filter(|id| id.get_version_num() == 7)
+            .and_then(|id| id.get_timestamp())
+            .map(|ts| {
+                let (secs, nanos) = ts.to_unix();
+                secs * 1000 + u64::from(nanos) / 1_000_000
+            })
+            .unwrap_or_else(|| u64::try_from(self.at.timestamp_millis()).unwrap_or(0));
+        let digest = Sha256::new()
+            .chain_update(self.id.as_bytes())
+            .chain_update(b"/")
+            .chain_update(index.to_be_bytes())
+            .finalize();
+        let mut random = [0u8; 10];
+        random.copy_from_slice(&digest[..10]);
+        uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid()
+    }
+}
+
+/// RFC 3339 with as many fractional digits as needed, like Go's RFC3339Nano.
+pub fn rfc3339(at: &DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+mod base64_bytes {
+    use super::BASE64;
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&BASE64.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        // Go writes a nil []byte as null; the envelope requires a payload.
+        let text = Option::<String>::deserialize(deserializer)?
+            .ok_or_else(|| serde::de::Error::custom("payload is required"))?;
+        BASE64
+            .decode(text.as_bytes())
+            .map_err(|err| serde::de::Error::custom(format!("payload is not base64: {err}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> EventEnvelope {
+        EventEnvelope::new(
+            Uuid::now_v7(),
+            "coordination.property_sync.requested".into(),
+            "doc-1".into(),
+            String::new(),
+            br#"{"a":1}"#.to_vec(),
+            "test".into(),
+        )
+    }
+
+    #[test]
+    fn round_trips_and_matches_go_encoding() {
+        let envelope = sample();
+        let body = envelope.encode();
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["payload"], "eyJhIjoxfQ==");
+        assert_eq!(
+            json["content_hash"],
+            "015abd7f5cc57a2dd94b7590f04ad8084273905ee33ec5cebeae62276a97f862"
+        );
+        assert_eq!(EventEnvelope::decode(&body).expect("valid"), envelope);
+    }
+
+    #[test]
+    fn tolerates_unknown_fields() {
+        let mut json: serde_json::Value = serde_json::from_slice(&sample().encode()).expect("json");
+        json["extra"] = serde_json::json!({"x": 1});
+        EventEnvelope::decode(&serde_json::to_vec(&json).expect("json")).expect("tolerated");
+    }
+
+    #[test]
+    fn rejects_with_reasons() {
+        let mut tampered = sample();
+        tampered.payload = br#"{"a":2}"#.to_vec();
+        let err = EventEnvelope::decode(&tampered.encode()).expect_err("tampered");
+        assert_eq!(err.reason(), "content_hash_mismatch");
+
+        let err = EventEnvelope::decode(b"not json").expect_err("garbage");
+        assert_eq!(err.reason(), "malformed_envelope");
+
+        let mut v2 = sample();
+        v2.schema_version = "2.0.0".into();
+        let err = EventEnvelope::decode(&v2.encode()).expect_err("v2");
+        assert_eq!(err.reason(), "unsupported_schema_version");
+
+        let mut json: serde_json::Value = serde_json::from_slice(&sample().encode()).expect("json");
+        json["payload"] = serde_json::Value::Null;
+        let err = EventEnvelope::decode(&serde_json::to_vec(&json).expect("json")).expect_err("nil");
+        assert_eq!(err.reason(), "malformed_envelope");
+    }
+
+    #[test]
+    fn output_ids_are_deterministic_v7() {
+        let cause = Cause::of(&sample());
+        let a = cause.output_id(0);
+        assert_eq!(a, cause.output_id(0));
+        assert_ne!(a, cause.output_id(1));
+        assert_eq!(a.get_version_num(), 7);
+    }
+}

@@ -1,0 +1,24 @@
+//! cocoa-butter: the shared core every room stands on.
+//!
+//! The platform's rooms each imported a library called cocoa-butter for the
+//! NATS publisher, telemetry and log scaffolding. Here it is one module of
+//! the binary, and it owns more: configuration, the consumer engine, the
+//! servers and the runtime that starts and supervises rooms. Rooms implement
+//! [`room::Room`] and never reach past this module's public items.
+
+pub mod bus;
+pub mod config;
+pub mod consumer;
+pub mod envelope;
+pub mod metrics;
+pub mod nats_server;
+pub mod room;
+pub mod runtime;
+pub mod servers;
+pub mod telemetry;
+
+pub use envelope::{Cause, EventEnvelope};
+pub use room::{
+    GrpcService, HandleError, InboundEvent, JsonError, Outbound, Room, RoomContext, RoomError,
+    RoomSpec, decode_json,
+};

@@ -1,0 +1,310 @@
+//! The runtime: starts the enabled rooms, keeps them running, stops them.
+//!
+//! Start-up refuses bad input before anything runs: every enabled room must
+//! be built into the binary, pass its settings check and bind its three
+//! ports. Then one NATS connection is shared by all rooms, and each room
+//! gets its servers and a supervised consumer, all inside the room's span.
+//!
+//! Shutdown (the `shutdown` token, cancelled on SIGTERM/SIGINT): stop
+//! pulling, finish and acknowledge in-flight work, flush the connection,
+//! then close the servers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::bus::{self, BusError, Publisher};
+use super::config::{RoomSettings, ValidatedConfig};
+use super::consumer::{ConsumerError, Engine, RoomState};
+use super::metrics::RoomMetrics;
+use super::room::{RoomContext, RoomError, RoomSpec};
+use super::servers::{self, Listeners, RoomInfo, ServerError};
+use super::telemetry::room_span;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// Refused at start-up: nothing was started.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Bind(#[from] ServerError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Why one attempt at running a room's consumer ended.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error(transparent)]
+    Room(#[from] RoomError),
+    #[error(transparent)]
+    Consumer(#[from] ConsumerError),
+}
+
+/// Finds the spec of every enabled room and runs its settings check.
+pub fn check_rooms<'a>(
+    config: &ValidatedConfig,
+    registry: &'a [RoomSpec],
+) -> Result<Vec<(&'a RoomSpec, RoomSettings)>, RuntimeError> {
+    let mut selected = Vec::new();
+    for settings in config.enabled_rooms() {
+        let Some(spec) = registry.iter().find(|spec| spec.name == settings.name) else {
+            let built: Vec<&str> = registry.iter().map(|spec| spec.name).collect();
+            return Err(RuntimeError::Refused(format!(
+                "rooms.{name}: enabled, but this build has no implementation of it \
+                 (built: {built}); disable it (CHOCO_ROOMS__{upper}__ENABLED=false) or pick rooms with --rooms",
+                name = settings.name,
+                built = built.join(", "),
+                upper = settings.name.to_uppercase(),
+            )));
+        };
+        (spec.check)(settings).map_err(|err| RuntimeError::Refused(err.to_string()))?;
+        selected.push((spec, settings.clone()));
+    }
+    if selected.is_empty() {
+        return Err(RuntimeError::Refused(
+            "no room is enabled: enable one in rooms.toml, with CHOCO_ROOMS__<ROOM>__ENABLED=true, or with --rooms".into(),
+        ));
+    }
+    Ok(selected)
+}
+
+/// Runs the enabled rooms until `shutdown` is cancelled.
+pub async fn run(
+    config: ValidatedConfig,
+    registry: &[RoomSpec],
+    shutdown: CancellationToken,
+) -> Result<(), RuntimeError> {
+    let selected = check_rooms(&config, registry)?;
+
+    // Bind every port before connecting or spawning anything.
+    let mut bound = Vec::with_capacity(selected.len());
+    for (spec, settings) in selected {
+        let listeners = Listeners::bind(&settings).await?;
+        bound.push((spec, settings, listeners));
+    }
+
+    let nats = config.factory.nats.clone();
+    let client = bus::connect(&nats).await?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(nats.request_timeout)
+        .build(client.clone());
+
+    let intake = CancellationToken::new();
+    let stop_servers = CancellationToken::new();
+    let consumers = TaskTracker::new();
+    let servers = TaskTracker::new();
+
+    for (spec, settings, listeners) in bound {
+        let span = room_span(&settings);
+        let publisher = Publisher::new(js.clone(), &settings);
+        let room = (spec.build)(RoomContext {
+            settings: settings.clone(),
+            jetstream: js.clone(),
+            publisher: publisher.clone(),
+        })
+        .map_err(|err| RuntimeError::Refused(err.to_string()))?;
+        let addrs = listeners.addrs().map_err(|err| {
+            RuntimeError::Refused(format!("rooms.{}: {err}", settings.name))
+        })?;
+        let metrics = RoomMetrics::new(&settings.name);
+        let state = Arc::new(RoomState::new(client.clone()));
+        let grpc = room.clone().grpc_service();
+        let info = Arc::new(RoomInfo {
+            room: settings.name.clone(),
+            label: settings.label.clone(),
+            service: settings.service.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            domain: settings.domain.clone(),
+            subject_prefix: settings.subject_prefix.clone(),
+            stream: settings.stream.clone(),
+            consumer: settings.durable_name.clone(),
+            grpc_service: grpc.name,
+            addresses: addrs,
+        });
+        span.in_scope(|| {
+            tracing::info!(
+                http = %addrs.http,
+                grpc = %addrs.grpc,
+                metrics = %addrs.metrics,
+                room = %settings.name,
+                "room listening"
+            );
+        });
+
+        let router = servers::http_router(info, state.clone(), room.clone().http_routes());
+        servers.spawn(
+            keep_serving("http", addrs.http, listeners.http, stop_servers.clone(), move |l, s| {
+                servers::serve_http(l, router.clone(), s)
+            })
+            .instrument(span.clone()),
+        );
+        let grpc_room = room.clone();
+        let grpc_state = state.clone();
+        let mut first_grpc = Some(grpc);
+        servers.spawn(
+            keep_serving("grpc", addrs.grpc, listeners.grpc, stop_servers.clone(), move |l, s| {
+                let service = first_grpc
+                    .take()
+                    .unwrap_or_else(|| grpc_room.clone().grpc_service());
+                servers::serve_grpc(l, service, grpc_state.clone(), s)
+            })
+            .instrument(span.clone()),
+        );
+        let server_metrics = metrics.clone();
+        servers.spawn(
+            keep_serving(
+                "metrics",
+                addrs.metrics,
+                listeners.metrics,
+                stop_servers.clone(),
+                move |l, s| servers::serve_metrics(l, server_metrics.clone(), s),
+            )
+            .instrument(span.clone()),
+        );
+
+        let engine = Arc::new(Engine {
+            room,
+            settings,
+            nats: nats.clone(),
+            js: js.clone(),
+            publisher,
+            metrics,
+        });
+        consumers.spawn(supervise(engine, state, intake.clone()).instrument(span));
+    }
+    consumers.close();
+    servers.close();
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down: finishing in-flight work");
+    intake.cancel();
+    let grace = config.factory.shutdown_grace;
+    if tokio::time::timeout(grace, consumers.wait()).await.is_err() {
+        tracing::warn!(?grace, "in-flight work did not finish in time; the server will redeliver it");
+    }
+    if let Err(err) = client.flush().await {
+        tracing::warn!(error = %err, "flushing the NATS connection failed");
+    }
+    stop_servers.cancel();
+    servers.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Keeps one room's consumer running: provisions, binds, consumes; after a
+/// failure, marks the room not ready and tries again with backoff.
+async fn supervise(engine: Arc<Engine>, state: Arc<RoomState>, intake: CancellationToken) {
+    let mut backoff = Backoff::default();
+    loop {
+        let attempt = attempt(&engine, &state, &intake, &mut backoff).await;
+        state.set_bound(false);
+        engine.metrics.ready.set(0);
+        match attempt {
+            Ok(()) => return,
+            Err(err) => {
+                let delay = backoff.next_delay();
+                tracing::error!(error = %err, retry_in = ?delay, "room consumer stopped; restarting");
+                tokio::select! {
+                    _ = intake.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn attempt(
+    engine: &Arc<Engine>,
+    state: &RoomState,
+    intake: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), AttemptError> {
+    let settings = &engine.settings;
+    let nats = &engine.nats;
+    bus::ensure_stream(&engine.js, nats, &settings.stream, settings.subject_prefix.clone()).await?;
+    bus::ensure_stream(
+        &engine.js,
+        nats,
+        &nats.dlq_stream,
+        format!("{}.>", nats.dlq_subject_prefix),
+    )
+    .await?;
+    engine.room.prepare().await?;
+    let consumer = bus::bind_consumer(&engine.js, nats, settings).await?;
+    state.set_bound(true);
+    engine.metrics.ready.set(1);
+    backoff.reset();
+    tracing::info!(consumer = %settings.durable_name, "consumer bound; room ready");
+    engine.clone().run(consumer, intake.clone()).await?;
+    Ok(())
+}
+
+/// Serves one listener until `stop`; if the server fails, binds the same
+/// address again after a backoff.
+async fn keep_serving<F, Fut>(
+    what: &'static str,
+    addr: SocketAddr,
+    first: TcpListener,
+    stop: CancellationToken,
+    mut serve: F,
+) where
+    F: FnMut(TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), ServerError>>,
+{
+    let mut listener = Some(first);
+    let mut backoff = Backoff::default();
+    loop {
+        let current = match listener.take() {
+            Some(current) => current,
+            None => match TcpListener::bind(addr).await {
+                Ok(current) => current,
+                Err(err) => {
+                    let delay = backoff.next_delay();
+                    tracing::error!(server = what, %addr, error = %err, retry_in = ?delay, "cannot bind again");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            },
+        };
+        match serve(current, stop.clone()).await {
+            Ok(()) if stop.is_cancelled() => return,
+            Ok(()) => tracing::error!(server = what, %addr, "server returned; restarting"),
+            Err(err) => tracing::error!(server = what, %addr, error = %err, "server failed; restarting"),
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Exponential backoff from 250 ms to 30 s, with jitter.
+#[derive(Default)]
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next_delay(&mut self) -> Duration {
+        let base = Duration::from_millis(250).saturating_mul(2u32.saturating_pow(self.attempt.min(7)));
+        self.attempt = self.attempt.saturating_add(1);
+        base.min(Duration::from_secs(30)).mul_f64(0.75 + fastrand::f64() * 0.5)
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}

@@ -1,0 +1,233 @@
+//! The three servers every room gets: HTTP (health, readiness, info and the
+//! room's own routes), gRPC (the room's service, `grpc.health.v1.Health`
+//! and server reflection) and metrics.
+//!
+//! Listeners are bound before anything starts, so a port that is taken
+//! stops start-up with a message naming the room and the port.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use super::config::RoomSettings;
+use super::consumer::RoomState;
+use super::metrics::RoomMetrics;
+use super::room::GrpcService;
+
+/// Descriptors of every contract under `proto/`, for server reflection.
+pub const CHOCO_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/choco_descriptor.bin"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{key}: cannot listen on {addr}: {reason}")]
+    Bind {
+        key: String,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("gRPC server: {0}")]
+    Grpc(String),
+    #[error("HTTP server: {0}")]
+    Http(String),
+}
+
+/// A room's three listening sockets, bound and not yet serving.
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+    pub metrics: TcpListener,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BoundAddrs {
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl Listeners {
+    pub async fn bind(room: &RoomSettings) -> Result<Self, ServerError> {
+        let bind = |field: &'static str, addr: SocketAddr| {
+            let key = format!("rooms.{}.{field}", room.name);
+            async move {
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|err| ServerError::Bind {
+                        key,
+                        addr,
+                        reason: err.to_string(),
+                    })
+            }
+        };
+        Ok(Listeners {
+            http: bind("http_port", room.http_addr).await?,
+            grpc: bind("grpc_port", room.grpc_addr).await?,
+            metrics: bind("metrics_port", room.metrics_addr).await?,
+        })
+    }
+
+    pub fn addrs(&self) -> std::io::Result<BoundAddrs> {
+        Ok(BoundAddrs {
+            http: self.http.local_addr()?,
+            grpc: self.grpc.local_addr()?,
+            metrics: self.metrics.local_addr()?,
+        })
+    }
+}
+
+/// What `/info` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoomInfo {
+    pub room: String,
+    pub label: String,
+    pub service: String,
+    pub version: &'static str,
+    pub domain: String,
+    pub subject_prefix: String,
+    pub stream: String,
+    pub consumer: String,
+    pub grpc_service: &'static str,
+    pub addresses: BoundAddrs,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    info: Arc<RoomInfo>,
+    state: Arc<RoomState>,
+}
+
+pub fn http_router(info: Arc<RoomInfo>, state: Arc<RoomState>, room_routes: Router) -> Router {
+    let core = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/info", get(info_route))
+        .with_state(HttpState { info, state });
+    core.merge(room_routes)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(http): State<HttpState>) -> Response {
+    let nats = http.state.nats_connected();
+    let consumer = http.state.consumer_bound();
+    let body = serde_json::json!({
+        "ready": nats && consumer,
+        "nats_connected": nats,
+        "consumer_bound": consumer,
+    });
+    let status = if nats && consumer {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn info_route(State(http): State<HttpState>) -> Response {
+    let mut body = serde_json::to_value(&*http.info).unwrap_or_default();
+    body["ready"] = serde_json::Value::Bool(http.state.ready());
+    axum::Json(body).into_response()
+}
+
+pub async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(|err| ServerError::Http(err.to_string()))
+}
+
+pub async fn serve_metrics(
+    listener: TcpListener,
+    metrics: RoomMetrics,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let router = Router::new()
+        .route("/metrics", get(metrics_route))
+        .with_state(metrics);
+    serve_http(listener, router, shutdown).await
+}
+
+async fn metrics_route(State(metrics): State<RoomMetrics>) -> Response {
+    let mut response = metrics.encode().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves the room's gRPC service with health and reflection. Health
+/// follows readiness: SERVING for the room's service and for "" while the
+/// room is ready, NOT_SERVING otherwise.
+pub async fn serve_grpc(
+    listener: TcpListener,
+    service: GrpcService,
+    state: Arc<RoomState>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let service_name = service.name;
+    let watch_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let status = if state.ready() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            if last != Some(status) {
+                reporter.set_service_status("", status).await;
+                reporter.set_service_status(service_name, status).await;
+                last = Some(status);
+            }
+            tokio::select! {
+                _ = watch_shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+        }
+    });
+
+    let reflection = |builder: tonic_reflection::server::Builder<'static>| {
+        builder
+            .register_encoded_file_descriptor_set(CHOCO_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service_name)
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|err| ServerError::Grpc(err.to_string()))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|err| ServerError::Grpc(err.to_string()))?;
+
+    tonic::transport::Server::builder()
+        .add_routes(service.routes)
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await
+        .map_err(|err| ServerError::Grpc(err.to_string()))
+}

@@ -1,0 +1,340 @@
+//! the-conch, the Fudge Room (domain `coordination`): keeps document
+//! properties consistent while several editors change them concurrently.
+//!
+//! Each property has a revision (0 = does not exist; every applied write
+//! adds 1). A write whose `base_revision` matches is applied; any other is a
+//! conflict, resolved by the policy configured for the property's name.
+//! State lives in a JetStream key-value bucket, one entry per document,
+//! written with compare-and-set, so replicas of the binary stay correct
+//! together. Each entry also keeps receipts of the latest causes it
+//! handled, so a redelivered event changes nothing and republishes the
+//! same outputs (which JetStream then deduplicates).
+
+mod api;
+mod sync;
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use globset::{Glob, GlobMatcher};
+use serde::Deserialize;
+use tokio::sync::OnceCell;
+
+use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::{
+    Cause, GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError,
+    RoomSpec, bus::Publisher,
+};
+use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
+
+pub const SPEC: RoomSpec = RoomSpec {
+    name: "conch",
+    check: |settings| ConchSettings::parse(settings).map(|_| ()),
+    build: |ctx| Ok(Arc::new(Conch::new(ctx)?)),
+};
+
+const REQUESTED: &str = "property_sync.requested";
+
+/// `rooms.conch.settings`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ConchSettings {
+    /// Key-value bucket holding one entry per document.
+    bucket: String,
+    /// Policy for properties no rule matches.
+    default_policy: Policy,
+    /// First matching rule wins; patterns are globs over property names.
+    policies: Vec<PolicyRule>,
+    /// Receipts kept per document for idempotency.
+    receipts_kept: usize,
+    /// Compare-and-set attempts before contention counts as a transient failure.
+    max_cas_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyRule {
+    pattern: String,
+    policy: Policy,
+}
+
+impl Default for ConchSettings {
+    fn default() -> Self {
+        ConchSettings {
+            bucket: "choco_conch_documents".into(),
+            default_policy: Policy::LastWriterWins,
+            policies: Vec::new(),
+            receipts_kept: 32,
+            max_cas_attempts: 32,
+        }
+    }
+}
+
+impl ConchSettings {
+    fn parse(room: &RoomSettings) -> Result<(Self, Vec<(GlobMatcher, Policy)>), RoomError> {
+        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
+        let settings: ConchSettings =
+            serde_path_to_error::deserialize(room.settings.clone()).map_err(|err| {
+                let path = err.path().to_string();
+                RoomError::Settings {
+                    key: key(if path == "." { "" } else { &path }),
+                    message: err.into_inner().to_string(),
+                }
+            })?;
+        if settings.bucket.is_empty()
+            || !settings
+                .bucket
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(RoomError::Settings {
+                key: key(".bucket"),
+                message: format!("{:?} is not a valid bucket name (letters, digits, '_', '-')", settings.bucket),
+            });
+        }
+        if settings.receipts_kept == 0 || settings.max_cas_attempts == 0 {
+            return Err(RoomError::Settings {
+                key: key(if settings.receipts_kept == 0 { ".receipts_kept" } else { ".max_cas_attempts" }),
+                message: "must be greater than zero".into(),
+            });
+        }
+        let mut rules = Vec::with_capacity(settings.policies.len());
+        for (index, rule) in settings.policies.iter().enumerate() {
+            let glob = Glob::new(&rule.pattern).map_err(|err| RoomError::Settings {
+                key: key(&format!(".policies[{index}].pattern")),
+                message: err.to_string(),
+            })?;
+            rules.push((glob.compile_matcher(), rule.policy));
+        }
+        Ok((settings, rules))
+    }
+}
+
+/// What a synchronous sync returns to API callers.
+pub struct SyncResult {
+    pub outcome: sync::Outcome,
+    pub receipt: Receipt,
+    pub property: Option<sync::PropertyState>,
+    pub event_ids: Vec<uuid::Uuid>,
+}
+
+pub struct Conch {
+    settings: ConchSettings,
+    rules: Vec<(GlobMatcher, Policy)>,
+    js: jetstream::Context,
+    publisher: Publisher,
+    documents: OnceCell<kv::Store>,
+}
+
+impl Conch {
+    fn new(ctx: RoomContext) -> Result<Self, RoomError> {
+        let (settings, rules) = ConchSettings::parse(&ctx.settings)?;
+        Ok(Conch {
+            settings,
+            rules,
+            js: ctx.jetstream,
+            publisher: ctx.publisher,
+            documents: OnceCell::new(),
+        })
+    }
+
+    fn policy_for(&self, property: &str) -> Policy {
+        self.rules
+            .iter()
+            .find(|(matcher, _)| matcher.is_match(property))
+            .map_or(self.settings.default_policy, |(_, policy)| *policy)
+    }
+
+    fn documents(&self) -> Result<&kv::Store, HandleError> {
+        self.documents
+            .get()
+            .ok_or_else(|| HandleError::transient("the document bucket is not open yet"))
+    }
+
+    /// A document's record and the bucket revision to compare-and-set against.
+    async fn load(&self, document_id: &str) -> Result<(DocumentRecord, Option<u64>), HandleError> {
+        let entry = self
+            .documents()?
+            .entry(document_key(document_id))
+            .await
+            .map_err(HandleError::transient)?;
+        match entry {
+            None => Ok((DocumentRecord::default(), None)),
+            Some(entry) if entry.operation != kv::Operation::Put => {
+                Ok((DocumentRecord::default(), Some(entry.revision)))
+            }
+            Some(entry) => {
+                let record = serde_json::from_slice(&entry.value).map_err(|err| {
+                    HandleError::permanent(
+                        "corrupt_document_record",
+                        format!("stored record of {document_id:?} does not parse: {err}"),
+                    )
+                })?;
+                Ok((record, Some(entry.revision)))
+            }
+        }
+    }
+
+    /// Applies `request` under `cause` with compare-and-set, retrying when
+    /// another writer got there first. A cause already in the record's
+    /// receipts changes nothing and returns its receipt.
+    async fn sync(&self, cause: &str, request: &SyncRequest) -> Result<(sync::Outcome, Receipt, DocumentRecord), HandleError> {
+        let store = self.documents()?;
+        let key = document_key(&request.document_id);
+        let policy = self.policy_for(&request.property);
+        for _ in 0..self.settings.max_cas_attempts {
+            let (mut record, revision) = self.load(&request.document_id).await?;
+            if let Some(receipt) = record.receipt(cause) {
+                return Ok((sync::Outcome::Duplicate, receipt.clone(), record));
+            }
+            let receipt = record.apply(cause, request, policy, self.settings.receipts_kept);
+            let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
+            let written = match revision {
+                None => store.create(&key, bytes).await.map_err(|err| {
+                    (err.kind() == kv::CreateErrorKind::AlreadyExists, err.to_string())
+                }),
+                Some(revision) => store.update(&key, bytes, revision).await.map_err(|err| {
+                    (err.kind() == kv::UpdateErrorKind::WrongLastRevision, err.to_string())
+                }),
+            };
+            match written {
+                Ok(_) => return Ok((receipt.outcome, receipt, record)),
+                Err((true, _)) => continue,
+                Err((false, reason)) => return Err(HandleError::transient(reason)),
+            }
+        }
+        Err(HandleError::transient(format!(
+            "document {:?} changed under {} consecutive compare-and-set attempts",
+            request.document_id, self.settings.max_cas_attempts
+        )))
+    }
+
+    /// The synchronous path of the APIs: same rules, same events.
+    pub async fn sync_now(
+        &self,
+        request: SyncRequest,
+        correlation_id: Option<String>,
+    ) -> Result<SyncResult, HandleError> {
+        let id = request
+            .request_id
+            .clone()
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let cause = Cause {
+            correlation_id: correlation_id.unwrap_or_else(|| id.clone()),
+            id,
+            at: request.updated_at,
+        };
+        let (outcome, receipt, record) = self.sync(&cause.id, &request).await?;
+        let event_ids = self
+            .publisher
+            .publish(&cause, &receipt.outputs)
+            .await
+            .map_err(HandleError::transient)?;
+        Ok(SyncResult {
+            outcome,
+            property: record.properties.get(&request.property).cloned(),
+            receipt,
+            event_ids,
+        })
+    }
+
+    pub async fn properties(&self, document_id: &str) -> Result<DocumentRecord, HandleError> {
+        Ok(self.load(document_id).await?.0)
+    }
+}
+
+#[async_trait]
+impl Room for Conch {
+    fn inputs(&self) -> &'static [&'static str] {
+        &[REQUESTED]
+    }
+
+    fn outputs(&self) -> &'static [&'static str] {
+        &[sync::COMPLETED, sync::CONFLICT_DETECTED, sync::CONFLICT_RESOLVED]
+    }
+
+    async fn prepare(&self) -> Result<(), RoomError> {
+        if self.documents.initialized() {
+            return Ok(());
+        }
+        let bucket = &self.settings.bucket;
+        let store = match self.js.get_key_value(bucket).await {
+            Ok(store) => store,
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    description: "the-conch: document properties and their revisions".into(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|err| RoomError::Nats(format!("key-value bucket {bucket}: {err}")))?,
+        };
+        let _ = self.documents.set(store);
+        Ok(())
+    }
+
+    async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        let request: SyncRequest = event.payload()?;
+        request
+            .validate()
+            .map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))?;
+        if request.document_id != event.envelope.aggregate_id {
+            return Err(HandleError::permanent(
+                "payload_invalid",
+                format!(
+                    "document_id {:?} differs from the envelope's aggregate_id {:?}",
+                    request.document_id, event.envelope.aggregate_id
+                ),
+            ));
+        }
+        let (_, receipt, _) = self.sync(&event.envelope.event_id, &request).await?;
+        Ok(receipt.outputs)
+    }
+
+    fn http_routes(self: Arc<Self>) -> axum::Router {
+        api::http_routes(self)
+    }
+
+    fn grpc_service(self: Arc<Self>) -> GrpcService {
+        api::grpc_service(self)
+    }
+}
+
+/// Key-value keys allow `[-/_=.a-zA-Z0-9]`: ids made of letters, digits,
+/// `-` and `_` are used as they are (readable with `nats kv get`); anything
+/// else is base64url-encoded behind a `=`, which a plain id cannot start with.
+fn document_key(document_id: &str) -> String {
+    let plain = !document_id.is_empty()
+        && document_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        document_id.to_string()
+    } else {
+        use base64::Engine;
+        format!(
+            "={}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(document_id)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_keys_are_valid_and_unambiguous() {
+        assert_eq!(document_key("doc-1_a"), "doc-1_a");
+        let odd = document_key("docs/readme.md");
+        assert!(odd.starts_with('='));
+        assert!(odd[1..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        assert_ne!(document_key("=x"), "=x");
+    }
+}

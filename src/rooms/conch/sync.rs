@@ -1,0 +1,392 @@
+//! The conch's rules, as pure functions over one document's record: apply a
+//! write whose base revision matches, or detect the conflict and resolve it
+//! by the property's policy. No I/O here; `store.rs` runs this inside a
+//! compare-and-set loop.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::cocoa_butter::Outbound;
+use crate::cocoa_butter::envelope::rfc3339;
+
+pub const COMPLETED: &str = "property_sync.completed";
+pub const CONFLICT_DETECTED: &str = "conflict.detected";
+pub const CONFLICT_RESOLVED: &str = "conflict.resolved";
+
+/// Longest accepted document id and property name.
+const MAX_ID_LEN: usize = 512;
+
+/// The payload of `coordination.property_sync.requested`, and the body of
+/// the synchronous APIs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SyncRequest {
+    pub document_id: String,
+    pub property: String,
+    #[serde(default)]
+    pub value: Value,
+    pub base_revision: u64,
+    pub author_id: String,
+    pub updated_at: DateTime<Utc>,
+    /// Only for the APIs: an idempotency key.
+    #[serde(default)]
+    pub request_id: Option<String>,
+}
+
+/// A request field that is present but unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl SyncRequest {
+    pub fn validate(&self) -> Result<(), FieldError> {
+        for (field, value) in [
+            ("document_id", &self.document_id),
+            ("property", &self.property),
+            ("author_id", &self.author_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(FieldError {
+                    field,
+                    message: "must not be empty".into(),
+                });
+            }
+            if value.len() > MAX_ID_LEN {
+                return Err(FieldError {
+                    field,
+                    message: format!("must be at most {MAX_ID_LEN} bytes"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// The later `updated_at` wins; `author_id` breaks ties. The default.
+    LastWriterWins,
+    /// The value already stored wins.
+    FirstWriterWins,
+    /// JSON arrays merge (stored items, then new incoming ones); other
+    /// values fall back to last-writer-wins.
+    Union,
+}
+
+impl Policy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::LastWriterWins => "last_writer_wins",
+            Policy::FirstWriterWins => "first_writer_wins",
+            Policy::Union => "union",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Winner {
+    Current,
+    Incoming,
+    Merged,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    ConflictResolved,
+    Duplicate,
+}
+
+/// One property as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PropertyState {
+    pub value: Value,
+    /// 0 never appears here: a property that exists has revision ≥ 1.
+    pub revision: u64,
+    pub author_id: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What was decided for one cause (event or request), kept so that the same
+/// cause handled again republishes the same outputs and changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub cause: String,
+    pub outcome: Outcome,
+    pub property: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<Winner>,
+    pub outputs: Vec<Outbound>,
+}
+
+/// A document's properties: one key-value entry per document, so a
+/// document's properties are read and compare-and-set together.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocumentRecord {
+    #[serde(default)]
+    pub properties: BTreeMap<String, PropertyState>,
+    /// The latest receipts, oldest first, bounded by `receipts_kept`.
+    #[serde(default)]
+    pub receipts: VecDeque<Receipt>,
+}
+
+impl DocumentRecord {
+    pub fn receipt(&self, cause: &str) -> Option<&Receipt> {
+        self.receipts.iter().find(|receipt| receipt.cause == cause)
+    }
+
+    /// Decides `request` against this record, updates the record (the
+    /// property and a new receipt) and returns the receipt.
+    pub fn apply(
+        &mut self,
+        cause: &str,
+        request: &SyncRequest,
+        policy: Policy,
+        receipts_kept: usize,
+    ) -> Receipt {
+        let (receipt, update) = decide(self.properties.get(&request.property), request, policy, cause);
+        if let Some(update) = update {
+            self.properties.insert(request.property.clone(), update);
+        }
+        self.receipts.push_back(receipt.clone());
+        while self.receipts.len() > receipts_kept.max(1) {
+            self.receipts.pop_front();
+        }
+        receipt
+    }
+}
+
+/// The receipt for `request`, and the property's new state if it changes.
+fn decide(
+    current: Option<&PropertyState>,
+    request: &SyncRequest,
+    policy: Policy,
+    cause: &str,
+) -> (Receipt, Option<PropertyState>) {
+    let doc = &request.document_id;
+    let current_revision = current.map_or(0, |c| c.revision);
+    if request.base_revision == current_revision {
+        let revision = current_revision + 1;
+        let update = PropertyState {
+            value: request.value.clone(),
+            revision,
+            author_id: request.author_id.clone(),
+            updated_at: request.updated_at,
+        };
+        let receipt = Receipt {
+            cause: cause.to_string(),
+            outcome: Outcome::Applied,
+            property: request.property.clone(),
+            policy: None,
+            winner: None,
+            outputs: vec![Outbound::new(
+                COMPLETED,
+                doc,
+                json!({
+                    "document_id": doc,
+                    "property": request.property,
+                    "value": request.value,
+                    "revision": revision,
+                    "author_id": request.author_id,
+                }),
+            )],
+        };
+        return (receipt, Some(update));
+    }
+
+    let detected = Outbound::new(
+        CONFLICT_DETECTED,
+        doc,
+        json!({
+            "document_id": doc,
+            "property": request.property,
+            "base_revision": request.base_revision,
+            "current_revision": current_revision,
+            "current_value": current.map_or(Value::Null, |c| c.value.clone()),
+            "incoming_value": request.value,
+            "incoming_author_id": request.author_id,
+        }),
+    );
+    let (winner, value) = resolve(current, request, policy);
+    let changed = current.is_none_or(|c| c.value != value);
+    let revision = if changed {
+        current_revision + 1
+    } else {
+        current_revision
+    };
+    // A winner that changes nothing is reported as the stored value winning.
+    let winner = if changed { winner } else { Winner::Current };
+    let update = changed.then(|| PropertyState {
+        value: value.clone(),
+        revision,
+        author_id: request.author_id.clone(),
+        updated_at: current.map_or(request.updated_at, |c| c.updated_at.max(request.updated_at)),
+    });
+    let resolved = Outbound::new(
+        CONFLICT_RESOLVED,
+        doc,
+        json!({
+            "document_id": doc,
+            "property": request.property,
+            "policy": policy.name(),
+            "winner": winner,
+            "value": value,
+            "revision": revision,
+        }),
+    );
+    let receipt = Receipt {
+        cause: cause.to_string(),
+        outcome: Outcome::ConflictResolved,
+        property: request.property.clone(),
+        policy: Some(policy),
+        winner: Some(winner),
+        outputs: vec![detected, resolved],
+    };
+    (receipt, update)
+}
+
+fn resolve(current: Option<&PropertyState>, request: &SyncRequest, policy: Policy) -> (Winner, Value) {
+    let Some(current) = current else {
+        // Nothing stored (or deleted): the incoming value has nothing to lose to.
+        return (Winner::Incoming, request.value.clone());
+    };
+    match policy {
+        Policy::FirstWriterWins => (Winner::Current, current.value.clone()),
+        Policy::LastWriterWins => last_writer(current, request),
+        Policy::Union => match (&current.value, &request.value) {
+            (Value::Array(stored), Value::Array(incoming)) => {
+                let mut merged = stored.clone();
+                for item in incoming {
+                    if !merged.contains(item) {
+                        merged.push(item.clone());
+                    }
+                }
+                (Winner::Merged, Value::Array(merged))
+            }
+            _ => last_writer(current, request),
+        },
+    }
+}
+
+fn last_writer(current: &PropertyState, request: &SyncRequest) -> (Winner, Value) {
+    let incoming_key = (request.updated_at, request.author_id.as_str());
+    let current_key = (current.updated_at, current.author_id.as_str());
+    if incoming_key > current_key {
+        (Winner::Incoming, request.value.clone())
+    } else {
+        (Winner::Current, current.value.clone())
+    }
+}
+
+/// Formats a stored property for the HTTP API.
+pub fn property_json(name: &str, state: &PropertyState) -> Value {
+    json!({
+        "name": name,
+        "value": state.value,
+        "revision": state.revision,
+        "author_id": state.author_id,
+        "updated_at": rfc3339(&state.updated_at),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(base: u64, value: Value, author: &str, at: &str) -> SyncRequest {
+        SyncRequest {
+            document_id: "doc".into(),
+            property: "title".into(),
+            value,
+            base_revision: base,
+            author_id: author.into(),
+            updated_at: at.parse().expect("time"),
+            request_id: None,
+        }
+    }
+
+    #[test]
+    fn matching_base_applies_and_counts_revisions() {
+        let mut record = DocumentRecord::default();
+        let r1 = record.apply("e1", &request(0, json!("a"), "ann", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        assert_eq!(r1.outcome, Outcome::Applied);
+        assert_eq!(r1.outputs[0].payload["revision"], 1);
+        let r2 = record.apply("e2", &request(1, json!("b"), "bob", "2026-01-01T00:00:01Z"), Policy::LastWriterWins, 8);
+        assert_eq!(r2.outputs[0].payload["revision"], 2);
+        assert_eq!(record.properties["title"].value, json!("b"));
+        assert_eq!(record.properties["title"].revision, 2);
+    }
+
+    #[test]
+    fn stale_write_detects_and_last_writer_wins() {
+        let mut record = DocumentRecord::default();
+        record.apply("e1", &request(0, json!("a"), "ann", "2026-01-01T00:00:05Z"), Policy::LastWriterWins, 8);
+        // Older timestamp: the stored value stays, revision unchanged.
+        let older = record.apply("e2", &request(0, json!("b"), "bob", "2026-01-01T00:00:01Z"), Policy::LastWriterWins, 8);
+        assert_eq!(older.outcome, Outcome::ConflictResolved);
+        assert_eq!(older.outputs[0].action, CONFLICT_DETECTED);
+        assert_eq!(older.outputs[0].payload["current_value"], "a");
+        assert_eq!(older.outputs[1].payload["winner"], "current");
+        assert_eq!(older.outputs[1].payload["revision"], 1);
+        assert_eq!(record.properties["title"].revision, 1);
+        // Newer timestamp: incoming wins and the revision moves.
+        let newer = record.apply("e3", &request(0, json!("c"), "cat", "2026-01-01T00:00:09Z"), Policy::LastWriterWins, 8);
+        assert_eq!(newer.outputs[1].payload["winner"], "incoming");
+        assert_eq!(newer.outputs[1].payload["revision"], 2);
+        assert_eq!(record.properties["title"].value, json!("c"));
+    }
+
+    #[test]
+    fn same_time_ties_break_on_author() {
+        let mut record = DocumentRecord::default();
+        record.apply("e1", &request(0, json!("a"), "bob", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        let ann = record.apply("e2", &request(0, json!("x"), "ann", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        assert_eq!(ann.winner, Some(Winner::Current));
+        let cat = record.apply("e3", &request(0, json!("y"), "cat", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        assert_eq!(cat.winner, Some(Winner::Incoming));
+    }
+
+    #[test]
+    fn first_writer_and_union() {
+        let mut record = DocumentRecord::default();
+        record.apply("e1", &request(0, json!(["a", "b"]), "ann", "2026-01-01T00:00:00Z"), Policy::Union, 8);
+        let first = record.apply("e2", &request(0, json!(["z"]), "bob", "2026-01-02T00:00:00Z"), Policy::FirstWriterWins, 8);
+        assert_eq!(first.winner, Some(Winner::Current));
+        let union = record.apply("e3", &request(0, json!(["b", "c"]), "bob", "2026-01-02T00:00:00Z"), Policy::Union, 8);
+        assert_eq!(union.winner, Some(Winner::Merged));
+        assert_eq!(record.properties["title"].value, json!(["a", "b", "c"]));
+        assert_eq!(record.properties["title"].revision, 2);
+        // Merging what is already there changes nothing.
+        let again = record.apply("e4", &request(0, json!(["a"]), "bob", "2026-01-03T00:00:00Z"), Policy::Union, 8);
+        assert_eq!(again.winner, Some(Winner::Current));
+        assert_eq!(record.properties["title"].revision, 2);
+    }
+
+    #[test]
+    fn receipts_are_bounded_and_found() {
+        let mut record = DocumentRecord::default();
+        for i in 0..5u64 {
+            record.apply(&format!("e{i}"), &request(i, json!(i), "ann", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 3);
+        }
+        assert_eq!(record.receipts.len(), 3);
+        assert!(record.receipt("e1").is_none());
+        assert!(record.receipt("e4").is_some());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut bad = request(0, json!(1), "ann", "2026-01-01T00:00:00Z");
+        bad.property = " ".into();
+        assert_eq!(bad.validate().expect_err("empty").field, "property");
+    }
+}
