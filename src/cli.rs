@@ -1,5 +1,6 @@
 //! The command line: `serve`, `dev`, `config check|show`, `rooms`.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -7,9 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::cocoa_butter::config::{
-    self, CliOverrides, ConfigSources, LogFormat, ValidatedConfig,
-};
+use crate::cocoa_butter::config::{self, CliOverrides, ConfigSources, LogFormat, ValidatedConfig};
 use crate::cocoa_butter::nats_server::{self, ManagedNats};
 use crate::cocoa_butter::{runtime, telemetry};
 use crate::rooms::REGISTRY;
@@ -123,8 +122,7 @@ fn load(sources: &ConfigSources) -> anyhow::Result<ValidatedConfig> {
     let config = sources
         .load()
         .map_err(|err| ConfigRefused(err.to_string()))?;
-    runtime::check_rooms(&config, REGISTRY)
-        .map_err(|err| ConfigRefused(err.to_string()))?;
+    runtime::check_rooms(&config, REGISTRY).map_err(|err| ConfigRefused(err.to_string()))?;
     Ok(config)
 }
 
@@ -143,22 +141,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config(ConfigCommand::Check) => {
             let config = load(&cli.sources(None))?;
             let enabled: Vec<&str> = config.enabled_rooms().map(|r| r.name.as_str()).collect();
-            println!("configuration is valid; enabled rooms: {}", enabled.join(", "));
-            Ok(())
+            emit(&format!(
+                "configuration is valid; enabled rooms: {}\n",
+                enabled.join(", ")
+            ))
         }
         Command::Config(ConfigCommand::Show { json }) => {
             let sources = cli.sources(None);
-            let figment = sources.figment().map_err(|err| ConfigRefused(err.to_string()))?;
+            let figment = sources
+                .figment()
+                .map_err(|err| ConfigRefused(err.to_string()))?;
             let values =
                 config::provenance(&figment).map_err(|err| ConfigRefused(err.to_string()))?;
+            let mut out = String::new();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&values)?);
+                out = serde_json::to_string_pretty(&values)? + "\n";
             } else {
                 let width = values.iter().map(|v| v.key.len()).max().unwrap_or(0);
                 for value in &values {
-                    println!("{:width$}  = {:<28}  # {}", value.key, value.value.to_string(), value.source);
+                    let shown = value.value.to_string();
+                    writeln!(
+                        out,
+                        "{:width$}  = {shown:<28}  # {}",
+                        value.key, value.source
+                    )?;
                 }
             }
+            emit(&out)?;
             // Show, then say whether it would be accepted.
             load(&sources).map(|_| ())
         }
@@ -167,13 +176,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .sources(None)
                 .load()
                 .map_err(|err| ConfigRefused(err.to_string()))?;
-            println!(
+            let mut out = String::new();
+            writeln!(
+                out,
                 "{:<10} {:<16} {:<13} {:<30} {:>6} {:>6} {:>7}  {:<8} BUILT",
                 "ROOM", "LABEL", "DOMAIN", "SUBJECT PREFIX", "HTTP", "GRPC", "METRICS", "ENABLED"
-            );
+            )?;
             for room in &config.rooms {
                 let built = REGISTRY.iter().any(|spec| spec.name == room.name);
-                println!(
+                writeln!(
+                    out,
                     "{:<10} {:<16} {:<13} {:<30} {:>6} {:>6} {:>7}  {:<8} {}",
                     room.name,
                     room.label,
@@ -184,10 +196,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                     room.metrics_addr.port(),
                     if room.enabled { "yes" } else { "no" },
                     if built { "yes" } else { "no" },
-                );
+                )?;
             }
-            Ok(())
+            emit(&out)
         }
+    }
+}
+
+/// Writes command output; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(()),
     }
 }
 

@@ -107,7 +107,10 @@ pub async fn ensure_stream(
             if config.storage != stream::StorageType::File {
                 return Err(BusError::StreamConflict {
                     stream: name.into(),
-                    reason: format!("uses {:?} storage, the factory expects file storage", config.storage),
+                    reason: format!(
+                        "uses {:?} storage, the factory expects file storage",
+                        config.storage
+                    ),
                 });
             }
             if !config.subjects.iter().any(|s| s == &subject) {
@@ -134,7 +137,9 @@ pub async fn ensure_stream(
                 if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
             if !nats.provision {
-                return Err(BusError::StreamMissing { stream: name.into() });
+                return Err(BusError::StreamMissing {
+                    stream: name.into(),
+                });
             }
             js.create_stream(stream_config(name, subject, nats.duplicate_window))
                 .await
@@ -175,7 +180,10 @@ fn consumer_drift(actual: &consumer::Config, wanted: &consumer::pull::Config) ->
         ));
     }
     if actual.ack_wait != wanted.ack_wait {
-        drift.push(format!("ack_wait: {:?} → {:?}", actual.ack_wait, wanted.ack_wait));
+        drift.push(format!(
+            "ack_wait: {:?} → {:?}",
+            actual.ack_wait, wanted.ack_wait
+        ));
     }
     if actual.max_deliver != wanted.max_deliver {
         drift.push(format!(
@@ -213,7 +221,9 @@ pub async fn bind_consumer(
                 return Err(conflict("is not an explicit-ack consumer".into()));
             }
             if info.config.deliver_subject.is_some() {
-                return Err(conflict("is a push consumer; the room needs a pull consumer".into()));
+                return Err(conflict(
+                    "is a push consumer; the room needs a pull consumer".into(),
+                ));
             }
             let drift = consumer_drift(&info.config, &wanted);
             if !drift.is_empty() {
@@ -221,7 +231,9 @@ pub async fn bind_consumer(
                     stream
                         .update_consumer(wanted.clone())
                         .await
-                        .map_err(|err| conflict(format!("cannot update drifted settings: {err}")))?;
+                        .map_err(|err| {
+                            conflict(format!("cannot update drifted settings: {err}"))
+                        })?;
                     tracing::warn!(drift = ?drift, consumer = %room.durable_name, "consumer settings drifted; updated them on the server");
                 } else {
                     tracing::error!(drift = ?drift, consumer = %room.durable_name, "consumer settings differ from the configuration and nats.provision is false; running with the server's");
@@ -229,8 +241,10 @@ pub async fn bind_consumer(
             }
         }
         Err(err)
-            if matches!(err.kind(), jetstream::context::ConsumerInfoErrorKind::NotFound)
-                || matches!(err.kind(), jetstream::context::ConsumerInfoErrorKind::JetStream(ref js_err)
+            if matches!(
+                err.kind(),
+                jetstream::context::ConsumerInfoErrorKind::NotFound
+            ) || matches!(err.kind(), jetstream::context::ConsumerInfoErrorKind::JetStream(ref js_err)
                     if js_err.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
         {
             if !nats.provision {
@@ -361,7 +375,10 @@ pub async fn publish_dead_letter(
     headers.insert(dlq_headers::REASON, letter.reason);
     headers.insert(dlq_headers::DETAIL, header_safe(letter.detail));
     headers.insert(dlq_headers::ROOM, letter.room);
-    headers.insert(dlq_headers::DELIVERIES, letter.deliveries.to_string().as_str());
+    headers.insert(
+        dlq_headers::DELIVERIES,
+        letter.deliveries.to_string().as_str(),
+    );
     headers.insert(dlq_headers::ORIGINAL_SUBJECT, letter.original_subject);
     headers.insert(dlq_headers::ORIGINAL_STREAM, letter.original_stream);
     headers.insert(

@@ -411,11 +411,26 @@ pub fn validate(
     mut factory: FactoryConfig,
     only_rooms: Option<&[String]>,
 ) -> Result<ValidatedConfig, ConfigError> {
-    if let Err(err) = factory.nats.url.parse::<async_nats::ServerAddr>() {
-        return Err(ConfigError::invalid("nats.url", err.to_string()));
+    for url in factory.nats.url.split(',') {
+        let url = url.trim();
+        if url.is_empty() || url.chars().any(char::is_whitespace) {
+            return Err(ConfigError::invalid(
+                "nats.url",
+                format!(
+                    "{url:?} is not a server URL (nats://host:port, comma-separated for several)"
+                ),
+            ));
+        }
+        if let Err(err) = url.parse::<async_nats::ServerAddr>() {
+            return Err(ConfigError::invalid("nats.url", format!("{url:?}: {err}")));
+        }
     }
     check_name("nats.dlq_stream", &factory.nats.dlq_stream)?;
-    check_subject("nats.dlq_subject_prefix", &factory.nats.dlq_subject_prefix, false)?;
+    check_subject(
+        "nats.dlq_subject_prefix",
+        &factory.nats.dlq_subject_prefix,
+        false,
+    )?;
     check_consumer("consumer", &factory.consumer)?;
 
     // Every room must come from the port table: a layer that names a room the
@@ -593,7 +608,9 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     if bad {
         return Err(ConfigError::invalid(
             key,
-            format!("{name:?} is not a valid stream name (no whitespace, '.', '*', '>', '/', '\\')"),
+            format!(
+                "{name:?} is not a valid stream name (no whitespace, '.', '*', '>', '/', '\\')"
+            ),
         ));
     }
     Ok(())
@@ -660,15 +677,14 @@ fn walk(figment: &Figment, prefix: &str, value: &Value, out: &mut Vec<Provenance
     }
     let source = figment
         .get_metadata(value.tag())
-        .map(|meta| {
-            let name = meta
-                .interpolate(&Profile::Default, &prefix.split('.').collect::<Vec<_>>())
-                .to_string();
-            match &meta.source {
-                Some(source) => format!("{} ({source})", meta.name),
-                None if name != prefix => name,
-                None => meta.name.to_string(),
-            }
+        .map(|meta| match &meta.source {
+            Some(source) => format!("{} ({source})", meta.name),
+            // Only the environment layer knows the exact variable.
+            None if meta.name.contains("environment") => format!(
+                "environment CHOCO_{}",
+                prefix.replace('.', "__").to_uppercase()
+            ),
+            None => meta.name.to_string(),
         })
         .unwrap_or_else(|| "unknown".into());
     let value = value
@@ -696,7 +712,11 @@ mod tests {
     #[test]
     fn builtin_table_is_the_port_table() {
         let config = validate(builtin(), None).expect("valid");
-        let conch = config.rooms.iter().find(|r| r.name == "conch").expect("conch");
+        let conch = config
+            .rooms
+            .iter()
+            .find(|r| r.name == "conch")
+            .expect("conch");
         assert_eq!(conch.label, "Fudge Room");
         assert_eq!(conch.stream, "choco:events:coordination");
         assert_eq!(conch.subject_base, "choco.events.coordination.");
@@ -708,6 +728,7 @@ mod tests {
     #[test]
     fn two_rooms_on_one_port_name_both_keys() {
         let mut factory = builtin();
+        factory.rooms.get_mut("winnower").expect("winnower").enabled = true;
         factory.rooms.get_mut("conch").expect("conch").grpc_port = Some(8086);
         let err = validate(factory, None).expect_err("conflict");
         let text = err.to_string();
@@ -724,11 +745,24 @@ mod tests {
 
     #[test]
     fn malformed_subjects_are_refused() {
-        for bad in ["choco.events.coordination", "choco..x.>", "choco.*.x.>", "a b.>", ">"] {
+        for bad in [
+            "choco.events.coordination",
+            "choco..x.>",
+            "choco.*.x.>",
+            "a b.>",
+            ">",
+        ] {
             let mut factory = builtin();
-            factory.rooms.get_mut("conch").expect("conch").subject_prefix = Some(bad.into());
+            factory
+                .rooms
+                .get_mut("conch")
+                .expect("conch")
+                .subject_prefix = Some(bad.into());
             let err = validate(factory, None).expect_err(bad).to_string();
-            assert!(err.starts_with("rooms.conch.subject_prefix"), "{bad}: {err}");
+            assert!(
+                err.starts_with("rooms.conch.subject_prefix"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -763,9 +797,18 @@ mod tests {
     #[test]
     fn room_consumer_overrides_only_what_they_set() {
         let mut factory = builtin();
-        factory.rooms.get_mut("conch").expect("conch").consumer.max_deliver = Some(7);
+        factory
+            .rooms
+            .get_mut("conch")
+            .expect("conch")
+            .consumer
+            .max_deliver = Some(7);
         let config = validate(factory, None).expect("valid");
-        let conch = config.rooms.iter().find(|r| r.name == "conch").expect("conch");
+        let conch = config
+            .rooms
+            .iter()
+            .find(|r| r.name == "conch")
+            .expect("conch");
         assert_eq!(conch.consumer.max_deliver, 7);
         assert_eq!(conch.consumer.batch, 10);
     }

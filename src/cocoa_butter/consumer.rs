@@ -165,8 +165,14 @@ impl Engine {
                 None => break Err(ConsumerError::Ended),
             }
         };
-        // Stop pulling first; what the client buffered but we never took is
-        // redelivered by the server after ack_wait.
+        // Stop pulling. Messages the client already buffered were delivered
+        // to us but never started: hand them back at once so a replica (or
+        // our restart) takes them now rather than after ack_wait.
+        while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+                tracing::debug!(error = %err, "handing back a buffered message failed; it returns after ack_wait");
+            }
+        }
         drop(messages);
         tasks.close();
         tasks.wait().await;
@@ -265,7 +271,10 @@ impl Engine {
         let _ = sender.send(job);
         lanes_guard.insert(aggregate.clone(), sender);
         drop(lanes_guard);
-        tasks.spawn(self.clone().lane(aggregate, receiver, lanes.clone(), intake.clone()));
+        tasks.spawn(
+            self.clone()
+                .lane(aggregate, receiver, lanes.clone(), intake.clone()),
+        );
     }
 
     /// Handles one aggregate's messages in order, then removes itself.
@@ -485,8 +494,9 @@ fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
             ),
         ));
     }
-    serde_json::from_slice::<serde::de::IgnoredAny>(&envelope.payload)
-        .map_err(|err| HandleError::permanent("payload_invalid", format!("payload is not JSON: {err}")))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&envelope.payload).map_err(|err| {
+        HandleError::permanent("payload_invalid", format!("payload is not JSON: {err}"))
+    })?;
     Ok(envelope)
 }
 

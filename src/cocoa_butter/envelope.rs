@@ -257,7 +257,8 @@ mod tests {
 
         let mut json: serde_json::Value = serde_json::from_slice(&sample().encode()).expect("json");
         json["payload"] = serde_json::Value::Null;
-        let err = EventEnvelope::decode(&serde_json::to_vec(&json).expect("json")).expect_err("nil");
+        let err =
+            EventEnvelope::decode(&serde_json::to_vec(&json).expect("json")).expect_err("nil");
         assert_eq!(err.reason(), "malformed_envelope");
     }
 

@@ -16,20 +16,17 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
-    pub room: String,
     pub event_type: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub room: String,
     pub event_type: String,
     pub outcome: Outcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeadLetterLabels {
-    pub room: String,
     pub event_type: String,
     pub reason: String,
 }
@@ -70,7 +67,6 @@ impl prometheus_client::encoding::EncodeLabelValue for Outcome {
 /// The handles a room's consumer updates.
 #[derive(Clone)]
 pub struct RoomMetrics {
-    room: String,
     pub registry: Arc<Registry>,
     received: Family<EventLabels, Counter>,
     processed: Family<OutcomeLabels, Counter>,
@@ -82,7 +78,11 @@ pub struct RoomMetrics {
 
 impl RoomMetrics {
     pub fn new(room: &str) -> Self {
-        let mut registry = Registry::default();
+        // `room` is a constant label of the registry: every series has it.
+        let mut registry = Registry::with_labels(std::iter::once((
+            std::borrow::Cow::Borrowed("room"),
+            std::borrow::Cow::Owned(room.to_string()),
+        )));
         let received = Family::<EventLabels, Counter>::default();
         let processed = Family::<OutcomeLabels, Counter>::default();
         let dead_letters = Family::<DeadLetterLabels, Counter>::default();
@@ -125,7 +125,6 @@ impl RoomMetrics {
             ready.clone(),
         );
         RoomMetrics {
-            room: room.to_string(),
             registry: Arc::new(registry),
             received,
             processed,
@@ -139,7 +138,6 @@ impl RoomMetrics {
     pub fn received(&self, event_type: &str) {
         self.received
             .get_or_create(&EventLabels {
-                room: self.room.clone(),
                 event_type: event_type.to_string(),
             })
             .inc();
@@ -147,7 +145,6 @@ impl RoomMetrics {
 
     pub fn finished(&self, event_type: &str, outcome: Outcome, seconds: f64) {
         let labels = OutcomeLabels {
-            room: self.room.clone(),
             event_type: event_type.to_string(),
             outcome,
         };
@@ -158,7 +155,6 @@ impl RoomMetrics {
     pub fn dead_lettered(&self, event_type: &str, reason: &str) {
         self.dead_letters
             .get_or_create(&DeadLetterLabels {
-                room: self.room.clone(),
                 event_type: event_type.to_string(),
                 reason: reason.to_string(),
             })
@@ -171,5 +167,27 @@ impl RoomMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_platform_metric_names_with_room_labels() {
+        let metrics = RoomMetrics::new("conch");
+        metrics.received("coordination.x");
+        metrics.finished("coordination.x", Outcome::DeadLettered, 0.002);
+        metrics.dead_lettered("coordination.x", "malformed_envelope");
+        let text = metrics.encode();
+        for expected in [
+            r#"choco_consumer_messages_received_total{room="conch",event_type="coordination.x"} 1"#,
+            r#"choco_consumer_messages_processed_total{room="conch",event_type="coordination.x",outcome="dead_lettered"} 1"#,
+            r#"choco_consumer_dlq_messages_total{room="conch",event_type="coordination.x",reason="malformed_envelope"} 1"#,
+            r#"choco_consumer_processing_duration_seconds_count{room="conch",event_type="coordination.x",outcome="dead_lettered"} 1"#,
+        ] {
+            assert!(text.contains(expected), "missing {expected} in\n{text}");
+        }
     }
 }

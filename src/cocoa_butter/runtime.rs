@@ -113,9 +113,9 @@ pub async fn run(
             publisher: publisher.clone(),
         })
         .map_err(|err| RuntimeError::Refused(err.to_string()))?;
-        let addrs = listeners.addrs().map_err(|err| {
-            RuntimeError::Refused(format!("rooms.{}: {err}", settings.name))
-        })?;
+        let addrs = listeners
+            .addrs()
+            .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
         let metrics = RoomMetrics::new(&settings.name);
         let state = Arc::new(RoomState::new(client.clone()));
         let grpc = room.clone().grpc_service();
@@ -143,21 +143,31 @@ pub async fn run(
 
         let router = servers::http_router(info, state.clone(), room.clone().http_routes());
         servers.spawn(
-            keep_serving("http", addrs.http, listeners.http, stop_servers.clone(), move |l, s| {
-                servers::serve_http(l, router.clone(), s)
-            })
+            keep_serving(
+                "http",
+                addrs.http,
+                listeners.http,
+                stop_servers.clone(),
+                move |l, s| servers::serve_http(l, router.clone(), s),
+            )
             .instrument(span.clone()),
         );
         let grpc_room = room.clone();
         let grpc_state = state.clone();
         let mut first_grpc = Some(grpc);
         servers.spawn(
-            keep_serving("grpc", addrs.grpc, listeners.grpc, stop_servers.clone(), move |l, s| {
-                let service = first_grpc
-                    .take()
-                    .unwrap_or_else(|| grpc_room.clone().grpc_service());
-                servers::serve_grpc(l, service, grpc_state.clone(), s)
-            })
+            keep_serving(
+                "grpc",
+                addrs.grpc,
+                listeners.grpc,
+                stop_servers.clone(),
+                move |l, s| {
+                    let service = first_grpc
+                        .take()
+                        .unwrap_or_else(|| grpc_room.clone().grpc_service());
+                    servers::serve_grpc(l, service, grpc_state.clone(), s)
+                },
+            )
             .instrument(span.clone()),
         );
         let server_metrics = metrics.clone();
@@ -190,7 +200,10 @@ pub async fn run(
     intake.cancel();
     let grace = config.factory.shutdown_grace;
     if tokio::time::timeout(grace, consumers.wait()).await.is_err() {
-        tracing::warn!(?grace, "in-flight work did not finish in time; the server will redeliver it");
+        tracing::warn!(
+            ?grace,
+            "in-flight work did not finish in time; the server will redeliver it"
+        );
     }
     if let Err(err) = client.flush().await {
         tracing::warn!(error = %err, "flushing the NATS connection failed");
@@ -231,7 +244,13 @@ async fn attempt(
 ) -> Result<(), AttemptError> {
     let settings = &engine.settings;
     let nats = &engine.nats;
-    bus::ensure_stream(&engine.js, nats, &settings.stream, settings.subject_prefix.clone()).await?;
+    bus::ensure_stream(
+        &engine.js,
+        nats,
+        &settings.stream,
+        settings.subject_prefix.clone(),
+    )
+    .await?;
     bus::ensure_stream(
         &engine.js,
         nats,
@@ -281,7 +300,9 @@ async fn keep_serving<F, Fut>(
         match serve(current, stop.clone()).await {
             Ok(()) if stop.is_cancelled() => return,
             Ok(()) => tracing::error!(server = what, %addr, "server returned; restarting"),
-            Err(err) => tracing::error!(server = what, %addr, error = %err, "server failed; restarting"),
+            Err(err) => {
+                tracing::error!(server = what, %addr, error = %err, "server failed; restarting")
+            }
         }
         let delay = backoff.next_delay();
         tokio::select! {
@@ -299,9 +320,11 @@ struct Backoff {
 
 impl Backoff {
     fn next_delay(&mut self) -> Duration {
-        let base = Duration::from_millis(250).saturating_mul(2u32.saturating_pow(self.attempt.min(7)));
+        let base =
+            Duration::from_millis(250).saturating_mul(2u32.saturating_pow(self.attempt.min(7)));
         self.attempt = self.attempt.saturating_add(1);
-        base.min(Duration::from_secs(30)).mul_f64(0.75 + fastrand::f64() * 0.5)
+        base.min(Duration::from_secs(30))
+            .mul_f64(0.75 + fastrand::f64() * 0.5)
     }
 
     fn reset(&mut self) {

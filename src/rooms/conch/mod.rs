@@ -11,6 +11,7 @@
 //! same outputs (which JetStream then deduplicates).
 
 mod api;
+pub use api::pb;
 mod sync;
 
 use std::sync::Arc;
@@ -79,7 +80,7 @@ impl ConchSettings {
             serde_path_to_error::deserialize(room.settings.clone()).map_err(|err| {
                 let path = err.path().to_string();
                 RoomError::Settings {
-                    key: key(if path == "." { "" } else { &path }),
+                    key: if path == "." { key("") } else { key(&format!(".{path}")) },
                     message: err.into_inner().to_string(),
                 }
             })?;

@@ -1,0 +1,337 @@
+//! Test harness: a real nats-server per test (ephemeral port, temporary
+//! store) and the real `choco-factory` binary run against it.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use choco_factory::cocoa_butter::EventEnvelope;
+use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_choco-factory");
+
+pub struct Nats {
+    pub server: ManagedNats,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    pub async fn start() -> Nats {
+        Self::start_on(0).await
+    }
+
+    pub async fn start_on(port: u16) -> Nats {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
+        let server = ManagedNats::start(binary, dir.path(), port)
+            .await
+            .expect("nats-server starts");
+        Nats { server, _dir: dir }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub async fn client(&self) -> (async_nats::Client, jetstream::Context) {
+        let client = async_nats::connect(self.url()).await.expect("connect");
+        let js = jetstream::new(client.clone());
+        (client, js)
+    }
+}
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The binary, running `serve` for the-conch on ephemeral ports.
+pub struct Factory {
+    pub child: Child,
+    pub http: SocketAddr,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn conch_env(nats_url: &str) -> Vec<(String, String)> {
+    [
+        ("CHOCO_NATS__URL", nats_url),
+        ("CHOCO_ROOMS__CONCH__HTTP_PORT", "0"),
+        ("CHOCO_ROOMS__CONCH__GRPC_PORT", "0"),
+        ("CHOCO_ROOMS__CONCH__METRICS_PORT", "0"),
+        ("CHOCO_LOG__FORMAT", "json"),
+        // Fast retries keep fault tests short.
+        ("CHOCO_CONSUMER__RETRY_BASE", "100ms"),
+        ("CHOCO_CONSUMER__RETRY_MAX", "500ms"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+impl Factory {
+    pub async fn start(nats_url: &str) -> Factory {
+        Self::start_with(conch_env(nats_url), &["serve", "--rooms", "conch"]).await
+    }
+
+    /// Starts the binary and waits for the conch's "room listening" log line.
+    pub async fn start_with(env: Vec<(String, String)>, args: &[&str]) -> Factory {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .envs(env)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn choco-factory");
+        let stdout = child.stdout.take().expect("stdout");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if std::env::var_os("CHOCO_TEST_LOGS").is_some() {
+                    eprintln!("[factory] {line}");
+                }
+                sink.lock().expect("logs").push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let found = logs.lock().expect("logs").iter().find_map(|line| {
+                let json: Value = serde_json::from_str(line).ok()?;
+                (json["message"] == "room listening" && json["factory.room"] == "Fudge Room")
+                    .then_some(json)
+            });
+            if let Some(json) = found {
+                let addr = |k: &str| json[k].as_str().expect(k).parse().expect("addr");
+                return Factory {
+                    http: addr("http"),
+                    grpc: addr("grpc"),
+                    metrics: addr("metrics"),
+                    child,
+                    logs,
+                };
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("choco-factory exited early: {status}");
+            }
+            assert!(Instant::now() < deadline, "choco-factory did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until(Duration::from_secs(20), || async {
+            reqwest::get(self.url("/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("running") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
+    }
+
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("exits in time")
+            .expect("wait")
+    }
+
+    pub fn logs_containing(&self, needle: &str) -> Vec<String> {
+        self.logs
+            .lock()
+            .expect("logs")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+}
+
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn envelope(event_type: &str, aggregate: &str, payload: &Value) -> EventEnvelope {
+    EventEnvelope::new(
+        Uuid::now_v7(),
+        event_type.to_string(),
+        aggregate.to_string(),
+        String::new(),
+        serde_json::to_vec(payload).expect("json"),
+        "tests".to_string(),
+    )
+}
+
+/// Publishes a body with a message id and waits for JetStream to store it.
+pub async fn publish_raw(js: &jetstream::Context, subject: &str, msg_id: &str, body: Vec<u8>) {
+    let message = jetstream::message::PublishMessage::build()
+        .payload(body.into())
+        .message_id(msg_id);
+    js.send_publish(subject.to_string(), message)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+pub async fn publish(js: &jetstream::Context, subject: &str, envelope: &EventEnvelope) {
+    publish_raw(js, subject, &envelope.event_id, envelope.encode()).await;
+}
+
+/// Creates the stream the conch owns (as the runtime would) so tests can
+/// publish before the binary is up.
+pub async fn ensure_coordination_stream(js: &jetstream::Context) {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: "choco:events:coordination".into(),
+        subjects: vec!["choco.events.coordination.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+}
+
+/// A message read back from a stream.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub subject: String,
+    pub headers: Option<async_nats::HeaderMap>,
+    pub body: bytes::Bytes,
+}
+
+impl Stored {
+    pub fn envelope(&self) -> EventEnvelope {
+        EventEnvelope::decode(&self.body).expect("a valid envelope")
+    }
+
+    pub fn payload(&self) -> Value {
+        serde_json::from_slice(&self.envelope().payload).expect("json payload")
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    }
+}
+
+/// Every message currently in `stream` matching `filter`, read with an
+/// ephemeral ordered consumer.
+pub async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Vec<Stored> {
+    let Ok(stream) = js.get_stream(stream).await else {
+        return Vec::new();
+    };
+    let pending = stream.cached_info().state.messages;
+    if pending == 0 {
+        return Vec::new();
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut out = Vec::new();
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_millis(300), messages.next()).await
+    {
+        let pending = message.info().map(|i| i.pending).unwrap_or(0);
+        out.push(Stored {
+            subject: message.subject.to_string(),
+            headers: message.headers.clone(),
+            body: message.payload.clone(),
+        });
+        if pending == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// Waits until `stream` holds at least `count` messages matching `filter`,
+/// then returns them all.
+pub async fn wait_for(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    count: usize,
+    limit: Duration,
+) -> Vec<Stored> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let found = read_all(js, stream, filter).await;
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected {count} messages on {filter}, found {}",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub const COORDINATION: &str = "choco:events:coordination";
+pub const REQUESTED: &str = "choco.events.coordination.property_sync.requested";
+pub const COMPLETED: &str = "choco.events.coordination.property_sync.completed";
+pub const DETECTED: &str = "choco.events.coordination.conflict.detected";
+pub const RESOLVED: &str = "choco.events.coordination.conflict.resolved";
+
+pub fn sync_payload(
+    doc: &str,
+    property: &str,
+    value: Value,
+    base: u64,
+    author: &str,
+    at: &str,
+) -> Value {
+    serde_json::json!({
+        "document_id": doc,
+        "property": property,
+        "value": value,
+        "base_revision": base,
+        "author_id": author,
+        "updated_at": at,
+    })
+}

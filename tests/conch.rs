@@ -1,0 +1,456 @@
+//! the-conch end to end: events in, events out, dead letters, APIs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use choco_factory::rooms::conch::pb;
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Waits for `count` messages, then makes sure no more arrive.
+async fn exactly(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    filter: &str,
+    count: usize,
+) -> Vec<Stored> {
+    wait_for(js, stream, filter, count, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = read_all(js, stream, filter).await;
+    assert_eq!(all.len(), count, "exactly {count} on {filter}");
+    all
+}
+
+#[tokio::test]
+async fn a_matching_write_applies_and_a_stale_one_is_resolved() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+
+    let first = envelope(
+        "coordination.property_sync.requested",
+        "doc-1",
+        &sync_payload(
+            "doc-1",
+            "title",
+            json!("Golden ticket"),
+            0,
+            "ann",
+            "2026-03-01T10:00:00Z",
+        ),
+    );
+    publish(&js, REQUESTED, &first).await;
+    let completed = exactly(&js, COORDINATION, COMPLETED, 1).await;
+    let done = &completed[0];
+    assert_eq!(
+        done.payload(),
+        json!({"document_id": "doc-1", "property": "title", "value": "Golden ticket", "revision": 1, "author_id": "ann"})
+    );
+    let envelope_out = done.envelope();
+    assert_eq!(
+        envelope_out.event_type,
+        "coordination.property_sync.completed"
+    );
+    assert_eq!(envelope_out.aggregate_id, "doc-1");
+    assert_eq!(envelope_out.source_service, "the-conch");
+    assert_eq!(
+        envelope_out.correlation_id, first.event_id,
+        "a new chain correlates on the input's id"
+    );
+    assert_eq!(
+        uuid::Uuid::parse_str(&envelope_out.event_id)
+            .expect("uuid")
+            .get_version_num(),
+        7
+    );
+
+    // Bob edited revision 0 too, later: a conflict, and last writer wins.
+    let stale = envelope(
+        "coordination.property_sync.requested",
+        "doc-1",
+        &sync_payload(
+            "doc-1",
+            "title",
+            json!("Fudge"),
+            0,
+            "bob",
+            "2026-03-01T10:05:00Z",
+        ),
+    );
+    publish(&js, REQUESTED, &stale).await;
+    let detected = exactly(&js, COORDINATION, DETECTED, 1).await;
+    assert_eq!(
+        detected[0].payload(),
+        json!({
+            "document_id": "doc-1", "property": "title", "base_revision": 0, "current_revision": 1,
+            "current_value": "Golden ticket", "incoming_value": "Fudge", "incoming_author_id": "bob"
+        })
+    );
+    let resolved = exactly(&js, COORDINATION, RESOLVED, 1).await;
+    assert_eq!(
+        resolved[0].payload(),
+        json!({"document_id": "doc-1", "property": "title", "policy": "last_writer_wins", "winner": "incoming", "value": "Fudge", "revision": 2})
+    );
+
+    let props: Value = reqwest::get(factory.url("/v1/documents/doc-1/properties"))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(props["properties"]["title"]["value"], "Fudge");
+    assert_eq!(props["properties"]["title"]["revision"], 2);
+    assert_eq!(props["properties"]["title"]["author_id"], "bob");
+    // The conch's own outputs came back on its prefix and were skipped, not handled.
+    assert!(read_all(&js, "choco:dlq", "choco.dlq.>").await.is_empty());
+}
+
+/// 1,000 chained updates over 10 documents, published all at once: per
+/// document they are handled in stream order, so none conflicts.
+#[tokio::test]
+async fn a_thousand_chained_updates_keep_order_per_document() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    ensure_coordination_stream(&js).await;
+    let docs = 10;
+    let per_doc = 100u64;
+    for revision in 0..per_doc {
+        for d in 0..docs {
+            let doc = format!("chain-{d}");
+            let event = envelope(
+                "coordination.property_sync.requested",
+                &doc,
+                &sync_payload(
+                    &doc,
+                    "body",
+                    json!(format!("v{}", revision + 1)),
+                    revision,
+                    "ann",
+                    "2026-03-01T10:00:00Z",
+                ),
+            );
+            publish(&js, REQUESTED, &event).await;
+        }
+    }
+    let factory = Factory::start(&nats.url()).await;
+    let completed = exactly(&js, COORDINATION, COMPLETED, docs * per_doc as usize).await;
+    assert!(
+        read_all(&js, COORDINATION, DETECTED).await.is_empty(),
+        "no conflicts"
+    );
+
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for message in &completed {
+        let payload = message.payload();
+        let doc = payload["document_id"].as_str().expect("doc").to_string();
+        let revision = payload["revision"].as_u64().expect("revision");
+        let previous = last.insert(doc, revision).unwrap_or(0);
+        assert_eq!(
+            revision,
+            previous + 1,
+            "revisions of a document are published in order"
+        );
+    }
+    for d in 0..docs {
+        let props: Value =
+            reqwest::get(factory.url(&format!("/v1/documents/chain-{d}/properties")))
+                .await
+                .expect("get")
+                .json()
+                .await
+                .expect("json");
+        assert_eq!(props["properties"]["body"]["revision"], per_doc);
+        assert_eq!(props["properties"]["body"]["value"], format!("v{per_doc}"));
+    }
+}
+
+/// Bad bodies go straight to choco:dlq, unchanged, with the reason, after
+/// one delivery.
+#[tokio::test]
+async fn bad_messages_are_dead_lettered_with_a_reason() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+
+    let mut tampered = envelope(
+        "coordination.property_sync.requested",
+        "doc-bad",
+        &sync_payload(
+            "doc-bad",
+            "title",
+            json!("x"),
+            0,
+            "ann",
+            "2026-03-01T10:00:00Z",
+        ),
+    );
+    tampered.payload = serde_json::to_vec(&sync_payload(
+        "doc-bad",
+        "title",
+        json!("evil"),
+        0,
+        "eve",
+        "2026-03-01T10:00:00Z",
+    ))
+    .expect("json");
+    publish(&js, REQUESTED, &tampered).await;
+    publish_raw(&js, REQUESTED, "malformed-1", b"{not an envelope".to_vec()).await;
+    let missing_field = envelope(
+        "coordination.property_sync.requested",
+        "doc-bad",
+        &json!({"document_id": "doc-bad", "value": 1, "base_revision": 0, "author_id": "a", "updated_at": "2026-03-01T10:00:00Z"}),
+    );
+    publish(&js, REQUESTED, &missing_field).await;
+    let unknown = envelope(
+        "coordination.property_sync.cancelled",
+        "doc-bad",
+        &json!({}),
+    );
+    publish(
+        &js,
+        "choco.events.coordination.property_sync.cancelled",
+        &unknown,
+    )
+    .await;
+
+    let letters = exactly(&js, "choco:dlq", "choco.dlq.>", 4).await;
+    let by_reason: HashMap<String, &Stored> = letters
+        .iter()
+        .map(|l| (l.header("Choco-Dlq-Reason").expect("reason"), l))
+        .collect();
+    let hash = by_reason["content_hash_mismatch"];
+    assert_eq!(
+        hash.subject,
+        "choco.dlq.conch.coordination.property_sync.requested"
+    );
+    assert_eq!(hash.body, tampered.encode(), "the body is kept unchanged");
+    assert_eq!(hash.header("Choco-Dlq-Room").as_deref(), Some("conch"));
+    assert_eq!(
+        hash.header("Choco-Dlq-Deliveries").as_deref(),
+        Some("1"),
+        "no retries for a permanent failure"
+    );
+    assert_eq!(
+        hash.header("Choco-Dlq-Original-Subject").as_deref(),
+        Some(REQUESTED)
+    );
+    assert_eq!(
+        hash.header("Choco-Dlq-Original-Stream").as_deref(),
+        Some(COORDINATION)
+    );
+    assert!(hash.header("Choco-Dlq-Original-Sequence").is_some());
+
+    let malformed = by_reason["malformed_envelope"];
+    assert_eq!(malformed.body.as_ref(), b"{not an envelope");
+
+    let invalid = by_reason["payload_invalid"];
+    assert!(
+        invalid
+            .header("Choco-Dlq-Detail")
+            .expect("detail")
+            .contains("property"),
+        "names the field"
+    );
+    let unknown = by_reason["unknown_event_type"];
+    assert_eq!(
+        unknown.subject,
+        "choco.dlq.conch.coordination.property_sync.cancelled"
+    );
+
+    // Nothing was applied and nothing is pending.
+    assert!(read_all(&js, COORDINATION, COMPLETED).await.is_empty());
+    let stream = js.get_stream(COORDINATION).await.expect("stream");
+    wait_until(WAIT, || async {
+        let info = stream.consumer_info("choco-conch").await.expect("consumer");
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+}
+
+/// The same event handled twice (a redelivery after a crash between publish
+/// and ack looks exactly like this) leaves one output and one revision.
+#[tokio::test]
+async fn a_redelivered_event_leaves_exactly_one_output() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+
+    let event = envelope(
+        "coordination.property_sync.requested",
+        "doc-twice",
+        &sync_payload(
+            "doc-twice",
+            "tags",
+            json!(["a"]),
+            0,
+            "ann",
+            "2026-03-01T10:00:00Z",
+        ),
+    );
+    publish(&js, REQUESTED, &event).await;
+    exactly(&js, COORDINATION, COMPLETED, 1).await;
+    // Same body, new stream message: the stream's dedup does not stop it,
+    // the conch's receipts and the outputs' derived ids must.
+    publish_raw(&js, REQUESTED, "again-1", event.encode()).await;
+    publish_raw(&js, REQUESTED, "again-2", event.encode()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    exactly(&js, COORDINATION, COMPLETED, 1).await;
+    let props: Value = reqwest::get(factory.url("/v1/documents/doc-twice/properties"))
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(props["properties"]["tags"]["revision"], 1);
+}
+
+#[tokio::test]
+async fn http_and_grpc_apis_follow_the_same_rules() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let factory = Factory::start_with(
+        {
+            let mut env = conch_env(&nats.url());
+            env.push((
+                "CHOCO_ROOMS__CONCH__SETTINGS__POLICIES".into(),
+                r#"[{pattern="tags*", policy="union"}]"#.into(),
+            ));
+            env
+        },
+        &["serve", "--rooms", "conch"],
+    )
+    .await;
+    factory.wait_ready().await;
+    let http = reqwest::Client::new();
+
+    let sync = |body: Value| {
+        let http = http.clone();
+        let url = factory.url("/v1/properties/sync");
+        async move {
+            let response = http
+                .post(url)
+                .header("x-correlation-id", "corr-42")
+                .body(body.to_string())
+                .send()
+                .await
+                .expect("post");
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.expect("json"))
+        }
+    };
+    let (status, applied) = sync(sync_payload(
+        "doc-api",
+        "tags",
+        json!(["a", "b"]),
+        0,
+        "ann",
+        "2026-03-01T10:00:00Z",
+    ))
+    .await;
+    assert_eq!(status, 200, "{applied}");
+    assert_eq!(applied["outcome"], "applied");
+    assert_eq!(applied["property"]["revision"], 1);
+
+    let (status, merged) = sync(sync_payload(
+        "doc-api",
+        "tags",
+        json!(["b", "c"]),
+        0,
+        "bob",
+        "2026-03-01T09:00:00Z",
+    ))
+    .await;
+    assert_eq!(status, 200, "{merged}");
+    assert_eq!(merged["outcome"], "conflict_resolved");
+    assert_eq!(merged["policy"], "union");
+    assert_eq!(merged["winner"], "merged");
+    assert_eq!(merged["property"]["value"], json!(["a", "b", "c"]));
+    assert_eq!(merged["property"]["revision"], 2);
+
+    // The API published the same events, carrying the caller's correlation id.
+    let resolved = exactly(&js, COORDINATION, RESOLVED, 1).await;
+    assert_eq!(resolved[0].envelope().correlation_id, "corr-42");
+    assert_eq!(resolved[0].payload()["winner"], "merged");
+
+    // Bad requests name the field.
+    let (status, err) = sync(json!({"document_id": "d", "property": "p", "value": 1, "base_revision": "one", "author_id": "a", "updated_at": "2026-03-01T10:00:00Z"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["field"], "base_revision", "{err}");
+    let (status, err) = sync(json!({"document_id": "d", "value": 1, "base_revision": 0, "author_id": "a", "updated_at": "2026-03-01T10:00:00Z"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["field"], "property", "{err}");
+    let (status, err) = sync(json!({"document_id": "", "property": "p", "value": 1, "base_revision": 0, "author_id": "a", "updated_at": "2026-03-01T10:00:00Z"})).await;
+    assert_eq!(status, 400);
+    assert_eq!(err["error"]["field"], "document_id", "{err}");
+
+    // gRPC: same store, same rules.
+    let mut grpc = pb::conch_client::ConchClient::connect(format!("http://{}", factory.grpc))
+        .await
+        .expect("grpc");
+    let got = grpc
+        .get_properties(pb::GetPropertiesRequest {
+            document_id: "doc-api".into(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.properties.len(), 1);
+    assert_eq!(got.properties[0].revision, 2);
+
+    let request = pb::SyncPropertyRequest {
+        document_id: "doc-grpc".into(),
+        property: "title".into(),
+        value: Some(prost_types::Value {
+            kind: Some(prost_types::value::Kind::NumberValue(3.0)),
+        }),
+        base_revision: 0,
+        author_id: "ann".into(),
+        updated_at: Some(prost_types::Timestamp {
+            seconds: 1_770_000_000,
+            nanos: 0,
+        }),
+        request_id: "req-1".into(),
+    };
+    let first = grpc
+        .sync_property(request.clone())
+        .await
+        .expect("sync")
+        .into_inner();
+    assert_eq!(first.outcome, pb::SyncOutcome::Applied as i32);
+    assert_eq!(first.property.as_ref().map(|p| p.revision), Some(1));
+    // The same request id again changes nothing.
+    let again = grpc
+        .sync_property(request.clone())
+        .await
+        .expect("sync")
+        .into_inner();
+    assert_eq!(again.outcome, pb::SyncOutcome::Duplicate as i32);
+    assert_eq!(again.property.as_ref().map(|p| p.revision), Some(1));
+    assert_eq!(again.event_ids, first.event_ids);
+
+    let mut missing_time = request.clone();
+    missing_time.updated_at = None;
+    let status = grpc.sync_property(missing_time).await.expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("updated_at"),
+        "{}",
+        status.message()
+    );
+    let mut no_author = request;
+    no_author.author_id = String::new();
+    let status = grpc.sync_property(no_author).await.expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("author_id"),
+        "{}",
+        status.message()
+    );
+}

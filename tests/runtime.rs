@@ -1,0 +1,350 @@
+//! The runtime as a user sees it: ports, endpoints, exit codes, signals.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// The port table as shipped binds (8087 / 7077 / 9102 for the-conch), and
+/// every core endpoint answers on it. The only test using fixed ports.
+#[tokio::test]
+async fn port_table_binds_and_core_endpoints_answer() {
+    let nats = Nats::start().await;
+    let env = vec![
+        ("CHOCO_NATS__URL".to_string(), nats.url()),
+        ("CHOCO_LOG__FORMAT".to_string(), "json".to_string()),
+    ];
+    let factory = Factory::start_with(env, &["serve"]).await;
+    assert_eq!(factory.http.port(), 8087);
+    assert_eq!(factory.grpc.port(), 7077);
+    assert_eq!(factory.metrics.port(), 9102);
+    factory.wait_ready().await;
+
+    let health: Value = reqwest::get(factory.url("/healthz"))
+        .await
+        .expect("healthz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "ok");
+
+    let info: Value = reqwest::get(factory.url("/info"))
+        .await
+        .expect("info")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(info["room"], "conch");
+    assert_eq!(info["label"], "Fudge Room");
+    assert_eq!(info["service"], "the-conch");
+    assert_eq!(info["subject_prefix"], "choco.events.coordination.>");
+    assert_eq!(info["stream"], "choco:events:coordination");
+    assert_eq!(info["consumer"], "choco-conch");
+    assert_eq!(info["addresses"]["grpc"], "127.0.0.1:7077");
+    assert_eq!(info["ready"], true);
+
+    // Every log line of the room carries its label.
+    let room_lines = factory.logs_containing("consumer bound");
+    assert!(
+        room_lines
+            .iter()
+            .any(|l| l.contains(r#""factory.room":"Fudge Room""#)),
+        "{room_lines:?}"
+    );
+
+    // gRPC health follows readiness, for the room's service and overall.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", factory.grpc))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("grpc");
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "choco.factory.conch.v1.Conch"] {
+        let health = &mut health;
+        wait_until(Duration::from_secs(5), || {
+            let mut health = health.clone();
+            async move {
+                health
+                    .check(HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32)
+            }
+        })
+        .await;
+    }
+
+    // Reflection lists the room's service without proto files.
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let response = responses.next().await.expect("a response").expect("ok");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"choco.factory.conch.v1.Conch".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    // One event through, then the metrics show it under the room's labels.
+    let (_client, js) = nats.client().await;
+    let event = envelope(
+        "coordination.property_sync.requested",
+        "doc-metrics",
+        &sync_payload(
+            "doc-metrics",
+            "title",
+            json!("x"),
+            0,
+            "ann",
+            "2026-01-01T00:00:00Z",
+        ),
+    );
+    publish(&js, REQUESTED, &event).await;
+    wait_for(&js, COORDINATION, COMPLETED, 1, Duration::from_secs(10)).await;
+    let metrics_url = format!("http://{}/metrics", factory.metrics);
+    wait_until(Duration::from_secs(5), || async {
+        let text = reqwest::get(&metrics_url).await.expect("metrics").text().await.expect("text");
+        text.contains(r#"choco_consumer_messages_received_total{room="conch",event_type="coordination.property_sync.requested"} 1"#)
+            && text.contains(r#"choco_consumer_messages_processed_total{room="conch",event_type="coordination.property_sync.requested",outcome="ok"} 1"#)
+            && text.contains("choco_consumer_processing_duration_seconds_bucket")
+            && text.contains(r#"choco_room_ready{room="conch"} 1"#)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn readiness_follows_the_nats_connection() {
+    let port = free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    // No server yet: the room serves HTTP but is not ready.
+    let mut factory = Factory::start(&url).await;
+    let status = reqwest::get(factory.url("/readyz"))
+        .await
+        .expect("readyz")
+        .status();
+    assert_eq!(status, 503);
+    let body: Value = reqwest::get(factory.url("/readyz"))
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["nats_connected"], false);
+
+    let mut nats = Nats::start_on(port).await;
+    factory.wait_ready().await;
+
+    // The server dies: not ready. It comes back on the same store: ready again.
+    nats.server.kill().await;
+    wait_until(Duration::from_secs(10), || async {
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    nats.server.restart().await.expect("restart");
+    factory.wait_ready().await;
+
+    factory.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(factory.wait_exit(Duration::from_secs(30)).await.success());
+}
+
+fn run_refused(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
+    let output = std::process::Command::new(BIN)
+        .args(args)
+        .env("CHOCO_NATS__URL", "nats://127.0.0.1:1")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_clear_message() {
+    /// Environment, arguments, and what stderr must say.
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
+        (
+            &[("CHOCO_ROOMS__CONCH__GRPC_PORT", "8087")],
+            &["serve"],
+            "rooms.conch.grpc_port: port 8087 is already used by rooms.conch.http_port",
+        ),
+        (
+            &[],
+            &["serve", "--rooms", "fudge"],
+            "--rooms: unknown room \"fudge\"",
+        ),
+        (
+            &[("CHOCO_ROOMS__FUDGE__ENABLED", "true")],
+            &["serve"],
+            "rooms.fudge: unknown room",
+        ),
+        (
+            &[(
+                "CHOCO_ROOMS__CONCH__SUBJECT_PREFIX",
+                "choco.events.coordination",
+            )],
+            &["serve"],
+            "rooms.conch.subject_prefix",
+        ),
+        (
+            &[],
+            &["--config", "/nonexistent/factory.toml", "serve"],
+            "--config: cannot read /nonexistent/factory.toml",
+        ),
+        (
+            &[("CHOCO_ROOMS__MOULD__ENABLED", "true")],
+            &["serve"],
+            "rooms.mould: enabled, but this build has no implementation",
+        ),
+        (
+            &[(
+                "CHOCO_ROOMS__CONCH__SETTINGS__DEFAULT_POLICY",
+                "loudest_wins",
+            )],
+            &["serve"],
+            "rooms.conch.settings.default_policy",
+        ),
+        (
+            &[("CHOCO_NATS__URL", "nats://bad host:4222")],
+            &["config", "check"],
+            "nats.url",
+        ),
+    ];
+    for (env, args, expected) in cases {
+        let (code, stderr) = run_refused(env, args);
+        assert_eq!(code, 2, "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?} {env:?}: expected {expected:?} in {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    }
+}
+
+#[test]
+fn a_taken_port_is_refused_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let (code, stderr) = run_refused(&[("CHOCO_ROOMS__CONCH__GRPC_PORT", &port)], &["serve"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("rooms.conch.grpc_port: cannot listen on"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn config_show_names_the_source_of_each_value() {
+    let output = std::process::Command::new(BIN)
+        .args(["config", "show"])
+        .env("CHOCO_ROOMS__CONCH__GRPC_PORT", "17077")
+        .output()
+        .expect("run");
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(line("rooms.conch.grpc_port").contains("17077"), "{text}");
+    assert!(
+        line("rooms.conch.grpc_port").contains("CHOCO_ROOMS__CONCH__GRPC_PORT"),
+        "{text}"
+    );
+    assert!(
+        line("rooms.conch.http_port").contains("rooms.toml"),
+        "{text}"
+    );
+    assert!(line("nats.url").contains("built-in default"), "{text}");
+}
+
+/// SIGTERM while events stream in: in-flight work finishes and is acked,
+/// the process exits 0, and a restart handles the rest with nothing lost
+/// or doubled.
+#[tokio::test]
+async fn sigterm_drains_in_flight_work_and_exits_zero() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    ensure_coordination_stream(&js).await;
+    let total = 300;
+    for i in 0..total {
+        let doc = format!("drain-{}", i % 30);
+        let event = envelope(
+            "coordination.property_sync.requested",
+            &doc,
+            &sync_payload(
+                &doc,
+                &format!("p{i}"),
+                json!(i),
+                0,
+                "ann",
+                "2026-01-01T00:00:00Z",
+            ),
+        );
+        publish(&js, REQUESTED, &event).await;
+    }
+    // A short ack_wait so the messages the first process had buffered come
+    // back quickly for the second.
+    let mut env = conch_env(&nats.url());
+    env.push(("CHOCO_CONSUMER__ACK_WAIT".into(), "3s".into()));
+    env.push(("CHOCO_CONSUMER__HEARTBEAT".into(), "1s".into()));
+    let mut factory = Factory::start_with(env.clone(), &["serve", "--rooms", "conch"]).await;
+    wait_for(&js, COORDINATION, COMPLETED, 1, Duration::from_secs(20)).await;
+    factory.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = factory.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "{status}");
+
+    // Every message the room started was finished and acknowledged: each
+    // delivery is either acknowledged with its output published, or still
+    // pending because the client had it buffered and never started it (the
+    // server redelivers those after ack_wait).
+    let mut stream = js.get_stream(COORDINATION).await.expect("stream");
+    let info = stream.consumer_info("choco-conch").await.expect("consumer");
+    let outputs = read_all(&js, COORDINATION, COMPLETED).await.len() as u64;
+    assert_eq!(
+        outputs + info.num_ack_pending as u64,
+        info.delivered.stream_sequence,
+        "handled = delivered - never started: {info:?}"
+    );
+    assert!(
+        info.num_ack_pending <= 15,
+        "at most the client's pull buffer: {info:?}"
+    );
+
+    let _again = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    wait_for(&js, COORDINATION, COMPLETED, total, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outputs = read_all(&js, COORDINATION, COMPLETED).await;
+    assert_eq!(outputs.len(), total, "each input yields exactly one output");
+    let _ = stream.info().await;
+}
