@@ -348,3 +348,27 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     assert_eq!(outputs.len(), total, "each input yields exactly one output");
     let _ = stream.info().await;
 }
+
+/// Every shipped config file is accepted as it is.
+#[test]
+fn shipped_config_files_are_valid() {
+    let mut checked = 0;
+    for entry in std::fs::read_dir("config").expect("config/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_none_or(|ext| ext != "toml") {
+            continue;
+        }
+        let output = std::process::Command::new(BIN)
+            .args(["--config", path.to_str().expect("utf-8"), "config", "check"])
+            .output()
+            .expect("run");
+        assert!(
+            output.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "found the example configs");
+}

@@ -141,7 +141,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             format: LogFormat::Auto,
-            filter: "info".into(),
+            filter: "info,async_nats=warn".into(),
         }
     }
 }
