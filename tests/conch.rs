@@ -454,3 +454,124 @@ async fn http_and_grpc_apis_follow_the_same_rules() {
         status.message()
     );
 }
+
+/// A transient failure (the room's key-value bucket is gone) is retried
+/// with backoff and dead-lettered after the last delivery, with the count.
+#[tokio::test]
+async fn transient_failures_are_retried_then_dead_lettered() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+    js.delete_key_value("choco_conch_documents")
+        .await
+        .expect("delete bucket");
+
+    let event = envelope(
+        "coordination.property_sync.requested",
+        "doc-retry",
+        &sync_payload(
+            "doc-retry",
+            "title",
+            json!("x"),
+            0,
+            "ann",
+            "2026-03-01T10:00:00Z",
+        ),
+    );
+    publish(&js, REQUESTED, &event).await;
+    let letters = exactly(&js, "choco:dlq", "choco.dlq.>", 1).await;
+    assert_eq!(
+        letters[0].header("Choco-Dlq-Reason").as_deref(),
+        Some("max_deliveries_exceeded")
+    );
+    assert_eq!(
+        letters[0].header("Choco-Dlq-Deliveries").as_deref(),
+        Some("3")
+    );
+    assert_eq!(letters[0].body, event.encode());
+    assert!(read_all(&js, COORDINATION, COMPLETED).await.is_empty());
+
+    let metrics = reqwest::get(format!("http://{}/metrics", factory.metrics))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(r#"outcome="retried"} 2"#),
+        "two retries before the dead letter:\n{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"reason="max_deliveries_exceeded"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// While an event waits for its retry, later events of the same document
+/// wait behind it: order survives a transient failure.
+#[tokio::test]
+async fn order_per_document_survives_a_transient_failure() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let mut env = conch_env(&nats.url());
+    env.push(("CHOCO_CONSUMER__RETRY_BASE".into(), "1s".into()));
+    env.push(("CHOCO_CONSUMER__RETRY_MAX".into(), "2s".into()));
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    js.delete_key_value("choco_conch_documents")
+        .await
+        .expect("delete bucket");
+
+    let event = |base: u64, value: &str| {
+        envelope(
+            "coordination.property_sync.requested",
+            "doc-order",
+            &sync_payload(
+                "doc-order",
+                "title",
+                json!(value),
+                base,
+                "ann",
+                "2026-03-01T10:00:00Z",
+            ),
+        )
+    };
+    // The first write fails (no bucket) and waits about a second for its retry...
+    publish(&js, REQUESTED, &event(0, "first")).await;
+    let metrics_url = format!("http://{}/metrics", factory.metrics);
+    wait_until(WAIT, || async {
+        reqwest::get(&metrics_url)
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+            .contains(r#"outcome="retried"} 1"#)
+    })
+    .await;
+    // ...while the bucket comes back and the next writes arrive. They must
+    // not overtake it, or the second would conflict with revision 0.
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: "choco_conch_documents".into(),
+        history: 1,
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .expect("bucket back");
+    publish(&js, REQUESTED, &event(1, "second")).await;
+    publish(&js, REQUESTED, &event(2, "third")).await;
+
+    let completed = exactly(&js, COORDINATION, COMPLETED, 3).await;
+    let revisions: Vec<u64> = completed
+        .iter()
+        .map(|m| m.payload()["revision"].as_u64().expect("revision"))
+        .collect();
+    assert_eq!(revisions, vec![1, 2, 3]);
+    assert!(
+        read_all(&js, COORDINATION, DETECTED).await.is_empty(),
+        "no conflict"
+    );
+    assert!(read_all(&js, "choco:dlq", "choco.dlq.>").await.is_empty());
+}
