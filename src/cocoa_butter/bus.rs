@@ -413,3 +413,24 @@ fn header_safe(detail: &str) -> HeaderValue {
         .collect();
     HeaderValue::from(cleaned.as_str())
 }
+
+/// Opens a room's key-value bucket, creating it (file storage, one
+/// revision kept per key) when it does not exist.
+pub async fn open_kv(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+) -> Result<jetstream::kv::Store, BusError> {
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    js.create_key_value(jetstream::kv::Config {
+        bucket: bucket.to_string(),
+        description: description.to_string(),
+        history: 1,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|err| BusError::Unavailable(format!("key-value bucket {bucket}: {err}")))
+}

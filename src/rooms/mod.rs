@@ -16,4 +16,4 @@ macro_rules! rooms {
     };
 }
 
-rooms!(conch);
+rooms!(conch, winnower);

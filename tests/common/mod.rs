@@ -67,18 +67,22 @@ pub struct Factory {
 }
 
 pub fn conch_env(nats_url: &str) -> Vec<(String, String)> {
+    room_env(nats_url, "CONCH")
+}
+
+/// Environment for one room on ephemeral ports (`room` upper-case).
+pub fn room_env(nats_url: &str, room: &str) -> Vec<(String, String)> {
+    let ports = ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"]
+        .map(|port| (format!("CHOCO_ROOMS__{room}__{port}"), "0".to_string()));
     [
         ("CHOCO_NATS__URL", nats_url),
-        ("CHOCO_ROOMS__CONCH__HTTP_PORT", "0"),
-        ("CHOCO_ROOMS__CONCH__GRPC_PORT", "0"),
-        ("CHOCO_ROOMS__CONCH__METRICS_PORT", "0"),
-        ("CHOCO_LOG__FORMAT", "json"),
         // Fast retries keep fault tests short.
         ("CHOCO_CONSUMER__RETRY_BASE", "100ms"),
         ("CHOCO_CONSUMER__RETRY_MAX", "500ms"),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
+    .chain(ports)
     .collect()
 }
 
@@ -89,6 +93,11 @@ impl Factory {
 
     /// Starts the binary and waits for the conch's "room listening" log line.
     pub async fn start_with(env: Vec<(String, String)>, args: &[&str]) -> Factory {
+        Self::start_room(env, args, "Fudge Room").await
+    }
+
+    /// Starts the binary and waits until the room labelled `label` listens.
+    pub async fn start_room(env: Vec<(String, String)>, args: &[&str], label: &str) -> Factory {
         let mut child = Command::new(BIN)
             .args(args)
             .envs(env)
@@ -115,7 +124,7 @@ impl Factory {
         loop {
             let found = logs.lock().expect("logs").iter().find_map(|line| {
                 let json: Value = serde_json::from_str(line).ok()?;
-                (json["message"] == "room listening" && json["factory.room"] == "Fudge Room")
+                (json["message"] == "room listening" && json["factory.room"] == label)
                     .then_some(json)
             });
             if let Some(json) = found {

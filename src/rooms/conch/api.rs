@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
@@ -16,14 +16,16 @@ use tonic::{Request, Status};
 
 use super::Conch;
 use super::sync::{self, PropertyState, SyncRequest};
-use crate::cocoa_butter::{GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::api::{
+    bad_request, correlation_grpc, correlation_http, handle_error_grpc, handle_error_http,
+    invalid_argument as invalid, json_from_pb, json_to_pb,
+};
+use crate::cocoa_butter::{GrpcService, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.conch.v1");
 }
 
-/// Header (HTTP) and metadata key (gRPC) that carries a correlation id in.
-const CORRELATION_HEADER: &str = "x-correlation-id";
 
 pub fn http_routes(conch: Arc<Conch>) -> Router {
     Router::new()
@@ -32,46 +34,17 @@ pub fn http_routes(conch: Arc<Conch>) -> Router {
         .with_state(conch)
 }
 
-fn http_error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
-    let body = json!({ "error": { "code": code, "field": field, "message": message } });
-    (status, axum::Json(body)).into_response()
-}
 
-fn handle_error_http(err: HandleError) -> Response {
-    match err {
-        HandleError::Transient(message) => {
-            http_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", None, &message)
-        }
-        HandleError::Permanent { reason, detail } => {
-            http_error(StatusCode::INTERNAL_SERVER_ERROR, &reason, None, &detail)
-        }
-    }
-}
 
 async fn sync_http(State(conch): State<Arc<Conch>>, headers: HeaderMap, body: Bytes) -> Response {
     let request: SyncRequest = match decode_json(&body) {
         Ok(request) => request,
-        Err(err) => {
-            return http_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_argument",
-                Some(&err.field),
-                &err.to_string(),
-            );
-        }
+        Err(err) => return err.into_response(),
     };
     if let Err(err) = request.validate() {
-        return http_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_argument",
-            Some(err.field),
-            &err.to_string(),
-        );
+        return bad_request(err.field, &err.to_string());
     }
-    let correlation = headers
-        .get(CORRELATION_HEADER)
-        .and_then(|value| value.to_str().ok())
-        .map(str::to_string);
+    let correlation = correlation_http(&headers);
     let property = request.property.clone();
     match conch.sync_now(request, correlation).await {
         Ok(result) => axum::Json(json!({
@@ -115,20 +88,7 @@ struct ConchGrpc {
     conch: Arc<Conch>,
 }
 
-fn invalid(field: &str, message: &str) -> Status {
-    let mut status = Status::invalid_argument(format!("{field}: {message}"));
-    if let Ok(value) = field.parse() {
-        status.metadata_mut().insert("x-choco-field", value);
-    }
-    status
-}
 
-fn handle_error_grpc(err: HandleError) -> Status {
-    match err {
-        HandleError::Transient(message) => Status::unavailable(message),
-        HandleError::Permanent { reason, detail } => Status::internal(format!("{reason}: {detail}")),
-    }
-}
 
 #[tonic::async_trait]
 impl pb::conch_server::Conch for ConchGrpc {
@@ -136,11 +96,7 @@ impl pb::conch_server::Conch for ConchGrpc {
         &self,
         request: Request<pb::SyncPropertyRequest>,
     ) -> Result<tonic::Response<pb::SyncPropertyResponse>, Status> {
-        let correlation = request
-            .metadata()
-            .get(CORRELATION_HEADER)
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_string);
+        let correlation = correlation_grpc(request.metadata());
         let message = request.into_inner();
         let updated_at = message
             .updated_at
@@ -151,7 +107,7 @@ impl pb::conch_server::Conch for ConchGrpc {
         let sync_request = SyncRequest {
             document_id: message.document_id,
             property: message.property,
-            value: message.value.map_or(Value::Null, to_json),
+            value: message.value.map_or(Value::Null, json_from_pb),
             base_revision: message.base_revision,
             author_id: message.author_id,
             updated_at,
@@ -215,7 +171,7 @@ impl pb::conch_server::Conch for ConchGrpc {
 fn to_pb(name: &str, state: &PropertyState) -> pb::Property {
     pb::Property {
         name: name.to_string(),
-        value: Some(from_json(&state.value)),
+        value: Some(json_to_pb(&state.value)),
         revision: state.revision,
         author_id: state.author_id.clone(),
         updated_at: Some(prost_types::Timestamp {
@@ -227,61 +183,4 @@ fn to_pb(name: &str, state: &PropertyState) -> pb::Property {
 
 fn from_timestamp(ts: &prost_types::Timestamp) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(ts.seconds, u32::try_from(ts.nanos).ok()?)
-}
-
-/// `google.protobuf.Value` → JSON. Numbers arrive as doubles; whole ones
-/// become integers again so `3` round-trips as `3`, not `3.0`.
-fn to_json(value: prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match value.kind {
-        None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                Value::from(n as i64)
-            } else {
-                serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
-            }
-        }
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::ListValue(list)) => Value::Array(list.values.into_iter().map(to_json).collect()),
-        Some(Kind::StructValue(object)) => Value::Object(
-            object
-                .fields
-                .into_iter()
-                .map(|(key, value)| (key, to_json(value)))
-                .collect(),
-        ),
-    }
-}
-
-fn from_json(value: &Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match value {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.iter().map(from_json).collect(),
-        }),
-        Value::Object(object) => Kind::StructValue(prost_types::Struct {
-            fields: object
-                .iter()
-                .map(|(key, value)| (key.clone(), from_json(value)))
-                .collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn json_round_trips_through_protobuf_values() {
-        let value = json!({"n": 3, "f": 1.5, "s": "x", "a": [true, null], "o": {}});
-        assert_eq!(to_json(from_json(&value)), value);
-    }
 }

@@ -24,9 +24,11 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 
 use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::keys::kv_key;
 use crate::cocoa_butter::{
     Cause, GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError,
-    RoomSpec, bus::Publisher,
+    RoomSpec,
+    bus::{self, Publisher},
 };
 use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
 
@@ -158,7 +160,7 @@ impl Conch {
     async fn load(&self, document_id: &str) -> Result<(DocumentRecord, Option<u64>), HandleError> {
         let entry = self
             .documents()?
-            .entry(document_key(document_id))
+            .entry(kv_key(document_id))
             .await
             .map_err(HandleError::transient)?;
         match entry {
@@ -183,7 +185,7 @@ impl Conch {
     /// receipts changes nothing and returns its receipt.
     async fn sync(&self, cause: &str, request: &SyncRequest) -> Result<(sync::Outcome, Receipt, DocumentRecord), HandleError> {
         let store = self.documents()?;
-        let key = document_key(&request.document_id);
+        let key = kv_key(&request.document_id);
         let policy = self.policy_for(&request.property);
         for _ in 0..self.settings.max_cas_attempts {
             let (mut record, revision) = self.load(&request.document_id).await?;
@@ -261,21 +263,13 @@ impl Room for Conch {
         if self.documents.initialized() {
             return Ok(());
         }
-        let bucket = &self.settings.bucket;
-        let store = match self.js.get_key_value(bucket).await {
-            Ok(store) => store,
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    description: "the-conch: document properties and their revisions".into(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|err| RoomError::Nats(format!("key-value bucket {bucket}: {err}")))?,
-        };
+        let store = bus::open_kv(
+            &self.js,
+            &self.settings.bucket,
+            "the-conch: document properties and their revisions",
+        )
+        .await
+        .map_err(|err| RoomError::Nats(err.to_string()))?;
         let _ = self.documents.set(store);
         Ok(())
     }
@@ -304,38 +298,5 @@ impl Room for Conch {
 
     fn grpc_service(self: Arc<Self>) -> GrpcService {
         api::grpc_service(self)
-    }
-}
-
-/// Key-value keys allow `[-/_=.a-zA-Z0-9]`: ids made of letters, digits,
-/// `-` and `_` are used as they are (readable with `nats kv get`); anything
-/// else is base64url-encoded behind a `=`, which a plain id cannot start with.
-fn document_key(document_id: &str) -> String {
-    let plain = !document_id.is_empty()
-        && document_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if plain {
-        document_id.to_string()
-    } else {
-        use base64::Engine;
-        format!(
-            "={}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(document_id)
-        )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn document_keys_are_valid_and_unambiguous() {
-        assert_eq!(document_key("doc-1_a"), "doc-1_a");
-        let odd = document_key("docs/readme.md");
-        assert!(odd.starts_with('='));
-        assert!(odd[1..].bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-        assert_ne!(document_key("=x"), "=x");
     }
 }

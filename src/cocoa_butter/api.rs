@@ -1,0 +1,157 @@
+//! Helpers every room's HTTP and gRPC APIs share, so errors look the same
+//! on every port: HTTP `{"error": {"code", "field", "message"}}`, gRPC
+//! status codes with the field first in the message and in `x-choco-field`.
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tonic::Status;
+
+use super::room::{HandleError, JsonError};
+
+/// Header (HTTP) and metadata key (gRPC) carrying a caller's correlation id.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+pub fn http_error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
+    let body = json!({ "error": { "code": code, "field": field, "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
+/// 400 naming the field.
+pub fn bad_request(field: &str, message: &str) -> Response {
+    http_error(
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        Some(field),
+        message,
+    )
+}
+
+impl IntoResponse for JsonError {
+    fn into_response(self) -> Response {
+        bad_request(&self.field, &self.to_string())
+    }
+}
+
+/// Transient → 503, permanent → 500 with the reason as the code.
+pub fn handle_error_http(err: HandleError) -> Response {
+    match err {
+        HandleError::Transient(message) => http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            None,
+            &message,
+        ),
+        HandleError::Permanent { reason, detail } => {
+            http_error(StatusCode::INTERNAL_SERVER_ERROR, &reason, None, &detail)
+        }
+    }
+}
+
+/// INVALID_ARGUMENT naming the field.
+pub fn invalid_argument(field: &str, message: &str) -> Status {
+    let text = if message.starts_with(field) {
+        message.to_string()
+    } else {
+        format!("{field}: {message}")
+    };
+    let mut status = Status::invalid_argument(text);
+    if let Ok(value) = field.parse() {
+        status.metadata_mut().insert("x-choco-field", value);
+    }
+    status
+}
+
+/// Transient → UNAVAILABLE, permanent → INTERNAL.
+pub fn handle_error_grpc(err: HandleError) -> Status {
+    match err {
+        HandleError::Transient(message) => Status::unavailable(message),
+        HandleError::Permanent { reason, detail } => {
+            Status::internal(format!("{reason}: {detail}"))
+        }
+    }
+}
+
+pub fn correlation_http(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(CORRELATION_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string)
+}
+
+pub fn correlation_grpc(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
+        .get(CORRELATION_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_string)
+}
+
+/// `google.protobuf.Value` → JSON. Numbers arrive as doubles; whole ones
+/// become integers again so `3` round-trips as `3`, not `3.0`.
+pub fn json_from_pb(value: prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(b),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                Value::from(n as i64)
+            } else {
+                serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)
+            }
+        }
+        Some(Kind::StringValue(s)) => Value::String(s),
+        Some(Kind::ListValue(list)) => {
+            Value::Array(list.values.into_iter().map(json_from_pb).collect())
+        }
+        Some(Kind::StructValue(object)) => Value::Object(
+            object
+                .fields
+                .into_iter()
+                .map(|(key, value)| (key, json_from_pb(value)))
+                .collect(),
+        ),
+    }
+}
+
+pub fn json_to_pb(value: &Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(json_to_pb).collect(),
+        }),
+        Value::Object(object) => Kind::StructValue(prost_types::Struct {
+            fields: object
+                .iter()
+                .map(|(key, value)| (key.clone(), json_to_pb(value)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// `google.protobuf.Struct` → a JSON object.
+pub fn struct_from_pb(value: prost_types::Struct) -> Value {
+    Value::Object(
+        value
+            .fields
+            .into_iter()
+            .map(|(key, value)| (key, json_from_pb(value)))
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trips_through_protobuf_values() {
+        let value = json!({"n": 3, "f": 1.5, "s": "x", "a": [true, null], "o": {}});
+        assert_eq!(json_from_pb(json_to_pb(&value)), value);
+    }
+}

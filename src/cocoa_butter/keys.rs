@@ -1,0 +1,40 @@
+//! Key-value keys from arbitrary ids.
+
+use base64::Engine;
+
+/// JetStream key-value keys allow `[-/_=.a-zA-Z0-9]`. Ids made of letters,
+/// digits, `-` and `_` are used as they are (readable with `nats kv get`);
+/// anything else is base64url-encoded behind a `=`, which a plain id cannot
+/// start with, so two ids never share a key.
+pub fn kv_key(id: &str) -> String {
+    let plain = !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        id.to_string()
+    } else {
+        format!(
+            "={}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_valid_and_unambiguous() {
+        assert_eq!(kv_key("doc-1_a"), "doc-1_a");
+        let odd = kv_key("docs/readme.md");
+        assert!(odd.starts_with('='));
+        assert!(
+            odd[1..]
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        );
+        assert_ne!(kv_key("=x"), "=x");
+    }
+}

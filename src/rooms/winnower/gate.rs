@@ -1,0 +1,214 @@
+//! The smartblock gate's pure steps: payload fields, the slug allowlist,
+//! the schema version bound and federation resolution. Steps 5 and 7
+//! (idempotency, recording) need the key-value store and live in `mod.rs`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::cocoa_butter::HandleError;
+
+/// The federation manifest file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub commands: BTreeMap<String, Command>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    #[serde(default)]
+    pub description: String,
+    pub federation_targets: Vec<String>,
+}
+
+/// What the editor sends (seed 004), in camelCase; the snake_case
+/// spellings of the same fields are accepted too.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SmartblockCreated {
+    #[serde(rename = "type", default)]
+    pub kind: String,
+    #[serde(rename = "blockId", alias = "block_id")]
+    pub block_id: String,
+    #[serde(rename = "commandSlug", alias = "command_slug")]
+    pub command_slug: String,
+    #[serde(rename = "schemaVersion", alias = "schema_version")]
+    pub schema_version: u32,
+    #[serde(rename = "federationTargets", alias = "federation_targets", default)]
+    pub federation_targets: Vec<String>,
+    #[serde(rename = "semanticLayers", alias = "semantic_layers", default)]
+    pub semantic_layers: Value,
+    #[serde(rename = "documentId", alias = "document_id")]
+    pub document_id: String,
+    #[serde(rename = "authorId", alias = "author_id")]
+    pub author_id: String,
+    #[serde(rename = "blockType", alias = "block_type", default)]
+    pub block_type: String,
+}
+
+/// A gate step said no. Permanent: the same block can never pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// `payload_parses`, `command_slug`, `schema_version`.
+    pub step: &'static str,
+    /// The dead-letter reason.
+    pub reason: &'static str,
+    /// The payload field at fault.
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn into_handle_error(self) -> HandleError {
+        HandleError::permanent(self.reason, format!("step {}: {}", self.step, self.message))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("commands.{slug}: {message}")]
+pub struct ManifestError {
+    slug: String,
+    message: String,
+}
+
+/// The loaded manifest and the catalog's schema version.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    manifest: Manifest,
+    catalog_schema_version: u32,
+}
+
+impl Gate {
+    pub fn new(manifest: Manifest, catalog_schema_version: u32) -> Result<Self, ManifestError> {
+        for (slug, command) in &manifest.commands {
+            let bad = |message: &str| ManifestError {
+                slug: slug.clone(),
+                message: message.to_string(),
+            };
+            if slug.is_empty()
+                || !slug
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(bad("a slug is lower-case letters, digits and '-'"));
+            }
+            if command.federation_targets.iter().any(|t| t.trim().is_empty()) {
+                return Err(bad("federation targets must not be empty strings"));
+            }
+        }
+        Ok(Gate {
+            manifest,
+            catalog_schema_version,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn catalog_schema_version(&self) -> u32 {
+        self.catalog_schema_version
+    }
+
+    /// Steps 2 (required fields), 3, 4 and 6 in order. On success, the
+    /// `smartblock_accepted` payload with targets from the manifest.
+    pub fn check(&self, block: &SmartblockCreated) -> Result<Value, Rejection> {
+        for (field, value) in [
+            ("blockId", &block.block_id),
+            ("commandSlug", &block.command_slug),
+            ("documentId", &block.document_id),
+            ("authorId", &block.author_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(Rejection {
+                    step: "2 (payload parses)",
+                    reason: "payload_invalid",
+                    field,
+                    message: format!("{field} must not be empty"),
+                });
+            }
+        }
+        let Some(command) = self.manifest.commands.get(&block.command_slug) else {
+            return Err(Rejection {
+                step: "3 (command slug allowlist)",
+                reason: "unknown_command_slug",
+                field: "commandSlug",
+                message: format!(
+                    "commandSlug {:?} is not in the federation manifest",
+                    block.command_slug
+                ),
+            });
+        };
+        if block.schema_version > self.catalog_schema_version {
+            return Err(Rejection {
+                step: "4 (schema version)",
+                reason: "schema_version_too_new",
+                field: "schemaVersion",
+                message: format!(
+                    "schemaVersion {} is newer than the catalog's {}",
+                    block.schema_version, self.catalog_schema_version
+                ),
+            });
+        }
+        Ok(json!({
+            "block_id": block.block_id,
+            "document_id": block.document_id,
+            "command_slug": block.command_slug,
+            "schema_version": block.schema_version,
+            "federation_targets": command.federation_targets,
+            "author_id": block.author_id,
+            "block_type": block.block_type,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> Gate {
+        let manifest: Manifest =
+            toml::from_str(include_str!("../../../config/federation-manifest.toml")).expect("manifest");
+        Gate::new(manifest, 1).expect("valid")
+    }
+
+    fn block(slug: &str, version: u32) -> SmartblockCreated {
+        serde_json::from_value(json!({
+            "type": "smartblock_created", "blockId": "blk-1", "commandSlug": slug,
+            "schemaVersion": version, "federationTargets": ["somewhere"], "semanticLayers": {},
+            "documentId": "doc-1", "authorId": "ann", "blockType": "callout"
+        }))
+        .expect("parses")
+    }
+
+    #[test]
+    fn ships_the_seed_commands() {
+        for slug in ["invention", "weave", "torrent", "protocol", "forge", "assistant"] {
+            assert!(gate().check(&block(slug, 1)).is_ok(), "{slug}");
+        }
+    }
+
+    #[test]
+    fn resolves_targets_from_the_manifest() {
+        let accepted = gate().check(&block("invention", 1)).expect("accepted");
+        assert_eq!(accepted["federation_targets"], json!(["traceo"]));
+    }
+
+    #[test]
+    fn rejects_in_step_order() {
+        assert_eq!(gate().check(&block("nope", 9)).expect_err("slug").reason, "unknown_command_slug");
+        assert_eq!(gate().check(&block("weave", 2)).expect_err("ver").reason, "schema_version_too_new");
+    }
+
+    #[test]
+    fn accepts_snake_case() {
+        let snake: SmartblockCreated = serde_json::from_value(json!({
+            "block_id": "b", "command_slug": "weave", "schema_version": 1,
+            "document_id": "d", "author_id": "a"
+        }))
+        .expect("snake_case parses");
+        assert!(gate().check(&snake).is_ok());
+    }
+}

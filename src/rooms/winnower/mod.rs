@@ -1,0 +1,421 @@
+//! the-winnower, the Winnowing Room (domain `refinement`): separates what
+//! is worth keeping from the husk.
+//!
+//! - The smartblock gate (`refinement.smartblock_created`): the seven
+//!   steps of the platform's layer-4 handler. The runtime does step 1
+//!   (envelope structure); `gate.rs` does 2–4 and 6 (payload, slug
+//!   allowlist, schema version, federation targets from the manifest);
+//!   this module does 5 and 7 together with one compare-and-set on the
+//!   block's key-value entry, so idempotency holds across replicas.
+//! - Slop detection (`refinement.requested`): `slop.rs` scores the content
+//!   with the rules file; at or above the threshold the document is
+//!   reported as slop, otherwise as passed.
+
+mod api;
+pub mod gate;
+pub mod slop;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::OnceCell;
+
+pub use api::pb;
+use gate::{Gate, Manifest, Rejection, SmartblockCreated};
+use slop::{RulesFile, SlopRules};
+
+use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::keys::kv_key;
+use crate::cocoa_butter::{
+    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec, bus,
+};
+
+pub const SPEC: RoomSpec = RoomSpec {
+    name: "winnower",
+    check: |settings| Loaded::load(settings).map(|_| ()),
+    build: |ctx| Ok(Arc::new(Winnower::new(ctx)?)),
+};
+
+const SMARTBLOCK_CREATED: &str = "smartblock_created";
+const REQUESTED: &str = "requested";
+const SMARTBLOCK_ACCEPTED: &str = "smartblock_accepted";
+const SLOP_DETECTED: &str = "slop_detected";
+const PASSED: &str = "passed";
+
+/// `rooms.winnower.settings`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WinnowerSettings {
+    /// The federation manifest (slug → targets); relative to the working directory.
+    manifest_file: PathBuf,
+    /// The slop rules and their weights.
+    rules_file: PathBuf,
+    /// Smartblocks with a newer `schemaVersion` are refused.
+    catalog_schema_version: u32,
+    /// A block id accepted within this window is not accepted again.
+    #[serde(with = "humantime_serde")]
+    idempotency_window: Duration,
+    /// Key-value bucket recording accepted blocks.
+    blocks_bucket: String,
+    /// Slop score at or above which a document is reported as slop.
+    threshold: f64,
+    /// Content larger than this is refused (`content_too_large`).
+    max_content_bytes: usize,
+}
+
+impl Default for WinnowerSettings {
+    fn default() -> Self {
+        WinnowerSettings {
+            manifest_file: "config/federation-manifest.toml".into(),
+            rules_file: "config/slop-rules.toml".into(),
+            catalog_schema_version: 1,
+            idempotency_window: Duration::from_secs(120),
+            blocks_bucket: "choco_winnower_blocks".into(),
+            threshold: 10.0,
+            max_content_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// Settings with their files read and checked.
+struct Loaded {
+    settings: WinnowerSettings,
+    gate: Gate,
+    rules: SlopRules,
+}
+
+impl Loaded {
+    fn load(room: &RoomSettings) -> Result<Self, RoomError> {
+        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
+        let invalid = |field: &str, message: String| RoomError::Settings {
+            key: key(field),
+            message,
+        };
+        let settings: WinnowerSettings = serde_path_to_error::deserialize(room.settings.clone())
+            .map_err(|err| {
+                let path = err.path().to_string();
+                let field = if path == "." { String::new() } else { format!(".{path}") };
+                invalid(&field, err.into_inner().to_string())
+            })?;
+        if !settings.threshold.is_finite() || settings.threshold <= 0.0 {
+            return Err(invalid(".threshold", "must be a number greater than zero".into()));
+        }
+        if settings.max_content_bytes == 0 {
+            return Err(invalid(".max_content_bytes", "must be greater than zero".into()));
+        }
+        let read = |field: &str, path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .map_err(|err| invalid(field, format!("cannot read {}: {err}", path.display())))
+        };
+        let manifest_text = read(".manifest_file", &settings.manifest_file)?;
+        let manifest: Manifest = toml::from_str(&manifest_text).map_err(|err| {
+            invalid(".manifest_file", format!("{}: {err}", settings.manifest_file.display()))
+        })?;
+        let gate = Gate::new(manifest, settings.catalog_schema_version).map_err(|err| {
+            invalid(".manifest_file", format!("{}: {err}", settings.manifest_file.display()))
+        })?;
+        let rules_text = read(".rules_file", &settings.rules_file)?;
+        let rules_file: RulesFile = toml::from_str(&rules_text).map_err(|err| {
+            invalid(".rules_file", format!("{}: {err}", settings.rules_file.display()))
+        })?;
+        let rules = SlopRules::compile(rules_file).map_err(|err| {
+            invalid(".rules_file", format!("{}: {err}", settings.rules_file.display()))
+        })?;
+        Ok(Loaded {
+            settings,
+            gate,
+            rules,
+        })
+    }
+}
+
+/// The payload of `refinement.requested`, and the body of `Winnow`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SlopRequest {
+    pub document_id: String,
+    #[serde(default)]
+    pub title: String,
+    pub content: String,
+    /// `text/markdown` (the default) or `text/plain`.
+    #[serde(default)]
+    pub content_type: String,
+}
+
+/// Why a request to the winnower is unusable, naming the field.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+/// A slop verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlopReport {
+    pub document_id: String,
+    pub score: f64,
+    pub threshold: f64,
+    pub slop: bool,
+    pub findings: Vec<slop::Finding>,
+}
+
+/// What the blocks bucket keeps per accepted block.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct BlockRecord {
+    /// The event that got the block accepted: its redelivery re-emits the
+    /// acceptance instead of counting as a replay.
+    event_id: String,
+    accepted_at: DateTime<Utc>,
+    accepted: serde_json::Value,
+}
+
+pub struct Winnower {
+    settings: WinnowerSettings,
+    gate: Gate,
+    rules: SlopRules,
+    js: jetstream::Context,
+    blocks: OnceCell<kv::Store>,
+}
+
+impl Winnower {
+    fn new(ctx: RoomContext) -> Result<Self, RoomError> {
+        let loaded = Loaded::load(&ctx.settings)?;
+        Ok(Winnower {
+            settings: loaded.settings,
+            gate: loaded.gate,
+            rules: loaded.rules,
+            js: ctx.jetstream,
+            blocks: OnceCell::new(),
+        })
+    }
+
+    fn blocks(&self) -> Result<&kv::Store, HandleError> {
+        self.blocks
+            .get()
+            .ok_or_else(|| HandleError::transient("the blocks bucket is not open yet"))
+    }
+
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// Scores one document: the same path for the event and the APIs.
+    pub fn winnow(&self, request: &SlopRequest) -> Result<SlopReport, FieldError> {
+        if request.document_id.trim().is_empty() {
+            return Err(FieldError {
+                field: "document_id",
+                message: "must not be empty".into(),
+            });
+        }
+        let markdown = match request.content_type.as_str() {
+            "" | "text/markdown" => true,
+            "text/plain" => false,
+            other => {
+                return Err(FieldError {
+                    field: "content_type",
+                    message: format!("{other:?} is not supported: use text/markdown or text/plain"),
+                });
+            }
+        };
+        if request.content.len() > self.settings.max_content_bytes {
+            return Err(FieldError {
+                field: "content",
+                message: format!(
+                    "content_too_large: {} bytes is more than the {} allowed",
+                    request.content.len(),
+                    self.settings.max_content_bytes
+                ),
+            });
+        }
+        let scored = self.rules.score(&request.content, markdown);
+        Ok(SlopReport {
+            document_id: request.document_id.clone(),
+            slop: scored.score >= self.settings.threshold,
+            score: scored.score,
+            threshold: self.settings.threshold,
+            findings: scored.findings,
+        })
+    }
+
+    /// Step 5 without step 7: was this block accepted within the window?
+    pub async fn recently_accepted(&self, block_id: &str) -> Result<bool, HandleError> {
+        let entry = self
+            .blocks()?
+            .entry(kv_key(block_id))
+            .await
+            .map_err(HandleError::transient)?;
+        Ok(match entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                serde_json::from_slice::<BlockRecord>(&entry.value)
+                    .is_ok_and(|record| self.within_window(&record))
+            }
+            _ => false,
+        })
+    }
+
+    fn within_window(&self, record: &BlockRecord) -> bool {
+        let age = Utc::now().signed_duration_since(record.accepted_at);
+        age.to_std().is_ok_and(|age| age < self.settings.idempotency_window)
+            || age < chrono::TimeDelta::zero()
+    }
+
+    /// Steps 5 and 7 at once: record the acceptance unless the block was
+    /// accepted within the window. Returns the acceptance to publish, or
+    /// None for a replay.
+    async fn accept(
+        &self,
+        event_id: &str,
+        accepted: serde_json::Value,
+        block_id: &str,
+    ) -> Result<Option<serde_json::Value>, HandleError> {
+        let store = self.blocks()?;
+        let key = kv_key(block_id);
+        let record = BlockRecord {
+            event_id: event_id.to_string(),
+            accepted_at: Utc::now(),
+            accepted,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
+        // A lost race is retried once the winner's record is visible; that
+        // record then decides.
+        for _ in 0..4 {
+            let entry = store.entry(key.clone()).await.map_err(HandleError::transient)?;
+            let written = match entry {
+                None => store
+                    .create(&key, bytes.clone())
+                    .await
+                    .map_err(|err| (err.kind() == kv::CreateErrorKind::AlreadyExists, err.to_string())),
+                Some(entry) => {
+                    if entry.operation == kv::Operation::Put
+                        && let Ok(existing) = serde_json::from_slice::<BlockRecord>(&entry.value)
+                    {
+                        if existing.event_id == event_id {
+                            // Our own acceptance, redelivered: emit it again
+                            // (same output id, deduplicated downstream).
+                            return Ok(Some(existing.accepted));
+                        }
+                        if self.within_window(&existing) {
+                            return Ok(None);
+                        }
+                    }
+                    store
+                        .update(&key, bytes.clone(), entry.revision)
+                        .await
+                        .map_err(|err| {
+                            (err.kind() == kv::UpdateErrorKind::WrongLastRevision, err.to_string())
+                        })
+                }
+            };
+            match written {
+                Ok(_) => return Ok(Some(record.accepted)),
+                Err((true, _)) => continue,
+                Err((false, reason)) => return Err(HandleError::transient(reason)),
+            }
+        }
+        Err(HandleError::transient(format!(
+            "block {block_id:?} kept changing while being recorded"
+        )))
+    }
+
+    async fn handle_smartblock(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        let block: SmartblockCreated = event.payload().map_err(|err| match err {
+            HandleError::Permanent { detail, .. } => {
+                HandleError::permanent("payload_invalid", format!("step 2 (payload parses): {detail}"))
+            }
+            other => other,
+        })?;
+        let accepted = self.gate.check(&block).map_err(Rejection::into_handle_error)?;
+        match self.accept(&event.envelope.event_id, accepted.clone(), &block.block_id).await? {
+            Some(accepted) => Ok(vec![Outbound::new(SMARTBLOCK_ACCEPTED, &block.block_id, accepted)]),
+            None => {
+                tracing::info!(block_id = %block.block_id, event_id = %event.envelope.event_id, "smartblock already accepted within the idempotency window; nothing new");
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn handle_requested(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        let request: SlopRequest = event.payload()?;
+        let report = self.winnow(&request).map_err(|err| {
+            let reason = if err.field == "content" && err.message.starts_with("content_too_large") {
+                "content_too_large"
+            } else {
+                "payload_invalid"
+            };
+            HandleError::permanent(reason, err.to_string())
+        })?;
+        let output = if report.slop {
+            Outbound::new(
+                SLOP_DETECTED,
+                &report.document_id,
+                json!({
+                    "document_id": report.document_id,
+                    "score": report.score,
+                    "threshold": report.threshold,
+                    "findings": report.findings.iter().map(|f| json!({
+                        "rule": f.rule,
+                        "message": f.message,
+                        "start": f.start,
+                        "end": f.end,
+                        "excerpt": f.excerpt,
+                    })).collect::<Vec<_>>(),
+                }),
+            )
+        } else {
+            Outbound::new(
+                PASSED,
+                &report.document_id,
+                json!({ "document_id": report.document_id, "score": report.score }),
+            )
+        };
+        Ok(vec![output])
+    }
+}
+
+#[async_trait]
+impl Room for Winnower {
+    fn inputs(&self) -> &'static [&'static str] {
+        &[SMARTBLOCK_CREATED, REQUESTED]
+    }
+
+    fn outputs(&self) -> &'static [&'static str] {
+        &[SMARTBLOCK_ACCEPTED, SLOP_DETECTED, PASSED]
+    }
+
+    async fn prepare(&self) -> Result<(), RoomError> {
+        if self.blocks.initialized() {
+            return Ok(());
+        }
+        let store = bus::open_kv(
+            &self.js,
+            &self.settings.blocks_bucket,
+            "the-winnower: accepted smartblocks",
+        )
+        .await
+        .map_err(|err| RoomError::Nats(err.to_string()))?;
+        let _ = self.blocks.set(store);
+        Ok(())
+    }
+
+    async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        match event.action.as_str() {
+            SMARTBLOCK_CREATED => self.handle_smartblock(event).await,
+            _ => self.handle_requested(event),
+        }
+    }
+
+    fn http_routes(self: Arc<Self>) -> axum::Router {
+        api::http_routes(self)
+    }
+
+    fn grpc_service(self: Arc<Self>) -> GrpcService {
+        api::grpc_service(self)
+    }
+}
