@@ -357,7 +357,10 @@ fn shipped_config_files_are_valid() {
     let mut checked = 0;
     for entry in std::fs::read_dir("config").expect("config/") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if !name.ends_with(".toml") || ROOM_DATA.contains(&name) {
             continue;
         }
