@@ -414,23 +414,60 @@ fn header_safe(detail: &str) -> HeaderValue {
     HeaderValue::from(cleaned.as_str())
 }
 
-/// Opens a room's key-value bucket, creating it (file storage, one
-/// revision kept per key) when it does not exist.
-pub async fn open_kv(
-    js: &jetstream::Context,
-    bucket: &str,
-    description: &str,
-) -> Result<jetstream::kv::Store, BusError> {
-    if let Ok(store) = js.get_key_value(bucket).await {
-        return Ok(store);
+/// A room's key-value bucket: named at build time, opened (and created
+/// when missing: file storage, one revision per key) by `Room::prepare`
+/// once NATS is reachable, then shared by every handler and API call.
+pub struct KvBucket {
+    js: jetstream::Context,
+    bucket: String,
+    description: &'static str,
+    store: tokio::sync::OnceCell<jetstream::kv::Store>,
+}
+
+impl KvBucket {
+    pub fn new(js: jetstream::Context, bucket: &str, description: &'static str) -> Self {
+        KvBucket {
+            js,
+            bucket: bucket.to_string(),
+            description,
+            store: tokio::sync::OnceCell::new(),
+        }
     }
-    js.create_key_value(jetstream::kv::Config {
-        bucket: bucket.to_string(),
-        description: description.to_string(),
-        history: 1,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|err| BusError::Unavailable(format!("key-value bucket {bucket}: {err}")))
+
+    /// Opens the bucket unless it is open already.
+    pub async fn open(&self) -> Result<(), super::room::RoomError> {
+        self.store
+            .get_or_try_init(|| async {
+                if let Ok(store) = self.js.get_key_value(&self.bucket).await {
+                    return Ok(store);
+                }
+                self.js
+                    .create_key_value(jetstream::kv::Config {
+                        bucket: self.bucket.clone(),
+                        description: self.description.to_string(),
+                        history: 1,
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|err| {
+                        super::room::RoomError::Nats(format!(
+                            "key-value bucket {}: {err}",
+                            self.bucket
+                        ))
+                    })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// The open bucket; before `open`, a transient failure (retried).
+    pub fn store(&self) -> Result<&jetstream::kv::Store, super::room::HandleError> {
+        self.store.get().ok_or_else(|| {
+            super::room::HandleError::transient(format!(
+                "key-value bucket {} is not open yet",
+                self.bucket
+            ))
+        })
+    }
 }

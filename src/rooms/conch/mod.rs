@@ -16,19 +16,18 @@ mod sync;
 
 use std::sync::Arc;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
-use tokio::sync::OnceCell;
 
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::keys::kv_key;
 use crate::cocoa_butter::{
     Cause, GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
-    bus::{self, Publisher},
+    bus::{KvBucket, Publisher},
 };
 use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
 
@@ -126,20 +125,23 @@ pub struct SyncResult {
 pub struct Conch {
     settings: ConchSettings,
     rules: Vec<(GlobMatcher, Policy)>,
-    js: jetstream::Context,
     publisher: Publisher,
-    documents: OnceCell<kv::Store>,
+    documents: KvBucket,
 }
 
 impl Conch {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let (settings, rules) = ConchSettings::parse(&ctx.settings)?;
+        let documents = KvBucket::new(
+            ctx.jetstream,
+            &settings.bucket,
+            "the-conch: document properties and their revisions",
+        );
         Ok(Conch {
             settings,
             rules,
-            js: ctx.jetstream,
             publisher: ctx.publisher,
-            documents: OnceCell::new(),
+            documents,
         })
     }
 
@@ -150,16 +152,11 @@ impl Conch {
             .map_or(self.settings.default_policy, |(_, policy)| *policy)
     }
 
-    fn documents(&self) -> Result<&kv::Store, HandleError> {
-        self.documents
-            .get()
-            .ok_or_else(|| HandleError::transient("the document bucket is not open yet"))
-    }
 
     /// A document's record and the bucket revision to compare-and-set against.
     async fn load(&self, document_id: &str) -> Result<(DocumentRecord, Option<u64>), HandleError> {
         let entry = self
-            .documents()?
+            .documents.store()?
             .entry(kv_key(document_id))
             .await
             .map_err(HandleError::transient)?;
@@ -184,7 +181,7 @@ impl Conch {
     /// another writer got there first. A cause already in the record's
     /// receipts changes nothing and returns its receipt.
     async fn sync(&self, cause: &str, request: &SyncRequest) -> Result<(sync::Outcome, Receipt, DocumentRecord), HandleError> {
-        let store = self.documents()?;
+        let store = self.documents.store()?;
         let key = kv_key(&request.document_id);
         let policy = self.policy_for(&request.property);
         for _ in 0..self.settings.max_cas_attempts {
@@ -260,18 +257,7 @@ impl Room for Conch {
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
-        if self.documents.initialized() {
-            return Ok(());
-        }
-        let store = bus::open_kv(
-            &self.js,
-            &self.settings.bucket,
-            "the-conch: document properties and their revisions",
-        )
-        .await
-        .map_err(|err| RoomError::Nats(err.to_string()))?;
-        let _ = self.documents.set(store);
-        Ok(())
+        self.documents.open().await
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {

@@ -19,13 +19,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::OnceCell;
 
 pub use api::pb;
 use gate::{Gate, Manifest, Rejection, SmartblockCreated};
@@ -34,7 +33,8 @@ use slop::{RulesFile, SlopRules};
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::keys::kv_key;
 use crate::cocoa_butter::{
-    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec, bus,
+    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
+    bus::KvBucket,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {
@@ -180,27 +180,25 @@ pub struct Winnower {
     settings: WinnowerSettings,
     gate: Gate,
     rules: SlopRules,
-    js: jetstream::Context,
-    blocks: OnceCell<kv::Store>,
+    blocks: KvBucket,
 }
 
 impl Winnower {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
+        let blocks = KvBucket::new(
+            ctx.jetstream,
+            &loaded.settings.blocks_bucket,
+            "the-winnower: accepted smartblocks",
+        );
         Ok(Winnower {
             settings: loaded.settings,
             gate: loaded.gate,
             rules: loaded.rules,
-            js: ctx.jetstream,
-            blocks: OnceCell::new(),
+            blocks,
         })
     }
 
-    fn blocks(&self) -> Result<&kv::Store, HandleError> {
-        self.blocks
-            .get()
-            .ok_or_else(|| HandleError::transient("the blocks bucket is not open yet"))
-    }
 
     pub fn gate(&self) -> &Gate {
         &self.gate
@@ -247,7 +245,7 @@ impl Winnower {
     /// Step 5 without step 7: was this block accepted within the window?
     pub async fn recently_accepted(&self, block_id: &str) -> Result<bool, HandleError> {
         let entry = self
-            .blocks()?
+            .blocks.store()?
             .entry(kv_key(block_id))
             .await
             .map_err(HandleError::transient)?;
@@ -275,7 +273,7 @@ impl Winnower {
         accepted: serde_json::Value,
         block_id: &str,
     ) -> Result<Option<serde_json::Value>, HandleError> {
-        let store = self.blocks()?;
+        let store = self.blocks.store()?;
         let key = kv_key(block_id);
         let record = BlockRecord {
             event_id: event_id.to_string(),
@@ -390,18 +388,7 @@ impl Room for Winnower {
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
-        if self.blocks.initialized() {
-            return Ok(());
-        }
-        let store = bus::open_kv(
-            &self.js,
-            &self.settings.blocks_bucket,
-            "the-winnower: accepted smartblocks",
-        )
-        .await
-        .map_err(|err| RoomError::Nats(err.to_string()))?;
-        let _ = self.blocks.set(store);
-        Ok(())
+        self.blocks.open().await
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
