@@ -173,17 +173,44 @@ async fn readiness_follows_the_nats_connection() {
     assert!(factory.wait_exit(Duration::from_secs(30)).await.success());
 }
 
+/// SIGTERM must not wait for a NATS server that is not there.
+#[tokio::test]
+async fn sigterm_exits_promptly_while_nats_is_unreachable() {
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let mut factory = Factory::start(&url).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    factory.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = factory.wait_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}");
+}
+
 fn run_refused(env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
-    let output = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(BIN)
         .args(args)
         .env("CHOCO_NATS__URL", "nats://127.0.0.1:1")
         .envs(env.iter().copied())
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    // A refusal is immediate; a binary that starts serving instead is a
+    // failure of this test, not a hang of the suite.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{args:?} {env:?} was not refused: it kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    (status.code().unwrap_or(-1), stderr)
 }
 
 #[test]
@@ -220,9 +247,9 @@ fn bad_configuration_is_refused_with_a_clear_message() {
             "--config: cannot read /nonexistent/factory.toml",
         ),
         (
-            &[("CHOCO_ROOMS__MOULD__ENABLED", "true")],
+            &[("CHOCO_ROOMS__WRAPPER__ENABLED", "true")],
             &["serve"],
-            "rooms.mould: enabled, but this build has no implementation",
+            "rooms.wrapper: enabled, but this build has no implementation",
         ),
         (
             &[(

@@ -471,3 +471,58 @@ impl KvBucket {
         })
     }
 }
+
+/// A room's object store bucket, opened (and created when missing, file
+/// storage) by `Room::prepare`, like [`KvBucket`].
+pub struct ObjectBucket {
+    js: jetstream::Context,
+    bucket: String,
+    description: &'static str,
+    store: tokio::sync::OnceCell<jetstream::object_store::ObjectStore>,
+}
+
+impl ObjectBucket {
+    pub fn new(js: jetstream::Context, bucket: &str, description: &'static str) -> Self {
+        ObjectBucket {
+            js,
+            bucket: bucket.to_string(),
+            description,
+            store: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.bucket
+    }
+
+    pub async fn open(&self) -> Result<(), super::room::RoomError> {
+        self.store
+            .get_or_try_init(|| async {
+                if let Ok(store) = self.js.get_object_store(&self.bucket).await {
+                    return Ok(store);
+                }
+                self.js
+                    .create_object_store(jetstream::object_store::Config {
+                        bucket: self.bucket.clone(),
+                        description: Some(self.description.to_string()),
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|err| {
+                        super::room::RoomError::Nats(format!("object store {}: {err}", self.bucket))
+                    })
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub fn store(&self) -> Result<&jetstream::object_store::ObjectStore, super::room::HandleError> {
+        self.store.get().ok_or_else(|| {
+            super::room::HandleError::transient(format!(
+                "object store {} is not open yet",
+                self.bucket
+            ))
+        })
+    }
+}

@@ -205,8 +205,12 @@ pub async fn run(
             "in-flight work did not finish in time; the server will redeliver it"
         );
     }
-    if let Err(err) = client.flush().await {
-        tracing::warn!(error = %err, "flushing the NATS connection failed");
+    // Flushing waits for the server; with no server there is nothing to
+    // flush to, so it must not hold the exit.
+    match tokio::time::timeout(nats.request_timeout, client.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "flushing the NATS connection failed"),
+        Err(_) => tracing::warn!("NATS is unreachable; exiting without flushing"),
     }
     stop_servers.cancel();
     servers.wait().await;
@@ -244,22 +248,29 @@ async fn attempt(
 ) -> Result<(), AttemptError> {
     let settings = &engine.settings;
     let nats = &engine.nats;
-    bus::ensure_stream(
-        &engine.js,
-        nats,
-        &settings.stream,
-        settings.subject_prefix.clone(),
-    )
-    .await?;
-    bus::ensure_stream(
-        &engine.js,
-        nats,
-        &nats.dlq_stream,
-        format!("{}.>", nats.dlq_subject_prefix),
-    )
-    .await?;
-    engine.room.prepare().await?;
-    let consumer = bus::bind_consumer(&engine.js, nats, settings).await?;
+    let setup = async {
+        bus::ensure_stream(
+            &engine.js,
+            nats,
+            &settings.stream,
+            settings.subject_prefix.clone(),
+        )
+        .await?;
+        bus::ensure_stream(
+            &engine.js,
+            nats,
+            &nats.dlq_stream,
+            format!("{}.>", nats.dlq_subject_prefix),
+        )
+        .await?;
+        engine.room.prepare().await?;
+        Ok::<_, AttemptError>(bus::bind_consumer(&engine.js, nats, settings).await?)
+    };
+    // Setting up holds no messages, so a shutdown may abandon it.
+    let consumer = tokio::select! {
+        _ = intake.cancelled() => return Ok(()),
+        consumer = setup => consumer?,
+    };
     state.set_bound(true);
     engine.metrics.ready.set(1);
     backoff.reset();

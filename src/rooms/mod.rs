@@ -16,4 +16,4 @@ macro_rules! rooms {
     };
 }
 
-rooms!(conch, winnower);
+rooms!(conch, mould, winnower);
