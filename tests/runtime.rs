@@ -247,11 +247,6 @@ fn bad_configuration_is_refused_with_a_clear_message() {
             "--config: cannot read /nonexistent/factory.toml",
         ),
         (
-            &[("CHOCO_ROOMS__WRAPPER__ENABLED", "true")],
-            &["serve"],
-            "rooms.wrapper: enabled, but this build has no implementation",
-        ),
-        (
             &[(
                 "CHOCO_ROOMS__CONCH__SETTINGS__DEFAULT_POLICY",
                 "loudest_wins",
@@ -380,7 +375,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
 /// also loads the winnower's rules and manifest, the room data files).
 #[test]
 fn shipped_config_files_are_valid() {
-    const ROOM_DATA: &[&str] = &["slop-rules.toml", "federation-manifest.toml"];
+    const ROOM_DATA: &[&str] = &["slop-rules.toml", "federation-manifest.toml", "tags.toml"];
     let mut checked = 0;
     for entry in std::fs::read_dir("config").expect("config/") {
         let path = entry.expect("entry").path();

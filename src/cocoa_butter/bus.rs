@@ -320,9 +320,17 @@ impl Publisher {
                 payload,
                 self.service.clone(),
             );
+            let message_id = match &output.idempotency_key {
+                Some(key) => format!(
+                    "{}:{}",
+                    event_type,
+                    super::envelope::content_hash(key.as_bytes())
+                ),
+                None => event_id.to_string(),
+            };
             let message = jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(envelope.encode()))
-                .message_id(event_id.to_string())
+                .message_id(message_id)
                 .header(event_headers::EVENT_TYPE, event_type.as_str())
                 .header(event_headers::CORRELATION_ID, cause.correlation_id.as_str());
             let ack = self

@@ -342,3 +342,24 @@ impl Backoff {
         self.attempt = 0;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cocoa_butter::config::ConfigSources;
+
+    #[test]
+    fn an_enabled_room_missing_from_the_build_is_refused() {
+        let config = ConfigSources::default()
+            .load()
+            .expect("the shipped table is valid");
+        let Err(err) = check_rooms(&config, &[]) else {
+            panic!("nothing is built, yet the rooms were accepted");
+        };
+        assert!(
+            err.to_string()
+                .contains("enabled, but this build has no implementation"),
+            "{err}"
+        );
+    }
+}

@@ -16,4 +16,4 @@ macro_rules! rooms {
     };
 }
 
-rooms!(conch, mould, winnower);
+rooms!(conch, mould, winnower, wrapper);

@@ -1,0 +1,572 @@
+//! the-wrapper, the Wrapping Room (domain `resolution`): the last room
+//! before delivery. Every `#tag` must name a real tag and every link into a
+//! repository must point at something that exists.
+//!
+//! The index lives in two key-value buckets shared by replicas: tags (one
+//! entry per spelling key, pointing at the canonical tag and its aliases)
+//! and documents (one entry per repo/path with its anchors, plus one entry
+//! per repo listing its paths). `extract.rs` reads a document in one pass;
+//! look-ups are deduplicated and issued concurrently.
+
+mod api;
+pub mod extract;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_nats::jetstream::kv;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::future::try_join_all;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+pub use api::pb;
+use extract::{RepoLink, extract, github_slug, tag_key};
+
+use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::envelope::content_hash;
+use crate::cocoa_butter::keys::kv_key;
+use crate::cocoa_butter::{
+    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
+    bus::KvBucket,
+};
+
+pub const SPEC: RoomSpec = RoomSpec {
+    name: "wrapper",
+    check: |settings| Loaded::load(settings).map(|_| ()),
+    build: |ctx| Ok(Arc::new(Wrapper::new(ctx)?)),
+};
+
+const REQUESTED: &str = "requested";
+const DOCUMENT_INDEXED: &str = "document_indexed";
+const TAG_REGISTERED: &str = "tag_registered";
+const TAG_RESOLVED: &str = "tag_resolved";
+const LINK_VERIFIED: &str = "cross_repo_link_verified";
+const COMPLETED: &str = "completed";
+
+/// `rooms.wrapper.settings`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct WrapperSettings {
+    /// Tags seeded at start; relative to the working directory.
+    tags_file: PathBuf,
+    /// Repositories known even before any of their documents is indexed.
+    known_repos: Vec<String>,
+    tags_bucket: String,
+    documents_bucket: String,
+}
+
+impl Default for WrapperSettings {
+    fn default() -> Self {
+        WrapperSettings {
+            tags_file: "config/tags.toml".into(),
+            known_repos: Vec::new(),
+            tags_bucket: "choco_wrapper_tags".into(),
+            documents_bucket: "choco_wrapper_documents".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsFile {
+    tags: Vec<TagRecord>,
+}
+
+/// A tag: its canonical id and the other names it goes by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagRecord {
+    pub tag: String,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// `resolution.document_indexed` and `PUT /v1/index/{repo}/{path}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexedDocument {
+    pub repo: String,
+    pub path: String,
+    #[serde(default)]
+    pub anchors: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// What the documents bucket keeps per repo.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct RepoRecord {
+    paths: BTreeSet<String>,
+}
+
+/// `resolution.requested` and `Resolve`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResolveRequest {
+    pub document_id: String,
+    pub repo: String,
+    pub path: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TagResolution {
+    pub tag: String,
+    pub canonical: Option<String>,
+    pub status: &'static str,
+    pub suggestion: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LinkVerification {
+    pub link: String,
+    pub repo: String,
+    pub path: String,
+    pub anchor: Option<String>,
+    pub status: &'static str,
+    pub suggestion: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resolution {
+    pub document_id: String,
+    pub tags: Vec<TagResolution>,
+    pub links: Vec<LinkVerification>,
+    pub unresolved: usize,
+    pub broken: usize,
+}
+
+/// A request field that is unusable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+struct Loaded {
+    settings: WrapperSettings,
+    seed: Vec<TagRecord>,
+}
+
+impl Loaded {
+    fn load(room: &RoomSettings) -> Result<Self, RoomError> {
+        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
+        let invalid = |field: &str, message: String| RoomError::Settings {
+            key: key(field),
+            message,
+        };
+        let settings: WrapperSettings = serde_path_to_error::deserialize(room.settings.clone())
+            .map_err(|err| {
+                let path = err.path().to_string();
+                let field = if path == "." { String::new() } else { format!(".{path}") };
+                invalid(&field, err.into_inner().to_string())
+            })?;
+        let path = &settings.tags_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| invalid(".tags_file", format!("cannot read {}: {err}", path.display())))?;
+        let file: TagsFile = toml::from_str(&text)
+            .map_err(|err| invalid(".tags_file", format!("{}: {err}", path.display())))?;
+        for (index, tag) in file.tags.iter().enumerate() {
+            if tag_key(&tag.tag).is_empty() || tag.aliases.iter().any(|a| tag_key(a).is_empty()) {
+                return Err(invalid(
+                    ".tags_file",
+                    format!("{}: tags[{index}] has an empty name", path.display()),
+                ));
+            }
+        }
+        Ok(Loaded {
+            settings,
+            seed: file.tags,
+        })
+    }
+}
+
+pub struct Wrapper {
+    settings: WrapperSettings,
+    seed: Vec<TagRecord>,
+    tags: KvBucket,
+    documents: KvBucket,
+}
+
+fn doc_key(repo: &str, path: &str) -> String {
+    format!("d.{}.{}", kv_key(repo), kv_key(path))
+}
+
+fn repo_key(repo: &str) -> String {
+    format!("r.{}", kv_key(repo))
+}
+
+/// The value of the closest candidate key, if it is close enough to be a
+/// useful suggestion (edit distance ≤ a third of the length, at least 2).
+fn nearest<'a>(wanted: &str, candidates: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<String> {
+    let limit = (wanted.chars().count() / 3).max(2);
+    candidates
+        .into_iter()
+        .map(|(key, value)| (strsim::levenshtein(wanted, key), value))
+        .filter(|(distance, _)| *distance <= limit)
+        .min()
+        .map(|(_, value)| value.to_string())
+}
+
+/// Candidates whose key is their value.
+fn same<'a>(names: impl IntoIterator<Item = &'a str>) -> impl Iterator<Item = (&'a str, &'a str)> {
+    names.into_iter().map(|name| (name, name))
+}
+
+impl Wrapper {
+    fn new(ctx: RoomContext) -> Result<Self, RoomError> {
+        let loaded = Loaded::load(&ctx.settings)?;
+        Ok(Wrapper {
+            tags: KvBucket::new(
+                ctx.jetstream.clone(),
+                &loaded.settings.tags_bucket,
+                "the-wrapper: canonical tags, one entry per spelling",
+            ),
+            documents: KvBucket::new(
+                ctx.jetstream,
+                &loaded.settings.documents_bucket,
+                "the-wrapper: indexed documents and their anchors",
+            ),
+            settings: loaded.settings,
+            seed: loaded.seed,
+        })
+    }
+
+    async fn get_json<T: for<'de> Deserialize<'de>>(store: &kv::Store, key: &str) -> Result<Option<(T, u64)>, HandleError> {
+        match store.entry(key.to_string()).await.map_err(HandleError::transient)? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let value = serde_json::from_slice(&entry.value).map_err(|err| {
+                    HandleError::permanent("corrupt_index", format!("{key}: {err}"))
+                })?;
+                Ok(Some((value, entry.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Adds a tag, or grows the aliases of an existing one.
+    pub async fn register_tag(&self, record: TagRecord) -> Result<TagRecord, HandleError> {
+        let store = self.tags.store()?;
+        let canonical_key = kv_key(&tag_key(&record.tag));
+        let mut merged = match Self::get_json::<TagRecord>(store, &canonical_key).await? {
+            Some((existing, _)) if tag_key(&existing.tag) == tag_key(&record.tag) => existing,
+            _ => TagRecord {
+                tag: record.tag.clone(),
+                aliases: Vec::new(),
+            },
+        };
+        for alias in record.aliases {
+            if tag_key(&alias) != tag_key(&merged.tag)
+                && !merged.aliases.iter().any(|a| tag_key(a) == tag_key(&alias))
+            {
+                merged.aliases.push(alias);
+            }
+        }
+        let bytes = Bytes::from(serde_json::to_vec(&merged).map_err(HandleError::transient)?);
+        let names = std::iter::once(&merged.tag).chain(merged.aliases.iter());
+        let writes = names.map(|name| store.put(kv_key(&tag_key(name)), bytes.clone()));
+        try_join_all(writes).await.map_err(HandleError::transient)?;
+        Ok(merged)
+    }
+
+    /// Every tag, each once, by canonical id.
+    pub async fn list_tags(&self) -> Result<Vec<TagRecord>, HandleError> {
+        let store = self.tags.store()?;
+        let keys: Vec<String> = futures::TryStreamExt::try_collect(
+            store.keys().await.map_err(HandleError::transient)?,
+        )
+        .await
+        .map_err(HandleError::transient)?;
+        let records = try_join_all(keys.iter().map(|key| Self::get_json::<TagRecord>(store, key))).await?;
+        let mut by_tag: BTreeMap<String, TagRecord> = BTreeMap::new();
+        for (record, _) in records.into_iter().flatten() {
+            by_tag.entry(record.tag.clone()).or_insert(record);
+        }
+        Ok(by_tag.into_values().collect())
+    }
+
+    /// Adds or replaces one document of the index; its repo becomes known.
+    pub async fn register_document(&self, mut document: IndexedDocument) -> Result<IndexedDocument, FieldErrorOr> {
+        for (field, value) in [("repo", &document.repo), ("path", &document.path)] {
+            if value.trim().is_empty() {
+                return Err(FieldErrorOr::Field(FieldError {
+                    field,
+                    message: "must not be empty".into(),
+                }));
+            }
+        }
+        document.path = document.path.trim_start_matches('/').to_string();
+        document.anchors = document.anchors.iter().map(|a| github_slug(a)).collect();
+        let store = self.documents.store()?;
+        let bytes = Bytes::from(serde_json::to_vec(&document).map_err(HandleError::transient)?);
+        store
+            .put(doc_key(&document.repo, &document.path), bytes)
+            .await
+            .map_err(HandleError::transient)?;
+        // The repo's path list, compare-and-set so concurrent indexers add both.
+        let key = repo_key(&document.repo);
+        for _ in 0..16 {
+            let (mut record, revision) = match Self::get_json::<RepoRecord>(store, &key).await? {
+                Some((record, revision)) => (record, Some(revision)),
+                None => (RepoRecord::default(), None),
+            };
+            if !record.paths.insert(document.path.clone()) && revision.is_some() {
+                return Ok(document);
+            }
+            let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
+            let written = match revision {
+                None => store.create(&key, bytes).await.map(|_| ()).map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+                Some(revision) => store.update(&key, bytes, revision).await.map(|_| ()).map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+            };
+            match written {
+                Ok(()) => return Ok(document),
+                Err(true) => continue,
+                Err(false) => return Err(HandleError::transient(format!("cannot update {key}")).into()),
+            }
+        }
+        Err(HandleError::transient(format!("{key} kept changing")).into())
+    }
+
+    /// Resolves tags and verifies links: the path of the event and the APIs.
+    pub async fn resolve(&self, request: &ResolveRequest) -> Result<Resolution, FieldErrorOr> {
+        for (field, value) in [("document_id", &request.document_id), ("repo", &request.repo), ("path", &request.path)] {
+            if value.trim().is_empty() {
+                return Err(FieldErrorOr::Field(FieldError {
+                    field,
+                    message: "must not be empty".into(),
+                }));
+            }
+        }
+        let extracted = extract(&request.content, &request.repo, &request.path);
+        let tags = self.resolve_tags(&extracted.tags).await?;
+        let links = self.verify_links(&extracted.links).await?;
+        Ok(Resolution {
+            document_id: request.document_id.clone(),
+            unresolved: tags.iter().filter(|t| t.status != "resolved").count(),
+            broken: links.iter().filter(|l| l.status != "ok").count(),
+            tags,
+            links,
+        })
+    }
+
+    async fn resolve_tags(&self, tags: &[String]) -> Result<Vec<TagResolution>, HandleError> {
+        let store = self.tags.store()?;
+        let found = try_join_all(
+            tags.iter()
+                .map(|tag| async move {
+                    Self::get_json::<TagRecord>(store, &kv_key(&tag_key(tag))).await
+                }),
+        )
+        .await?;
+        // Unknown tags are compared with every spelling key of every known
+        // tag; the suggestion is the canonical id.
+        let spellings: Vec<(String, String)> = if found.iter().any(Option::is_none) {
+            self.list_tags()
+                .await?
+                .into_iter()
+                .flat_map(|record| {
+                    let canonical = record.tag.clone();
+                    std::iter::once(record.tag)
+                        .chain(record.aliases)
+                        .map(move |name| (tag_key(&name), canonical.clone()))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(tags
+            .iter()
+            .zip(found)
+            .map(|(tag, record)| match record {
+                Some((record, _)) => TagResolution {
+                    tag: tag.clone(),
+                    canonical: Some(record.tag),
+                    status: "resolved",
+                    suggestion: None,
+                },
+                None => TagResolution {
+                    tag: tag.clone(),
+                    canonical: None,
+                    status: "unknown",
+                    suggestion: nearest(
+                        &tag_key(tag),
+                        spellings.iter().map(|(key, canonical)| (key.as_str(), canonical.as_str())),
+                    ),
+                },
+            })
+            .collect())
+    }
+
+    async fn verify_links(&self, links: &[RepoLink]) -> Result<Vec<LinkVerification>, HandleError> {
+        let store = self.documents.store()?;
+        let repos: BTreeSet<&str> = links.iter().map(|l| l.repo.as_str()).collect();
+        let repo_records = try_join_all(repos.iter().map(|repo| async move {
+            Self::get_json::<RepoRecord>(store, &repo_key(repo))
+                .await
+                .map(|found| (*repo, found.map(|(record, _)| record)))
+        }))
+        .await?;
+        let mut known: HashMap<&str, Option<RepoRecord>> = repo_records.into_iter().collect();
+        for repo in &self.settings.known_repos {
+            let slot = known.entry(repo.as_str()).or_insert(None);
+            if slot.is_none() {
+                *slot = Some(RepoRecord::default());
+            }
+        }
+        let wanted_docs: BTreeSet<(&str, &str)> = links
+            .iter()
+            .filter(|l| known.get(l.repo.as_str()).is_some_and(Option::is_some))
+            .map(|l| (l.repo.as_str(), l.path.as_str()))
+            .collect();
+        let docs: HashMap<(&str, &str), Option<IndexedDocument>> = try_join_all(wanted_docs.into_iter().map(|(repo, path)| async move {
+            Self::get_json::<IndexedDocument>(store, &doc_key(repo, path))
+                .await
+                .map(|found| ((repo, path), found.map(|(doc, _)| doc)))
+        }))
+        .await?
+        .into_iter()
+        .collect();
+        let known_repo_names: Vec<&str> = known
+            .iter()
+            .filter(|(_, record)| record.is_some())
+            .map(|(name, _)| *name)
+            .collect();
+
+        Ok(links
+            .iter()
+            .map(|link| {
+                let (status, suggestion) = match known.get(link.repo.as_str()) {
+                    Some(Some(repo)) => match docs.get(&(link.repo.as_str(), link.path.as_str())) {
+                        Some(Some(doc)) => match &link.anchor {
+                            Some(anchor) if !doc.anchors.iter().any(|a| *a == github_slug(anchor)) => (
+                                "missing_anchor",
+                                nearest(&github_slug(anchor), same(doc.anchors.iter().map(String::as_str))),
+                            ),
+                            _ => ("ok", None),
+                        },
+                        _ => ("missing_path", nearest(&link.path, same(repo.paths.iter().map(String::as_str)))),
+                    },
+                    _ => ("unknown_repo", nearest(&link.repo, same(known_repo_names.iter().copied()))),
+                };
+                LinkVerification {
+                    link: link.link.clone(),
+                    repo: link.repo.clone(),
+                    path: link.path.clone(),
+                    anchor: link.anchor.clone(),
+                    status,
+                    suggestion,
+                }
+            })
+            .collect())
+    }
+}
+
+/// A request error: the caller's field, or the index being unavailable.
+#[derive(Debug, thiserror::Error)]
+pub enum FieldErrorOr {
+    #[error(transparent)]
+    Field(FieldError),
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+}
+
+impl FieldErrorOr {
+    fn into_handle_error(self) -> HandleError {
+        match self {
+            FieldErrorOr::Field(err) => HandleError::permanent("payload_invalid", err.to_string()),
+            FieldErrorOr::Handle(err) => err,
+        }
+    }
+}
+
+/// The outputs of one resolution. Their ids follow what they say (the
+/// document, its content and the result), so the same request resolved
+/// twice against the same index publishes nothing new.
+fn outputs(request: &ResolveRequest, resolution: &Resolution) -> Vec<Outbound> {
+    let doc = &resolution.document_id;
+    let content = content_hash(request.content.as_bytes());
+    let keyed = |action: &str, payload: serde_json::Value| {
+        let key = format!("{doc}\n{content}\n{payload}");
+        Outbound::new(action, doc, payload).with_idempotency_key(key)
+    };
+    let mut out = Vec::with_capacity(resolution.tags.len() + resolution.links.len() + 1);
+    for tag in &resolution.tags {
+        out.push(keyed(
+            TAG_RESOLVED,
+            json!({"document_id": doc, "tag": tag.tag, "canonical": tag.canonical, "status": tag.status, "suggestion": tag.suggestion}),
+        ));
+    }
+    for link in &resolution.links {
+        out.push(keyed(
+            LINK_VERIFIED,
+            json!({"document_id": doc, "link": link.link, "repo": link.repo, "path": link.path,
+                   "anchor": link.anchor, "status": link.status, "suggestion": link.suggestion}),
+        ));
+    }
+    out.push(keyed(
+        COMPLETED,
+        json!({"document_id": doc, "tags": resolution.tags.len(), "links": resolution.links.len(),
+               "unresolved": resolution.unresolved, "broken": resolution.broken}),
+    ));
+    out
+}
+
+#[async_trait]
+impl Room for Wrapper {
+    fn inputs(&self) -> &'static [&'static str] {
+        &[REQUESTED, DOCUMENT_INDEXED, TAG_REGISTERED]
+    }
+
+    fn outputs(&self) -> &'static [&'static str] {
+        &[TAG_RESOLVED, LINK_VERIFIED, COMPLETED]
+    }
+
+    async fn prepare(&self) -> Result<(), RoomError> {
+        self.tags.open().await?;
+        self.documents.open().await?;
+        for tag in &self.seed {
+            self.register_tag(tag.clone())
+                .await
+                .map_err(|err| RoomError::Nats(format!("seeding tag {}: {err}", tag.tag)))?;
+        }
+        Ok(())
+    }
+
+    async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        match event.action.as_str() {
+            DOCUMENT_INDEXED => {
+                let document: IndexedDocument = event.payload()?;
+                self.register_document(document)
+                    .await
+                    .map_err(FieldErrorOr::into_handle_error)?;
+                Ok(Vec::new())
+            }
+            TAG_REGISTERED => {
+                let tag: TagRecord = event.payload()?;
+                if tag_key(&tag.tag).is_empty() {
+                    return Err(HandleError::permanent("payload_invalid", "tag: must not be empty"));
+                }
+                self.register_tag(tag).await?;
+                Ok(Vec::new())
+            }
+            _ => {
+                let request: ResolveRequest = event.payload()?;
+                let resolution = self
+                    .resolve(&request)
+                    .await
+                    .map_err(FieldErrorOr::into_handle_error)?;
+                Ok(outputs(&request, &resolution))
+            }
+        }
+    }
+
+    fn http_routes(self: Arc<Self>) -> axum::Router {
+        api::http_routes(self)
+    }
+
+    fn grpc_service(self: Arc<Self>) -> GrpcService {
+        api::grpc_service(self)
+    }
+}
