@@ -187,3 +187,29 @@ pub enum RoomError {
     #[error("{0}")]
     Nats(String),
 }
+
+impl RoomSettings {
+    /// Deserializes the room's own `settings` table into its settings type;
+    /// an error names the full key (`rooms.conch.settings.default_policy`).
+    pub fn room_settings<T: DeserializeOwned>(&self) -> Result<T, RoomError> {
+        serde_path_to_error::deserialize(self.settings.clone()).map_err(|err| {
+            let path = err.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            self.settings_error(&field, err.into_inner().to_string())
+        })
+    }
+
+    /// A refusal of one of the room's settings, `field` relative to
+    /// `settings` (`"threshold"`, `""` for the table itself).
+    pub fn settings_error(&self, field: &str, message: impl Into<String>) -> RoomError {
+        let key = if field.is_empty() {
+            format!("rooms.{}.settings", self.name)
+        } else {
+            format!("rooms.{}.settings.{field}", self.name)
+        };
+        RoomError::Settings {
+            key,
+            message: message.into(),
+        }
+    }
+}

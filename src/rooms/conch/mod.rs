@@ -76,37 +76,23 @@ impl Default for ConchSettings {
 
 impl ConchSettings {
     fn parse(room: &RoomSettings) -> Result<(Self, Vec<(GlobMatcher, Policy)>), RoomError> {
-        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
-        let settings: ConchSettings =
-            serde_path_to_error::deserialize(room.settings.clone()).map_err(|err| {
-                let path = err.path().to_string();
-                RoomError::Settings {
-                    key: if path == "." { key("") } else { key(&format!(".{path}")) },
-                    message: err.into_inner().to_string(),
-                }
-            })?;
+        let settings: ConchSettings = room.room_settings()?;
         if settings.bucket.is_empty()
             || !settings
                 .bucket
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            return Err(RoomError::Settings {
-                key: key(".bucket"),
-                message: format!("{:?} is not a valid bucket name (letters, digits, '_', '-')", settings.bucket),
-            });
+            return Err(room.settings_error("bucket", format!("{:?} is not a valid bucket name (letters, digits, '_', '-')", settings.bucket)));
         }
         if settings.receipts_kept == 0 || settings.max_cas_attempts == 0 {
-            return Err(RoomError::Settings {
-                key: key(if settings.receipts_kept == 0 { ".receipts_kept" } else { ".max_cas_attempts" }),
-                message: "must be greater than zero".into(),
-            });
+            let field = if settings.receipts_kept == 0 { "receipts_kept" } else { "max_cas_attempts" };
+            return Err(room.settings_error(field, "must be greater than zero"));
         }
         let mut rules = Vec::with_capacity(settings.policies.len());
         for (index, rule) in settings.policies.iter().enumerate() {
-            let glob = Glob::new(&rule.pattern).map_err(|err| RoomError::Settings {
-                key: key(&format!(".policies[{index}].pattern")),
-                message: err.to_string(),
+            let glob = Glob::new(&rule.pattern).map_err(|err| {
+                room.settings_error(&format!("policies[{index}].pattern"), err.to_string())
             })?;
             rules.push((glob.compile_matcher(), rule.policy));
         }

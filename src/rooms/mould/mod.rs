@@ -81,23 +81,14 @@ struct Loaded {
 
 impl Loaded {
     fn load(room: &RoomSettings) -> Result<Self, RoomError> {
-        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
-        let invalid = |field: &str, message: String| RoomError::Settings {
-            key: key(field),
-            message,
-        };
-        let settings: MouldSettings = serde_path_to_error::deserialize(room.settings.clone())
-            .map_err(|err| {
-                let path = err.path().to_string();
-                let field = if path == "." { String::new() } else { format!(".{path}") };
-                invalid(&field, err.into_inner().to_string())
-            })?;
+        let invalid = |field: &str, message: String| room.settings_error(field, message);
+        let settings: MouldSettings = room.room_settings()?;
         for (field, zero) in [
-            (".max_source_bytes", settings.max_source_bytes == 0),
-            (".max_output_bytes", settings.max_output_bytes == 0),
-            (".fuel", settings.fuel == 0),
-            (".recursion_limit", settings.recursion_limit == 0),
-            (".render_timeout", settings.render_timeout.is_zero()),
+            ("max_source_bytes", settings.max_source_bytes == 0),
+            ("max_output_bytes", settings.max_output_bytes == 0),
+            ("fuel", settings.fuel == 0),
+            ("recursion_limit", settings.recursion_limit == 0),
+            ("render_timeout", settings.render_timeout.is_zero()),
         ] {
             if zero {
                 return Err(invalid(field, "must be greater than zero".into()));
@@ -105,11 +96,11 @@ impl Loaded {
         }
         let dir = &settings.templates_dir;
         let entries = std::fs::read_dir(dir)
-            .map_err(|err| invalid(".templates_dir", format!("cannot read {}: {err}", dir.display())))?;
+            .map_err(|err| invalid("templates_dir", format!("cannot read {}: {err}", dir.display())))?;
         let mut library = BTreeMap::new();
         for entry in entries {
             let path = entry
-                .map_err(|err| invalid(".templates_dir", err.to_string()))?
+                .map_err(|err| invalid("templates_dir", err.to_string()))?
                 .path();
             let Some(slug) = path
                 .file_name()
@@ -119,7 +110,7 @@ impl Loaded {
                 continue;
             };
             let source = std::fs::read_to_string(&path)
-                .map_err(|err| invalid(".templates_dir", format!("{}: {err}", path.display())))?;
+                .map_err(|err| invalid("templates_dir", format!("{}: {err}", path.display())))?;
             library.insert(slug.to_string(), source);
         }
         let renderer = Renderer::new(
@@ -130,7 +121,7 @@ impl Loaded {
                 max_output_bytes: settings.max_output_bytes,
             },
         )
-        .map_err(|err| invalid(".templates_dir", format!("{}: {err}", dir.display())))?;
+        .map_err(|err| invalid("templates_dir", format!("{}: {err}", dir.display())))?;
         Ok(Loaded { settings, renderer })
     }
 }

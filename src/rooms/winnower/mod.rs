@@ -93,40 +93,31 @@ struct Loaded {
 
 impl Loaded {
     fn load(room: &RoomSettings) -> Result<Self, RoomError> {
-        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
-        let invalid = |field: &str, message: String| RoomError::Settings {
-            key: key(field),
-            message,
-        };
-        let settings: WinnowerSettings = serde_path_to_error::deserialize(room.settings.clone())
-            .map_err(|err| {
-                let path = err.path().to_string();
-                let field = if path == "." { String::new() } else { format!(".{path}") };
-                invalid(&field, err.into_inner().to_string())
-            })?;
+        let invalid = |field: &str, message: String| room.settings_error(field, message);
+        let settings: WinnowerSettings = room.room_settings()?;
         if !settings.threshold.is_finite() || settings.threshold <= 0.0 {
-            return Err(invalid(".threshold", "must be a number greater than zero".into()));
+            return Err(invalid("threshold", "must be a number greater than zero".into()));
         }
         if settings.max_content_bytes == 0 {
-            return Err(invalid(".max_content_bytes", "must be greater than zero".into()));
+            return Err(invalid("max_content_bytes", "must be greater than zero".into()));
         }
         let read = |field: &str, path: &PathBuf| {
             std::fs::read_to_string(path)
                 .map_err(|err| invalid(field, format!("cannot read {}: {err}", path.display())))
         };
-        let manifest_text = read(".manifest_file", &settings.manifest_file)?;
+        let manifest_text = read("manifest_file", &settings.manifest_file)?;
         let manifest: Manifest = toml::from_str(&manifest_text).map_err(|err| {
-            invalid(".manifest_file", format!("{}: {err}", settings.manifest_file.display()))
+            invalid("manifest_file", format!("{}: {err}", settings.manifest_file.display()))
         })?;
         let gate = Gate::new(manifest, settings.catalog_schema_version).map_err(|err| {
-            invalid(".manifest_file", format!("{}: {err}", settings.manifest_file.display()))
+            invalid("manifest_file", format!("{}: {err}", settings.manifest_file.display()))
         })?;
-        let rules_text = read(".rules_file", &settings.rules_file)?;
+        let rules_text = read("rules_file", &settings.rules_file)?;
         let rules_file: RulesFile = toml::from_str(&rules_text).map_err(|err| {
-            invalid(".rules_file", format!("{}: {err}", settings.rules_file.display()))
+            invalid("rules_file", format!("{}: {err}", settings.rules_file.display()))
         })?;
         let rules = SlopRules::compile(rules_file).map_err(|err| {
-            invalid(".rules_file", format!("{}: {err}", settings.rules_file.display()))
+            invalid("rules_file", format!("{}: {err}", settings.rules_file.display()))
         })?;
         Ok(Loaded {
             settings,

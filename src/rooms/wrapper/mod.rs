@@ -152,26 +152,16 @@ struct Loaded {
 
 impl Loaded {
     fn load(room: &RoomSettings) -> Result<Self, RoomError> {
-        let key = |field: &str| format!("rooms.{}.settings{field}", room.name);
-        let invalid = |field: &str, message: String| RoomError::Settings {
-            key: key(field),
-            message,
-        };
-        let settings: WrapperSettings = serde_path_to_error::deserialize(room.settings.clone())
-            .map_err(|err| {
-                let path = err.path().to_string();
-                let field = if path == "." { String::new() } else { format!(".{path}") };
-                invalid(&field, err.into_inner().to_string())
-            })?;
+        let invalid = |field: &str, message: String| room.settings_error(field, message);
+        let settings: WrapperSettings = room.room_settings()?;
         let path = &settings.tags_file;
         let text = std::fs::read_to_string(path)
-            .map_err(|err| invalid(".tags_file", format!("cannot read {}: {err}", path.display())))?;
+            .map_err(|err| invalid("tags_file", format!("cannot read {}: {err}", path.display())))?;
         let file: TagsFile = toml::from_str(&text)
-            .map_err(|err| invalid(".tags_file", format!("{}: {err}", path.display())))?;
+            .map_err(|err| invalid("tags_file", format!("{}: {err}", path.display())))?;
         for (index, tag) in file.tags.iter().enumerate() {
             if tag_key(&tag.tag).is_empty() || tag.aliases.iter().any(|a| tag_key(a).is_empty()) {
-                return Err(invalid(
-                    ".tags_file",
+                return Err(invalid("tags_file",
                     format!("{}: tags[{index}] has an empty name", path.display()),
                 ));
             }
