@@ -53,6 +53,7 @@ pub struct ManagedNats {
     binary: PathBuf,
     data_dir: PathBuf,
     port: u16,
+    sync_always: bool,
     child: Option<Child>,
 }
 
@@ -64,10 +65,24 @@ impl ManagedNats {
         data_dir: &Path,
         port: u16,
     ) -> Result<Self, NatsServerError> {
+        Self::start_with(binary, data_dir, port, false).await
+    }
+
+    /// Like [`ManagedNats::start`]; with `sync_always` JetStream writes and
+    /// fsyncs every message before acknowledging it, so even a SIGKILL of
+    /// the server loses nothing it acknowledged (fault tests need that; by
+    /// default a killed server can lose its last few milliseconds).
+    pub async fn start_with(
+        binary: PathBuf,
+        data_dir: &Path,
+        port: u16,
+        sync_always: bool,
+    ) -> Result<Self, NatsServerError> {
         let mut server = ManagedNats {
             binary,
             data_dir: data_dir.to_path_buf(),
             port,
+            sync_always,
             child: None,
         };
         server.spawn().await?;
@@ -109,7 +124,14 @@ impl ManagedNats {
         } else {
             self.port.to_string()
         };
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if self.sync_always {
+            let config = self.data_dir.join("nats-server.conf");
+            std::fs::write(&config, "jetstream {\n  sync_interval: always\n}\n")
+                .map_err(|e| prepare(&config, e))?;
+            command.arg("--config").arg(&config);
+        }
+        let child = command
             .arg("--jetstream")
             .arg("--store_dir")
             .arg(&store)

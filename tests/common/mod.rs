@@ -30,9 +30,14 @@ impl Nats {
     }
 
     pub async fn start_on(port: u16) -> Nats {
+        Self::start_durable(port, false).await
+    }
+
+    /// With `sync_always`, a SIGKILL of the server loses nothing it acked.
+    pub async fn start_durable(port: u16, sync_always: bool) -> Nats {
         let dir = tempfile::tempdir().expect("temp dir");
         let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
-        let server = ManagedNats::start(binary, dir.path(), port)
+        let server = ManagedNats::start_with(binary, dir.path(), port, sync_always)
             .await
             .expect("nats-server starts");
         Nats { server, _dir: dir }

@@ -1,0 +1,120 @@
+//! Fault tests: processes die mid-stream, and nothing is lost or doubled.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const EVENTS: usize = 600;
+
+/// Short ack wait so the messages a dead process held come back quickly.
+fn fast_env(nats_url: &str) -> Vec<(String, String)> {
+    let mut env = conch_env(nats_url);
+    env.push(("CHOCO_CONSUMER__ACK_WAIT".into(), "2s".into()));
+    env.push(("CHOCO_CONSUMER__HEARTBEAT".into(), "500ms".into()));
+    env
+}
+
+async fn publish_independent_writes(js: &async_nats::jetstream::Context, prefix: &str) {
+    ensure_coordination_stream(js).await;
+    for i in 0..EVENTS {
+        let doc = format!("{prefix}-{}", i % 40);
+        let event = envelope(
+            "coordination.property_sync.requested",
+            &doc,
+            &sync_payload(
+                &doc,
+                &format!("p{i}"),
+                json!(i),
+                0,
+                "ann",
+                "2026-03-01T10:00:00Z",
+            ),
+        );
+        publish(js, REQUESTED, &event).await;
+    }
+}
+
+/// Every input produced exactly one `completed`, applied exactly once.
+async fn assert_exactly_once(js: &async_nats::jetstream::Context) {
+    wait_for(js, COORDINATION, COMPLETED, EVENTS, Duration::from_secs(90)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let completed = read_all(js, COORDINATION, COMPLETED).await;
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    for message in &completed {
+        let payload = message.payload();
+        let key = (
+            payload["document_id"].as_str().expect("doc").to_string(),
+            payload["property"].as_str().expect("property").to_string(),
+        );
+        assert_eq!(payload["revision"], 1, "each write applied once: {payload}");
+        *seen.entry(key).or_default() += 1;
+    }
+    assert_eq!(seen.len(), EVENTS, "no input lost");
+    assert!(seen.values().all(|&n| n == 1), "no output doubled");
+    assert_eq!(completed.len(), EVENTS);
+    assert!(
+        read_all(js, COORDINATION, DETECTED).await.is_empty(),
+        "no write saw itself as a conflict"
+    );
+    assert!(read_all(js, "choco:dlq", "choco.dlq.>").await.is_empty());
+}
+
+#[tokio::test]
+async fn the_runtime_killed_mid_batch_loses_and_doubles_nothing() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    publish_independent_writes(&js, "kill").await;
+
+    let env = fast_env(&nats.url());
+    let mut first = Factory::start_with(env.clone(), &["serve", "--rooms", "conch"]).await;
+    wait_for(&js, COORDINATION, COMPLETED, 50, Duration::from_secs(30)).await;
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    let done_before = read_all(&js, COORDINATION, COMPLETED).await.len();
+    eprintln!("outputs when the runtime was killed: {done_before} of {EVENTS}");
+    first.wait_exit(Duration::from_secs(10)).await;
+
+    let _second = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    assert_exactly_once(&js).await;
+}
+
+#[tokio::test]
+async fn nats_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled() {
+    let port = free_port();
+    let mut nats = Nats::start_durable(port, true).await;
+    let (_client, js) = nats.client().await;
+    publish_independent_writes(&js, "nats").await;
+    drop(js);
+
+    let factory = Factory::start_with(fast_env(&nats.url()), &["serve", "--rooms", "conch"]).await;
+    {
+        let (_client, js) = nats.client().await;
+        wait_for(&js, COORDINATION, COMPLETED, 50, Duration::from_secs(30)).await;
+    }
+    nats.server.kill().await;
+    wait_until(Duration::from_secs(15), || async {
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    nats.server.restart().await.expect("same port, same store");
+    factory.wait_ready().await;
+
+    let (_client, js) = nats.client().await;
+    let consumer = js
+        .get_stream(COORDINATION)
+        .await
+        .expect("stream")
+        .consumer_info("choco-conch")
+        .await
+        .expect("consumer");
+    eprintln!(
+        "after restart: ack floor {} of {EVENTS} inputs",
+        consumer.ack_floor.stream_sequence
+    );
+    assert_exactly_once(&js).await;
+}
