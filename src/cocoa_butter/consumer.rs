@@ -22,7 +22,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,8 @@ use super::room::{HandleError, InboundEvent, Room};
 pub struct RoomState {
     client: async_nats::Client,
     bound: AtomicBool,
+    /// Servers of the room that failed and are not serving again yet.
+    servers_down: AtomicUsize,
 }
 
 impl RoomState {
@@ -49,6 +51,7 @@ impl RoomState {
         RoomState {
             client,
             bound: AtomicBool::new(false),
+            servers_down: AtomicUsize::new(0),
         }
     }
 
@@ -64,8 +67,21 @@ impl RoomState {
         self.bound.store(bound, Ordering::Release);
     }
 
+    pub fn servers_up(&self) -> bool {
+        self.servers_down.load(Ordering::Acquire) == 0
+    }
+
+    /// A server of the room failed (`true`) or serves again (`false`).
+    pub fn set_server_down(&self, down: bool) {
+        if down {
+            self.servers_down.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.servers_down.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     pub fn ready(&self) -> bool {
-        self.nats_connected() && self.consumer_bound()
+        self.nats_connected() && self.consumer_bound() && self.servers_up()
     }
 }
 

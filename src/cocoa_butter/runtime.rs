@@ -145,6 +145,7 @@ pub async fn run(
         servers.spawn(
             keep_serving(
                 "http",
+                state.clone(),
                 addrs.http,
                 listeners.http,
                 stop_servers.clone(),
@@ -158,6 +159,7 @@ pub async fn run(
         servers.spawn(
             keep_serving(
                 "grpc",
+                state.clone(),
                 addrs.grpc,
                 listeners.grpc,
                 stop_servers.clone(),
@@ -174,6 +176,7 @@ pub async fn run(
         servers.spawn(
             keep_serving(
                 "metrics",
+                state.clone(),
                 addrs.metrics,
                 listeners.metrics,
                 stop_servers.clone(),
@@ -279,10 +282,11 @@ async fn attempt(
     Ok(())
 }
 
-/// Serves one listener until `stop`; if the server fails, binds the same
-/// address again after a backoff.
+/// Serves one listener until `stop`; if the server fails, reports the room
+/// not ready and binds the same address again after a backoff.
 async fn keep_serving<F, Fut>(
     what: &'static str,
+    state: Arc<RoomState>,
     addr: SocketAddr,
     first: TcpListener,
     stop: CancellationToken,
@@ -293,11 +297,18 @@ async fn keep_serving<F, Fut>(
 {
     let mut listener = Some(first);
     let mut backoff = Backoff::default();
+    let mut down = false;
     loop {
         let current = match listener.take() {
             Some(current) => current,
             None => match TcpListener::bind(addr).await {
-                Ok(current) => current,
+                Ok(current) => {
+                    if down {
+                        state.set_server_down(false);
+                        down = false;
+                    }
+                    current
+                }
                 Err(err) => {
                     let delay = backoff.next_delay();
                     tracing::error!(server = what, %addr, error = %err, retry_in = ?delay, "cannot bind again");
@@ -314,6 +325,10 @@ async fn keep_serving<F, Fut>(
             Err(err) => {
                 tracing::error!(server = what, %addr, error = %err, "server failed; restarting")
             }
+        }
+        if !down {
+            state.set_server_down(true);
+            down = true;
         }
         let delay = backoff.next_delay();
         tokio::select! {

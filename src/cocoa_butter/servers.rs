@@ -123,12 +123,15 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(http): State<HttpState>) -> Response {
     let nats = http.state.nats_connected();
     let consumer = http.state.consumer_bound();
+    let servers = http.state.servers_up();
+    let ready = nats && consumer && servers;
     let body = serde_json::json!({
-        "ready": nats && consumer,
+        "ready": ready,
         "nats_connected": nats,
         "consumer_bound": consumer,
+        "servers_up": servers,
     });
-    let status = if nats && consumer {
+    let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
