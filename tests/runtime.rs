@@ -400,3 +400,41 @@ fn shipped_config_files_are_valid() {
     }
     assert!(checked >= 2, "found the example configs");
 }
+
+/// Relative paths in room settings follow the port table, so the binary
+/// runs from any working directory given `--rooms-file`.
+#[test]
+fn room_files_resolve_against_the_port_table_folder() {
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let table = std::path::absolute("rooms.toml").expect("path");
+    let output = std::process::Command::new(BIN)
+        .current_dir(elsewhere.path())
+        .args([
+            "--rooms-file",
+            table.to_str().expect("utf-8"),
+            "config",
+            "check",
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = std::process::Command::new(BIN)
+        .current_dir(elsewhere.path())
+        .args(["config", "check"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "without the table, the files are not found"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("rooms.") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}

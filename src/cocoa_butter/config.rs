@@ -269,6 +269,10 @@ pub struct RoomSettings {
     pub metrics_addr: SocketAddr,
     pub consumer: ConsumerConfig,
     pub settings: serde_json::Value,
+    /// Relative file paths in the room's settings are resolved against this:
+    /// the folder of the port table in use (`--rooms-file`), else the
+    /// working directory.
+    pub base_dir: PathBuf,
 }
 
 impl RoomSettings {
@@ -279,6 +283,15 @@ impl RoomSettings {
 
     pub fn subject(&self, action: &str) -> String {
         format!("{}{}", self.subject_base, action)
+    }
+
+    /// A path from the room's settings, relative ones taken from `base_dir`.
+    pub fn resolve_path(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.base_dir.join(path)
+        }
     }
 }
 
@@ -386,7 +399,17 @@ impl ConfigSources {
     pub fn load(&self) -> Result<ValidatedConfig, ConfigError> {
         let figment = self.figment()?;
         let factory: FactoryConfig = figment.extract()?;
-        validate(factory, self.cli.only_rooms.as_deref())
+        let mut config = validate(factory, self.cli.only_rooms.as_deref())?;
+        let base_dir = self
+            .rooms_file
+            .as_deref()
+            .and_then(Path::parent)
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        for room in &mut config.rooms {
+            room.base_dir = base_dir.clone();
+        }
+        Ok(config)
     }
 }
 
@@ -539,6 +562,7 @@ fn resolve_room(
         metrics_addr: SocketAddr::new(bind, port("metrics_port", room.metrics_port)?),
         consumer,
         settings: serde_json::Value::Object(room.settings.clone()),
+        base_dir: PathBuf::from("."),
     })
 }
 

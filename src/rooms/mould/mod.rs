@@ -94,7 +94,7 @@ impl Loaded {
                 return Err(invalid(field, "must be greater than zero".into()));
             }
         }
-        let dir = &settings.templates_dir;
+        let dir = &room.resolve_path(&settings.templates_dir);
         let entries = std::fs::read_dir(dir)
             .map_err(|err| invalid("templates_dir", format!("cannot read {}: {err}", dir.display())))?;
         let mut library = BTreeMap::new();

@@ -105,19 +105,21 @@ impl Loaded {
             std::fs::read_to_string(path)
                 .map_err(|err| invalid(field, format!("cannot read {}: {err}", path.display())))
         };
-        let manifest_text = read("manifest_file", &settings.manifest_file)?;
+        let manifest_path = room.resolve_path(&settings.manifest_file);
+        let rules_path = room.resolve_path(&settings.rules_file);
+        let manifest_text = read("manifest_file", &manifest_path)?;
         let manifest: Manifest = toml::from_str(&manifest_text).map_err(|err| {
-            invalid("manifest_file", format!("{}: {err}", settings.manifest_file.display()))
+            invalid("manifest_file", format!("{}: {err}", manifest_path.display()))
         })?;
         let gate = Gate::new(manifest, settings.catalog_schema_version).map_err(|err| {
-            invalid("manifest_file", format!("{}: {err}", settings.manifest_file.display()))
+            invalid("manifest_file", format!("{}: {err}", manifest_path.display()))
         })?;
-        let rules_text = read("rules_file", &settings.rules_file)?;
+        let rules_text = read("rules_file", &rules_path)?;
         let rules_file: RulesFile = toml::from_str(&rules_text).map_err(|err| {
-            invalid("rules_file", format!("{}: {err}", settings.rules_file.display()))
+            invalid("rules_file", format!("{}: {err}", rules_path.display()))
         })?;
         let rules = SlopRules::compile(rules_file).map_err(|err| {
-            invalid("rules_file", format!("{}: {err}", settings.rules_file.display()))
+            invalid("rules_file", format!("{}: {err}", rules_path.display()))
         })?;
         Ok(Loaded {
             settings,

@@ -154,7 +154,7 @@ impl Loaded {
     fn load(room: &RoomSettings) -> Result<Self, RoomError> {
         let invalid = |field: &str, message: String| room.settings_error(field, message);
         let settings: WrapperSettings = room.room_settings()?;
-        let path = &settings.tags_file;
+        let path = &room.resolve_path(&settings.tags_file);
         let text = std::fs::read_to_string(path)
             .map_err(|err| invalid("tags_file", format!("cannot read {}: {err}", path.display())))?;
         let file: TagsFile = toml::from_str(&text)
