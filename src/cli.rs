@@ -62,6 +62,85 @@ enum Command {
     Config(ConfigCommand),
     /// Print the port table as configured.
     Rooms,
+    /// Work the dead-letter stream.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Publish one event as a correct envelope.
+    Publish(PublishArgs),
+    /// Follow a subject and print each envelope, payload decoded, one per line.
+    Tail(TailArgs),
+}
+
+#[derive(Debug, Args, Clone, Default)]
+struct DlqFilterArgs {
+    /// Only this room's dead letters.
+    #[arg(long)]
+    room: Option<String>,
+    /// Only this reason (e.g. unknown_command_slug).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only those dead-lettered within this long (e.g. 1h, 30m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<std::time::Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// A table of dead letters.
+    List {
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One dead letter: its headers, its envelope and payload decoded.
+    Show { sequence: u64 },
+    /// Publish dead letters again to their original subjects.
+    Replay {
+        /// Sequences to replay; without them, every dead letter the filter matches.
+        sequences: Vec<u64>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Say what would be replayed, replay nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete dead letters.
+    Purge {
+        sequences: Vec<u64>,
+        #[command(flatten)]
+        filter: DlqFilterArgs,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PublishArgs {
+    /// `<domain>.<action>`, e.g. coordination.property_sync.requested.
+    #[arg(long = "type")]
+    event_type: String,
+    #[arg(long)]
+    aggregate: String,
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    #[arg(long)]
+    payload_file: Option<PathBuf>,
+    #[arg(long)]
+    correlation: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct TailArgs {
+    /// A subject or wildcard, e.g. choco.events.coordination.>
+    subject: String,
+    /// Pretty-print each envelope over several lines.
+    #[arg(long)]
+    pretty: bool,
+    /// Stop after this many messages.
+    #[arg(long)]
+    count: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +205,13 @@ fn load(sources: &ConfigSources) -> anyhow::Result<ValidatedConfig> {
     Ok(config)
 }
 
+/// The configuration an operator command needs: NATS, not the rooms' files.
+fn load_bus_only(sources: &ConfigSources) -> anyhow::Result<ValidatedConfig> {
+    sources
+        .load()
+        .map_err(|err| ConfigRefused(err.to_string()).into())
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(args) => {
@@ -171,6 +257,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             // Show, then say whether it would be accepted.
             load(&sources).map(|_| ())
         }
+        Command::Dlq(command) => {
+            let config = load_bus_only(&cli.sources(None))?;
+            with_nats(&config, |client| {
+                dlq(client, config.factory.nats.clone(), command)
+            })
+        }
+        Command::Publish(args) => {
+            let config = load_bus_only(&cli.sources(None))?;
+            with_nats(&config, |client| publish(client, args))
+        }
+        Command::Tail(args) => {
+            let config = load_bus_only(&cli.sources(None))?;
+            with_nats(&config, |client| tail(client, args))
+        }
         Command::Rooms => {
             let config = cli
                 .sources(None)
@@ -201,6 +301,240 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             emit(&out)
         }
     }
+}
+
+/// Runs an operator command against NATS: connects once, fails fast.
+fn with_nats<F, Fut>(config: &ValidatedConfig, command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(async_nats::Client) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let url = config.factory.nats.url.clone();
+    runtime.block_on(async move {
+        let client = async_nats::ConnectOptions::new()
+            .name("choco-factory-cli")
+            .connection_timeout(std::time::Duration::from_secs(5))
+            .connect(url.as_str())
+            .await
+            .with_context(|| format!("cannot connect to NATS at {url}"))?;
+        let result = command(client.clone()).await;
+        let _ = client.flush().await;
+        result
+    })
+}
+
+async fn dlq(
+    client: async_nats::Client,
+    nats: config::NatsConfig,
+    command: &DlqCommand,
+) -> anyhow::Result<()> {
+    use crate::cocoa_butter::dlq::{DeadLetters, DlqFilter};
+    let letters = DeadLetters::open(async_nats::jetstream::new(client), nats).await?;
+    let to_filter = |args: &DlqFilterArgs| DlqFilter {
+        room: args.room.clone(),
+        reason: args.reason.clone(),
+        since: args.since,
+    };
+    let select = |sequences: &Vec<u64>, args: &DlqFilterArgs| {
+        let letters = &letters;
+        let filter = to_filter(args);
+        let sequences = sequences.clone();
+        async move {
+            if sequences.is_empty() {
+                letters.list(&filter).await
+            } else {
+                let mut out = Vec::new();
+                for sequence in sequences {
+                    out.push(letters.get(sequence).await?);
+                }
+                Ok(out)
+            }
+        }
+    };
+    match command {
+        DlqCommand::List { filter, json } => {
+            let records = letters.list(&to_filter(filter)).await?;
+            if *json {
+                return emit(&(serde_json::to_string_pretty(&records)? + "\n"));
+            }
+            let mut out = String::new();
+            writeln!(
+                out,
+                "{:>6}  {:<25}  {:<9} {:<40} {:<26} {:>4}  {:<8} AGGREGATE",
+                "SEQ", "TIME", "ROOM", "EVENT TYPE", "REASON", "DLV", "REPLAYED"
+            )?;
+            for r in &records {
+                writeln!(
+                    out,
+                    "{:>6}  {:<25}  {:<9} {:<40} {:<26} {:>4}  {:<8} {}",
+                    r.sequence,
+                    r.time,
+                    r.room,
+                    r.event_type,
+                    r.reason,
+                    r.deliveries,
+                    if r.replayed { "yes" } else { "no" },
+                    r.aggregate_id.as_deref().unwrap_or("-"),
+                )?;
+            }
+            writeln!(out, "{} dead letter(s)", records.len())?;
+            emit(&out)
+        }
+        DlqCommand::Show { sequence } => {
+            let record = letters.get(*sequence).await?;
+            let shown = serde_json::json!({ "dead_letter": record, "body": record.decoded() });
+            emit(&(serde_json::to_string_pretty(&shown)? + "\n"))
+        }
+        DlqCommand::Replay {
+            sequences,
+            filter,
+            dry_run,
+        } => {
+            let records = select(sequences, filter).await?;
+            let mut out = String::new();
+            for record in &records {
+                if *dry_run {
+                    writeln!(
+                        out,
+                        "would replay {} to {}",
+                        record.sequence, record.original_subject
+                    )?;
+                } else {
+                    let new_sequence = letters.replay(record).await?;
+                    writeln!(
+                        out,
+                        "replayed {} to {} (stream sequence {new_sequence})",
+                        record.sequence, record.original_subject
+                    )?;
+                }
+            }
+            writeln!(
+                out,
+                "{} dead letter(s) {}",
+                records.len(),
+                if *dry_run {
+                    "would be replayed"
+                } else {
+                    "replayed"
+                }
+            )?;
+            emit(&out)
+        }
+        DlqCommand::Purge {
+            sequences,
+            filter,
+            yes,
+        } => {
+            let records = select(sequences, filter).await?;
+            if !*yes {
+                use std::io::{BufRead, IsTerminal, Write};
+                if !std::io::stdin().is_terminal() {
+                    anyhow::bail!(
+                        "refusing to purge {} dead letter(s) without --yes (no terminal to ask)",
+                        records.len()
+                    );
+                }
+                print!("purge {} dead letter(s)? [y/N] ", records.len());
+                std::io::stdout().flush()?;
+                let mut answer = String::new();
+                std::io::stdin().lock().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    return emit("nothing purged\n");
+                }
+            }
+            for record in &records {
+                letters.purge(record.sequence).await?;
+            }
+            emit(&format!("{} dead letter(s) purged\n", records.len()))
+        }
+    }
+}
+
+async fn publish(client: async_nats::Client, args: &PublishArgs) -> anyhow::Result<()> {
+    use crate::cocoa_butter::EventEnvelope;
+    let payload = match (&args.payload, &args.payload_file) {
+        (Some(text), _) => text.clone().into_bytes(),
+        (None, Some(path)) => {
+            std::fs::read(path).with_context(|| format!("--payload-file {}", path.display()))?
+        }
+        (None, None) => anyhow::bail!("--payload or --payload-file is required"),
+    };
+    serde_json::from_slice::<serde_json::Value>(&payload).context("the payload is not JSON")?;
+    let Some((domain, action)) = args.event_type.split_once('.') else {
+        anyhow::bail!(
+            "--type must be <domain>.<action>, like coordination.property_sync.requested"
+        );
+    };
+    let envelope = EventEnvelope::new(
+        uuid::Uuid::now_v7(),
+        args.event_type.clone(),
+        args.aggregate.clone(),
+        args.correlation.clone().unwrap_or_default(),
+        payload,
+        "choco-factory-cli".into(),
+    );
+    let subject = format!("choco.events.{domain}.{action}");
+    let js = async_nats::jetstream::new(client);
+    let message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(envelope.encode().into())
+        .message_id(envelope.event_id.clone());
+    let ack = js
+        .send_publish(subject.clone(), message)
+        .await
+        .with_context(|| format!("publishing to {subject}"))?
+        .await
+        .with_context(|| format!("no stream stored {subject}"))?;
+    emit(&format!(
+        "published {} to {subject} (stream {}, sequence {})\n",
+        envelope.event_id, ack.stream, ack.sequence
+    ))
+}
+
+async fn tail(client: async_nats::Client, args: &TailArgs) -> anyhow::Result<()> {
+    use crate::cocoa_butter::EventEnvelope;
+    use futures::StreamExt;
+    let mut subscription = client
+        .subscribe(args.subject.clone())
+        .await
+        .with_context(|| format!("subscribing to {}", args.subject))?;
+    let mut seen = 0usize;
+    while let Some(message) = subscription.next().await {
+        let mut json = serde_json::json!({ "subject": message.subject.as_str() });
+        match EventEnvelope::decode(&message.payload) {
+            Ok(envelope) => {
+                let payload: serde_json::Value = serde_json::from_slice(&envelope.payload)
+                    .unwrap_or_else(|_| {
+                        serde_json::Value::String(
+                            String::from_utf8_lossy(&envelope.payload).into_owned(),
+                        )
+                    });
+                let mut value = serde_json::to_value(&envelope)?;
+                value["payload"] = payload;
+                json["envelope"] = value;
+            }
+            Err(err) => {
+                json["error"] = serde_json::Value::String(err.to_string());
+                json["body"] = serde_json::Value::String(
+                    String::from_utf8_lossy(&message.payload).into_owned(),
+                );
+            }
+        }
+        let line = if args.pretty {
+            serde_json::to_string_pretty(&json)?
+        } else {
+            json.to_string()
+        };
+        emit(&(line + "\n"))?;
+        seen += 1;
+        if args.count.is_some_and(|count| seen >= count) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// Writes command output; a closed pipe (`| head`) is not an error.

@@ -10,6 +10,7 @@ pub mod api;
 pub mod bus;
 pub mod config;
 pub mod consumer;
+pub mod dlq;
 pub mod envelope;
 pub mod keys;
 pub mod metrics;

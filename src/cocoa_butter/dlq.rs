@@ -1,0 +1,283 @@
+//! Working the dead-letter stream: list, show, replay, purge.
+//!
+//! Dead letters keep the original body and say where it came from in
+//! `Choco-Dlq-*` headers (see `bus::dlq_headers`). A replay publishes the
+//! body again to its original subject with a fresh `Nats-Msg-Id`, so the
+//! room sees it as new, and records the replay in the key-value bucket
+//! `choco_dlq_replays` (dead letters themselves are immutable).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::bus::{BusError, KvBucket, dlq_headers};
+use super::config::NatsConfig;
+use super::envelope::EventEnvelope;
+
+/// Header on a replayed message naming the dead letter it came from.
+pub const REPLAYED_FROM: &str = "Choco-Replayed-From";
+const REPLAYS_BUCKET: &str = "choco_dlq_replays";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("no dead letter at sequence {0}")]
+    NotFound(u64),
+    #[error("dead letter {sequence} has no {header} header; it cannot be replayed")]
+    NotReplayable { sequence: u64, header: &'static str },
+}
+
+fn unavailable(err: impl std::fmt::Display) -> DlqError {
+    DlqError::Bus(BusError::Unavailable(err.to_string()))
+}
+
+/// One dead letter, decoded for people.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterRecord {
+    pub sequence: u64,
+    /// When it was dead-lettered (RFC 3339).
+    pub time: String,
+    #[serde(skip)]
+    pub unix_time: i64,
+    pub subject: String,
+    pub room: String,
+    pub event_type: String,
+    pub reason: String,
+    pub detail: String,
+    pub deliveries: String,
+    pub original_subject: String,
+    pub original_sequence: String,
+    /// From the envelope, when the body is one.
+    pub aggregate_id: Option<String>,
+    pub replayed: bool,
+    #[serde(skip)]
+    pub body: Bytes,
+}
+
+impl DeadLetterRecord {
+    fn new(
+        sequence: u64,
+        subject: &str,
+        headers: Option<&HeaderMap>,
+        body: Bytes,
+        unix_time: i64,
+        prefix: &str,
+    ) -> Self {
+        let header = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
+        // choco.dlq.<room>.<event_type>
+        let rest = subject
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('.'))
+            .unwrap_or(subject);
+        let (room, event_type) = rest.split_once('.').unwrap_or((rest, ""));
+        DeadLetterRecord {
+            sequence,
+            time: chrono::DateTime::from_timestamp(unix_time, 0)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default(),
+            unix_time,
+            subject: subject.to_string(),
+            room: room.to_string(),
+            event_type: event_type.to_string(),
+            reason: header(dlq_headers::REASON),
+            detail: header(dlq_headers::DETAIL),
+            deliveries: header(dlq_headers::DELIVERIES),
+            original_subject: header(dlq_headers::ORIGINAL_SUBJECT),
+            original_sequence: header(dlq_headers::ORIGINAL_SEQUENCE),
+            aggregate_id: EventEnvelope::decode(&body).ok().map(|e| e.aggregate_id),
+            replayed: false,
+            body,
+        }
+    }
+
+    /// The body as an envelope with its payload as JSON, or why not.
+    pub fn decoded(&self) -> serde_json::Value {
+        match serde_json::from_slice::<serde_json::Value>(&self.body) {
+            Ok(mut json) => {
+                if let Ok(envelope) = EventEnvelope::decode(&self.body)
+                    && let Ok(payload) =
+                        serde_json::from_slice::<serde_json::Value>(&envelope.payload)
+                {
+                    json["payload"] = payload;
+                }
+                json
+            }
+            Err(_) => serde_json::Value::String(String::from_utf8_lossy(&self.body).into_owned()),
+        }
+    }
+}
+
+/// Which dead letters an operation applies to.
+#[derive(Debug, Clone, Default)]
+pub struct DlqFilter {
+    pub room: Option<String>,
+    pub reason: Option<String>,
+    /// Only those dead-lettered within this long ago.
+    pub since: Option<Duration>,
+}
+
+impl DlqFilter {
+    fn matches(&self, record: &DeadLetterRecord) -> bool {
+        let since_ok = self.since.is_none_or(|since| {
+            let cutoff = chrono::Utc::now().timestamp() - since.as_secs() as i64;
+            record.unix_time >= cutoff
+        });
+        self.reason.as_ref().is_none_or(|r| *r == record.reason) && since_ok
+    }
+}
+
+/// The dead-letter stream and the replay records.
+pub struct DeadLetters {
+    js: jetstream::Context,
+    nats: NatsConfig,
+    replays: KvBucket,
+}
+
+impl DeadLetters {
+    pub async fn open(js: jetstream::Context, nats: NatsConfig) -> Result<Self, DlqError> {
+        let replays = KvBucket::new(
+            js.clone(),
+            REPLAYS_BUCKET,
+            "dead letters replayed, by sequence",
+        );
+        replays.open().await.map_err(unavailable)?;
+        Ok(DeadLetters { js, nats, replays })
+    }
+
+    async fn stream(&self) -> Result<jetstream::stream::Stream, DlqError> {
+        self.js
+            .get_stream(&self.nats.dlq_stream)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn replayed(&self, sequence: u64) -> bool {
+        match self.replays.store() {
+            Ok(store) => store
+                .get(sequence.to_string())
+                .await
+                .ok()
+                .flatten()
+                .is_some(),
+            Err(_) => false,
+        }
+    }
+
+    /// Every dead letter matching `filter`, oldest first.
+    pub async fn list(&self, filter: &DlqFilter) -> Result<Vec<DeadLetterRecord>, DlqError> {
+        let mut stream = self.stream().await?;
+        let info = stream.info().await.map_err(unavailable)?;
+        if info.state.messages == 0 {
+            return Ok(Vec::new());
+        }
+        let prefix = &self.nats.dlq_subject_prefix;
+        let subject = match &filter.room {
+            Some(room) => format!("{prefix}.{room}.>"),
+            None => format!("{prefix}.>"),
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        let mut out = Vec::new();
+        while let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+        {
+            let Ok(meta) = message.info() else { continue };
+            let (sequence, pending) = (meta.stream_sequence, meta.pending);
+            let unix_time = meta.published.unix_timestamp();
+            let mut record = DeadLetterRecord::new(
+                sequence,
+                &message.subject,
+                message.headers.as_ref(),
+                message.payload.clone(),
+                unix_time,
+                prefix,
+            );
+            if filter.matches(&record) {
+                record.replayed = self.replayed(sequence).await;
+                out.push(record);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn get(&self, sequence: u64) -> Result<DeadLetterRecord, DlqError> {
+        let stream = self.stream().await?;
+        let message = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|_| DlqError::NotFound(sequence))?;
+        let mut record = DeadLetterRecord::new(
+            sequence,
+            &message.subject,
+            Some(&message.headers),
+            message.payload,
+            message.time.unix_timestamp(),
+            &self.nats.dlq_subject_prefix,
+        );
+        record.replayed = self.replayed(sequence).await;
+        Ok(record)
+    }
+
+    /// Publishes the original body to its original subject as a new message
+    /// and records the replay. Returns the new message's stream sequence.
+    pub async fn replay(&self, record: &DeadLetterRecord) -> Result<u64, DlqError> {
+        if record.original_subject.is_empty() {
+            return Err(DlqError::NotReplayable {
+                sequence: record.sequence,
+                header: dlq_headers::ORIGINAL_SUBJECT,
+            });
+        }
+        let message_id = format!("replay:{}:{}", record.sequence, uuid::Uuid::now_v7());
+        let message = jetstream::message::PublishMessage::build()
+            .payload(record.body.clone())
+            .message_id(message_id)
+            .header(REPLAYED_FROM, record.sequence.to_string().as_str());
+        let ack = self
+            .js
+            .send_publish(record.original_subject.clone(), message)
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        let note = serde_json::json!({
+            "replayed_at": chrono::Utc::now().to_rfc3339(),
+            "subject": record.original_subject,
+            "new_sequence": ack.sequence,
+        });
+        self.replays
+            .store()
+            .map_err(unavailable)?
+            .put(record.sequence.to_string(), Bytes::from(note.to_string()))
+            .await
+            .map_err(unavailable)?;
+        Ok(ack.sequence)
+    }
+
+    pub async fn purge(&self, sequence: u64) -> Result<(), DlqError> {
+        let stream = self.stream().await?;
+        stream
+            .delete_message(sequence)
+            .await
+            .map_err(|_| DlqError::NotFound(sequence))?;
+        Ok(())
+    }
+}
