@@ -11,20 +11,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Waits for `count` messages, then makes sure no more arrive.
-async fn exactly(
-    js: &async_nats::jetstream::Context,
-    stream: &str,
-    filter: &str,
-    count: usize,
-) -> Vec<Stored> {
-    wait_for(js, stream, filter, count, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let all = read_all(js, stream, filter).await;
-    assert_eq!(all.len(), count, "exactly {count} on {filter}");
-    all
-}
-
 #[tokio::test]
 async fn a_matching_write_applies_and_a_stale_one_is_resolved() {
     let nats = Nats::start().await;

@@ -10,7 +10,6 @@ use choco_factory::rooms::winnower::pb;
 use common::*;
 use serde_json::{Value, json};
 
-const WAIT: Duration = Duration::from_secs(30);
 const REFINEMENT: &str = "choco:events:refinement";
 const CREATED: &str = "choco.events.refinement.smartblock_created";
 const ACCEPTED: &str = "choco.events.refinement.smartblock_accepted";
@@ -25,21 +24,6 @@ async fn start(nats: &Nats, extra: &[(&str, &str)]) -> Factory {
         Factory::start_room(env, &["serve", "--rooms", "winnower"], "Winnowing Room").await;
     factory.wait_ready().await;
     factory
-}
-
-async fn exactly(
-    js: &async_nats::jetstream::Context,
-    stream: &str,
-    filter: &str,
-    count: usize,
-) -> Vec<Stored> {
-    if count > 0 {
-        wait_for(js, stream, filter, count, WAIT).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let all = read_all(js, stream, filter).await;
-    assert_eq!(all.len(), count, "exactly {count} on {filter}");
-    all
 }
 
 fn smartblock(block_id: &str, slug: &str, version: u32) -> Value {

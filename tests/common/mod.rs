@@ -326,6 +326,22 @@ pub async fn wait_for(
     }
 }
 
+/// Waits for `count` messages, then makes sure no more arrive.
+pub async fn exactly(
+    js: &jetstream::Context,
+    stream: &str,
+    filter: &str,
+    count: usize,
+) -> Vec<Stored> {
+    if count > 0 {
+        wait_for(js, stream, filter, count, Duration::from_secs(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = read_all(js, stream, filter).await;
+    assert_eq!(all.len(), count, "exactly {count} on {filter}");
+    all
+}
+
 pub const COORDINATION: &str = "choco:events:coordination";
 pub const REQUESTED: &str = "choco.events.coordination.property_sync.requested";
 pub const COMPLETED: &str = "choco.events.coordination.property_sync.completed";
