@@ -10,12 +10,21 @@
 //! looks inside it.
 
 use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use serde::{Deserialize, Serialize};
+
+/// Word and sentence hashing: fast, and seeded the same way every run so
+/// the same document always gets the same findings.
+type FastState = foldhash::fast::FixedState;
+
+fn fast_hasher() -> impl Hasher {
+    FastState::with_seed(0x5eed).build_hasher()
+}
+
+type FastMap<K, V> = HashMap<K, V, FastState>;
 
 /// The rules file.
 #[derive(Debug, Clone, Deserialize)]
@@ -325,7 +334,7 @@ fn words(content: &str, in_code: &dyn Fn(usize) -> bool) -> Vec<(Range<usize>, u
         if in_code(range.start) {
             return;
         }
-        let mut hasher = DefaultHasher::new();
+        let mut hasher = fast_hasher();
         for c in content[range.clone()].chars().flat_map(char::to_lowercase) {
             c.hash(&mut hasher);
         }
@@ -356,7 +365,7 @@ fn repeated_sentences(
     min_words: usize,
     findings: &mut Vec<Finding>,
 ) {
-    let mut seen: HashMap<u64, usize> = HashMap::new();
+    let mut seen: FastMap<u64, usize> = FastMap::with_hasher(FastState::with_seed(1));
     let mut sentence_start = 0;
     let bytes = content.as_bytes();
     let mut flush = |start: usize, end: usize, findings: &mut Vec<Finding>| {
@@ -366,7 +375,7 @@ fn repeated_sentences(
         if trimmed_start >= trimmed_end || in_code(trimmed_start) {
             return;
         }
-        let mut hasher = DefaultHasher::new();
+        let mut hasher = fast_hasher();
         let mut count = 0;
         for word in content[trimmed_start..trimmed_end]
             .split(|c: char| !is_word_char(c))
@@ -412,10 +421,10 @@ fn repeated_ngrams(
     if words.len() < n {
         return;
     }
-    let mut counts: HashMap<u64, usize> = HashMap::new();
+    let mut counts: FastMap<u64, usize> = FastMap::with_hasher(FastState::with_seed(2));
     let mut current: Option<Range<usize>> = None;
     for window in words.windows(n) {
-        let mut hasher = DefaultHasher::new();
+        let mut hasher = fast_hasher();
         for (_, hash) in window {
             hash.hash(&mut hasher);
         }
