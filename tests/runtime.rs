@@ -438,3 +438,57 @@ fn room_files_resolve_against_the_port_table_folder() {
         "{stderr}"
     );
 }
+
+/// A consumer whose settings drifted from the configuration is updated at
+/// start-up; a stream that conflicts is refused loudly and the room stays
+/// not ready.
+#[tokio::test]
+async fn drifted_consumers_are_updated_and_conflicting_streams_refused() {
+    use async_nats::jetstream::{consumer, stream};
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    ensure_coordination_stream(&js).await;
+    let coordination = js.get_stream(COORDINATION).await.expect("stream");
+    coordination
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("choco-conch".into()),
+            filter_subject: "choco.events.coordination.>".into(),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_deliver: 9,
+            ack_wait: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .await
+        .expect("drifted consumer");
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+    let info = coordination
+        .consumer_info("choco-conch")
+        .await
+        .expect("consumer");
+    assert_eq!(info.config.max_deliver, 3, "updated to the configuration");
+    assert_eq!(info.config.ack_wait, Duration::from_secs(30));
+    assert!(!factory.logs_containing("drifted").is_empty());
+    drop(factory);
+
+    // The same room against a stream it cannot use: memory storage.
+    let other = Nats::start().await;
+    let (_client, js) = other.client().await;
+    js.create_stream(stream::Config {
+        name: COORDINATION.into(),
+        subjects: vec!["choco.events.coordination.>".into()],
+        storage: stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .expect("conflicting stream");
+    let factory = Factory::start(&other.url()).await;
+    let url = factory.url("/readyz");
+    wait_until(Duration::from_secs(10), || async {
+        !factory.logs_containing("Memory storage").is_empty()
+    })
+    .await;
+    assert_eq!(reqwest::get(&url).await.expect("readyz").status(), 503);
+    let line = factory.logs_containing("Memory storage").remove(0);
+    assert!(line.contains("choco:events:coordination"), "{line}");
+}
