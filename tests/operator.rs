@@ -221,3 +221,52 @@ async fn publish_and_tail_round_trip_an_event() {
     );
     assert!(!ok && err.contains("--type"), "{err}");
 }
+
+/// Every room answers the NATS micro protocol, so standard tooling lists them.
+#[tokio::test]
+async fn srv_ping_finds_the_four_rooms() {
+    let nats = Nats::start().await;
+    let mut env = vec![
+        ("CHOCO_NATS__URL".to_string(), nats.url()),
+        ("CHOCO_LOG__FORMAT".to_string(), "json".to_string()),
+    ];
+    for room in ["WINNOWER", "CONCH", "MOULD", "WRAPPER"] {
+        for port in ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"] {
+            env.push((format!("CHOCO_ROOMS__{room}__{port}"), "0".into()));
+        }
+    }
+    let _factory = Factory::start_with(env, &["serve"]).await;
+    let (client, _js) = nats.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let names = loop {
+        let inbox = client.new_inbox();
+        let mut replies = client.subscribe(inbox.clone()).await.expect("subscribe");
+        client
+            .publish_with_reply("$SRV.PING", inbox, "".into())
+            .await
+            .expect("ping");
+        let mut names: Vec<String> = Vec::new();
+        while let Ok(Some(reply)) = tokio::time::timeout(
+            Duration::from_millis(300),
+            futures::StreamExt::next(&mut replies),
+        )
+        .await
+        {
+            // An empty reply is the server's "no responders" status.
+            if reply.payload.is_empty() {
+                continue;
+            }
+            let pong: Value = serde_json::from_slice(&reply.payload).expect("json");
+            names.push(pong["name"].as_str().unwrap_or_default().to_string());
+        }
+        names.sort();
+        if names.len() == 4 || std::time::Instant::now() > deadline {
+            break names;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        names,
+        ["the-conch", "the-mould", "the-winnower", "the-wrapper"]
+    );
+}

@@ -225,8 +225,11 @@ pub async fn run(
 /// failure, marks the room not ready and tries again with backoff.
 async fn supervise(engine: Arc<Engine>, state: Arc<RoomState>, intake: CancellationToken) {
     let mut backoff = Backoff::default();
+    // NATS service discovery (`$SRV.PING|INFO|STATS`), started once the
+    // room first binds and kept for the life of the process.
+    let mut discovery: Option<async_nats::service::Service> = None;
     loop {
-        let attempt = attempt(&engine, &state, &intake, &mut backoff).await;
+        let attempt = attempt(&engine, &state, &intake, &mut backoff, &mut discovery).await;
         state.set_bound(false);
         engine.metrics.ready.set(0);
         match attempt {
@@ -248,6 +251,7 @@ async fn attempt(
     state: &RoomState,
     intake: &CancellationToken,
     backoff: &mut Backoff,
+    discovery: &mut Option<async_nats::service::Service>,
 ) -> Result<(), AttemptError> {
     let settings = &engine.settings;
     let nats = &engine.nats;
@@ -274,12 +278,46 @@ async fn attempt(
         _ = intake.cancelled() => return Ok(()),
         consumer = setup => consumer?,
     };
+    if discovery.is_none() {
+        match announce(engine).await {
+            Ok(service) => *discovery = Some(service),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot answer NATS service discovery; will try again")
+            }
+        }
+    }
     state.set_bound(true);
     engine.metrics.ready.set(1);
     backoff.reset();
     tracing::info!(consumer = %settings.durable_name, "consumer bound; room ready");
     engine.clone().run(consumer, intake.clone()).await?;
     Ok(())
+}
+
+/// Registers the room with the NATS micro protocol, so `nats micro ls` and
+/// `$SRV.PING` list it with its label, domain, stream and consumer.
+async fn announce(engine: &Engine) -> Result<async_nats::service::Service, async_nats::Error> {
+    use async_nats::service::ServiceExt;
+    let settings = &engine.settings;
+    let metadata = [
+        ("room", settings.name.as_str()),
+        ("factory.room", settings.label.as_str()),
+        ("domain", settings.domain.as_str()),
+        ("subject_prefix", settings.subject_prefix.as_str()),
+        ("stream", settings.stream.as_str()),
+        ("consumer", settings.durable_name.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    engine
+        .js
+        .client()
+        .service_builder()
+        .description(format!("{} ({})", settings.service, settings.label))
+        .metadata(metadata)
+        .start(settings.service.clone(), env!("CARGO_PKG_VERSION"))
+        .await
 }
 
 /// Serves one listener until `stop`; if the server fails, reports the room
