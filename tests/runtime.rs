@@ -492,3 +492,79 @@ async fn drifted_consumers_are_updated_and_conflicting_streams_refused() {
     let line = factory.logs_containing("Memory storage").remove(0);
     assert!(line.contains("choco:events:coordination"), "{line}");
 }
+
+/// Under systemd (`Type=notify`): READY=1 once every room is ready,
+/// STOPPING=1 when a SIGTERM starts the shutdown.
+#[tokio::test]
+async fn systemd_hears_ready_and_stopping() {
+    let nats = Nats::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    let mut env = conch_env(&nats.url());
+    env.push(("NOTIFY_SOCKET".into(), socket_path.display().to_string()));
+    let mut factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+
+    let mut buf = vec![0u8; 4096];
+    let mut heard = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !heard.contains("READY=1") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let n = tokio::time::timeout(left, socket.recv(&mut buf))
+            .await
+            .expect("READY=1 in time")
+            .expect("recv");
+        heard.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // Ready means ready: the room answers /readyz with 200 by now.
+    assert_eq!(
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .expect("readyz")
+            .status(),
+        200
+    );
+
+    factory.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut stopping = String::new();
+    while !stopping.contains("STOPPING=1") {
+        let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
+            .await
+            .expect("STOPPING=1")
+            .expect("recv");
+        stopping.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(factory.wait_exit(Duration::from_secs(20)).await.success());
+}
+
+/// The unit files pass `systemd-analyze verify` (systemd ships on this
+/// machine kind), with ExecStart pointed at the binary under test.
+#[test]
+fn systemd_units_verify() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (source, instance) in [
+        (
+            "deploy/systemd/choco-factory.service",
+            "choco-factory.service",
+        ),
+        (
+            "deploy/systemd/choco-factory@.service",
+            "choco-factory@conch.service",
+        ),
+    ] {
+        let unit = std::fs::read_to_string(source)
+            .expect("unit file")
+            .replace("/usr/local/bin/choco-factory", BIN);
+        let path = dir.path().join(instance);
+        std::fs::write(&path, unit).expect("write");
+        let output = std::process::Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .expect("systemd-analyze (from the systemd package)");
+        let said = String::from_utf8_lossy(&output.stderr).into_owned()
+            + &String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{instance}: {said}");
+        assert!(!said.contains(instance), "{instance} has warnings: {said}");
+    }
+}

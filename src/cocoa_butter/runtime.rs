@@ -100,6 +100,7 @@ pub async fn run(
         .build(client.clone());
 
     let intake = CancellationToken::new();
+    let mut states: Vec<Arc<RoomState>> = Vec::new();
     let stop_servers = CancellationToken::new();
     let consumers = TaskTracker::new();
     let servers = TaskTracker::new();
@@ -118,6 +119,7 @@ pub async fn run(
             .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
         let metrics = RoomMetrics::new(&settings.name);
         let state = Arc::new(RoomState::new(client.clone()));
+        states.push(state.clone());
         let grpc = room.clone().grpc_service();
         let info = Arc::new(RoomInfo {
             room: settings.name.clone(),
@@ -197,9 +199,12 @@ pub async fn run(
     }
     consumers.close();
     servers.close();
+    let notifier = tokio::spawn(notify_systemd(states, shutdown.clone()));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down: finishing in-flight work");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    notifier.abort();
     intake.cancel();
     let grace = config.factory.shutdown_grace;
     if tokio::time::timeout(grace, consumers.wait()).await.is_err() {
@@ -219,6 +224,39 @@ pub async fn run(
     servers.wait().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) when every enabled room is ready, and pings
+/// its watchdog while the runtime is alive. Without `NOTIFY_SOCKET` the
+/// notifications are no-ops.
+async fn notify_systemd(states: Vec<Arc<RoomState>>, shutdown: CancellationToken) {
+    use sd_notify::NotifyState;
+    let mut announced = false;
+    let watchdog = sd_notify::watchdog_enabled();
+    let tick = watchdog.map_or(Duration::from_millis(100), |w| {
+        (w / 2).min(Duration::from_millis(100))
+    });
+    let mut last_ping = std::time::Instant::now();
+    loop {
+        if !announced && states.iter().all(|state| state.ready()) {
+            let status = format!("{} room(s) ready", states.len());
+            if let Err(err) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)])
+            {
+                tracing::warn!(error = %err, "cannot notify systemd");
+            }
+            announced = true;
+        }
+        if let Some(interval) = watchdog
+            && last_ping.elapsed() >= interval / 2
+        {
+            let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            last_ping = std::time::Instant::now();
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
 }
 
 /// Keeps one room's consumer running: provisions, binds, consumes; after a
