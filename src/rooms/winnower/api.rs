@@ -36,7 +36,7 @@ async fn winnow_http(State(winnower): State<Arc<Winnower>>, body: Bytes) -> Resp
         Ok(request) => request,
         Err(err) => return err.into_response(),
     };
-    match winnower.winnow(&request) {
+    match winnower.winnow(request).await {
         Ok(report) => axum::Json(report).into_response(),
         Err(err) => bad_request(err.field, &err.to_string()),
     }
@@ -168,7 +168,8 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
         };
         let report = self
             .winnower
-            .winnow(&request)
+            .winnow(request)
+            .await
             .map_err(|err| invalid_argument(err.field, &err.message))?;
         Ok(tonic::Response::new(report_to_pb(report)))
     }

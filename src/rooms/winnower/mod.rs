@@ -172,7 +172,7 @@ struct BlockRecord {
 pub struct Winnower {
     settings: WinnowerSettings,
     gate: Gate,
-    rules: SlopRules,
+    rules: Arc<SlopRules>,
     blocks: KvBucket,
 }
 
@@ -187,7 +187,7 @@ impl Winnower {
         Ok(Winnower {
             settings: loaded.settings,
             gate: loaded.gate,
-            rules: loaded.rules,
+            rules: Arc::new(loaded.rules),
             blocks,
         })
     }
@@ -198,7 +198,9 @@ impl Winnower {
     }
 
     /// Scores one document: the same path for the event and the APIs.
-    pub fn winnow(&self, request: &SlopRequest) -> Result<SlopReport, FieldError> {
+    /// Scoring is CPU work (tens of milliseconds for a MiB), so it runs off
+    /// the async workers.
+    pub async fn winnow(&self, request: SlopRequest) -> Result<SlopReport, FieldError> {
         if request.document_id.trim().is_empty() {
             return Err(FieldError {
                 field: "document_id",
@@ -225,9 +227,16 @@ impl Winnower {
                 ),
             });
         }
-        let scored = self.rules.score(&request.content, markdown);
+        let rules = self.rules.clone();
+        let content = request.content;
+        let scored = tokio::task::spawn_blocking(move || rules.score(&content, markdown))
+            .await
+            .map_err(|err| FieldError {
+                field: "content",
+                message: format!("scoring failed: {err}"),
+            })?;
         Ok(SlopReport {
-            document_id: request.document_id.clone(),
+            document_id: request.document_id,
             slop: scored.score >= self.settings.threshold,
             score: scored.score,
             threshold: self.settings.threshold,
@@ -332,9 +341,9 @@ impl Winnower {
         }
     }
 
-    fn handle_requested(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+    async fn handle_requested(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
         let request: SlopRequest = event.payload()?;
-        let report = self.winnow(&request).map_err(|err| {
+        let report = self.winnow(request).await.map_err(|err| {
             let reason = if err.field == "content" && err.message.starts_with("content_too_large") {
                 "content_too_large"
             } else {
@@ -387,7 +396,7 @@ impl Room for Winnower {
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
         match event.action.as_str() {
             SMARTBLOCK_CREATED => self.handle_smartblock(event).await,
-            _ => self.handle_requested(event),
+            _ => self.handle_requested(event).await,
         }
     }
 
