@@ -281,10 +281,6 @@ impl RoomSettings {
         format!("{}.{}", self.domain, action)
     }
 
-    pub fn subject(&self, action: &str) -> String {
-        format!("{}{}", self.subject_base, action)
-    }
-
     /// A path from the room's settings, relative ones taken from `base_dir`.
     pub fn resolve_path(&self, path: &Path) -> PathBuf {
         if path.is_absolute() {

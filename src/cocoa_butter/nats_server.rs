@@ -93,10 +93,6 @@ impl ManagedNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
     fn log_path(&self) -> PathBuf {
         self.data_dir.join("nats-server.log")
     }

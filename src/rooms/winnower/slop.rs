@@ -188,10 +188,6 @@ impl SlopRules {
         })
     }
 
-    pub fn rules(&self) -> &[RuleConfig] {
-        &self.rules
-    }
-
     /// Scores `content`; `markdown` enables code masking and heading rules.
     pub fn score(&self, content: &str, markdown: bool) -> Score {
         let code = if markdown {
