@@ -286,8 +286,21 @@ async fn a_redelivered_event_leaves_exactly_one_output() {
     // the conch's receipts and the outputs' derived ids must.
     publish_raw(&js, REQUESTED, "again-1", event.encode()).await;
     publish_raw(&js, REQUESTED, "again-2", event.encode()).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Both copies are handled (nothing pending) ...
+    let stream = js.get_stream(COORDINATION).await.expect("stream");
+    wait_until(WAIT, || async {
+        let info = stream.consumer_info("choco-conch").await.expect("consumer");
+        info.num_ack_pending == 0 && info.num_pending == 0
+    })
+    .await;
+    // ... as the same event: a re-applied write would have met revision 1
+    // with base 0 and shown up as a conflict.
     exactly(&js, COORDINATION, COMPLETED, 1).await;
+    assert!(
+        read_all(&js, COORDINATION, DETECTED).await.is_empty(),
+        "re-handled, not re-applied"
+    );
+    assert!(read_all(&js, COORDINATION, RESOLVED).await.is_empty());
     let props: Value = reqwest::get(factory.url("/v1/documents/doc-twice/properties"))
         .await
         .expect("get")
