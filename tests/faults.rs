@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 
 const EVENTS: usize = 600;
 
@@ -16,26 +15,6 @@ fn fast_env(nats_url: &str) -> Vec<(String, String)> {
     env.push(("CHOCO_CONSUMER__ACK_WAIT".into(), "2s".into()));
     env.push(("CHOCO_CONSUMER__HEARTBEAT".into(), "500ms".into()));
     env
-}
-
-async fn publish_independent_writes(js: &async_nats::jetstream::Context, prefix: &str) {
-    ensure_coordination_stream(js).await;
-    for i in 0..EVENTS {
-        let doc = format!("{prefix}-{}", i % 40);
-        let event = envelope(
-            "coordination.property_sync.requested",
-            &doc,
-            &sync_payload(
-                &doc,
-                &format!("p{i}"),
-                json!(i),
-                0,
-                "ann",
-                "2026-03-01T10:00:00Z",
-            ),
-        );
-        publish(js, REQUESTED, &event).await;
-    }
 }
 
 /// Every input produced exactly one `completed`, applied exactly once.
@@ -67,7 +46,7 @@ async fn assert_exactly_once(js: &async_nats::jetstream::Context) {
 async fn the_runtime_killed_mid_batch_loses_and_doubles_nothing() {
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
-    publish_independent_writes(&js, "kill").await;
+    publish_independent_writes(&js, "kill", EVENTS, 40).await;
 
     let env = fast_env(&nats.url());
     let mut first = Factory::start_with(env.clone(), &["serve", "--rooms", "conch"]).await;
@@ -86,7 +65,7 @@ async fn nats_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled() {
     let port = free_port();
     let mut nats = Nats::start_durable(port, true).await;
     let (_client, js) = nats.client().await;
-    publish_independent_writes(&js, "nats").await;
+    publish_independent_writes(&js, "nats", EVENTS, 40).await;
     drop(js);
 
     let factory = Factory::start_with(fast_env(&nats.url()), &["serve", "--rooms", "conch"]).await;

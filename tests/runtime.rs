@@ -317,24 +317,8 @@ fn config_show_names_the_source_of_each_value() {
 async fn sigterm_drains_in_flight_work_and_exits_zero() {
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
-    ensure_coordination_stream(&js).await;
     let total = 300;
-    for i in 0..total {
-        let doc = format!("drain-{}", i % 30);
-        let event = envelope(
-            "coordination.property_sync.requested",
-            &doc,
-            &sync_payload(
-                &doc,
-                &format!("p{i}"),
-                json!(i),
-                0,
-                "ann",
-                "2026-01-01T00:00:00Z",
-            ),
-        );
-        publish(&js, REQUESTED, &event).await;
-    }
+    publish_independent_writes(&js, "drain", total, 30).await;
     // A short ack_wait so the messages the first process had buffered come
     // back quickly for the second.
     let mut env = conch_env(&nats.url());

@@ -79,6 +79,20 @@ async fn outputs_for(
     }
 }
 
+/// Asks for the resolution of the launch notes (CONTENT).
+async fn request_launch(js: &async_nats::jetstream::Context) {
+    let payload = json!({"document_id": "doc-launch", "repo": "choco-hq",
+                         "path": "docs/notes/launch.md", "content": CONTENT});
+    send(
+        js,
+        REQUESTED_R,
+        "resolution.requested",
+        "doc-launch",
+        payload,
+    )
+    .await;
+}
+
 const CONTENT: &str = "# Launch notes\n\nShipping the #Golden_Ticket flow with the #fudge-room team; see #goldn-ticket too.\n\n\
 `#in-code` is not a tag.\n\n```\n#not-a-tag\n```\n\n\
 - [setup](repo://choco-vault/docs/setup.md#install)\n\
@@ -115,14 +129,7 @@ async fn tags_and_links_resolve_against_the_index() {
     })
     .await;
 
-    send(
-        &js,
-        REQUESTED_R,
-        "resolution.requested",
-        "doc-launch",
-        json!({"document_id": "doc-launch", "repo": "choco-hq", "path": "docs/notes/launch.md", "content": CONTENT}),
-    )
-    .await;
+    request_launch(&js).await;
     let (tags, links, summary) = outputs_for(&js, "doc-launch", 1).await;
 
     let by_tag: HashMap<String, &Value> = tags
@@ -190,14 +197,7 @@ async fn tags_and_links_resolve_against_the_index() {
     );
 
     // The same request again publishes nothing new.
-    send(
-        &js,
-        REQUESTED_R,
-        "resolution.requested",
-        "doc-launch",
-        json!({"document_id": "doc-launch", "repo": "choco-hq", "path": "docs/notes/launch.md", "content": CONTENT}),
-    )
-    .await;
+    request_launch(&js).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (tags_again, links_again, summary_again) = outputs_for(&js, "doc-launch", 1).await;
     assert_eq!(
@@ -216,14 +216,7 @@ async fn tags_and_links_resolve_against_the_index() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    send(
-        &js,
-        REQUESTED_R,
-        "resolution.requested",
-        "doc-launch",
-        json!({"document_id": "doc-launch", "repo": "choco-hq", "path": "docs/notes/launch.md", "content": CONTENT}),
-    )
-    .await;
+    request_launch(&js).await;
     let (tags, links, summary) = outputs_for(&js, "doc-launch", 2).await;
     let latest = summary.last().expect("summary");
     assert_eq!(latest["unresolved"], 0, "{summary:?}");

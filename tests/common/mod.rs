@@ -326,6 +326,30 @@ pub async fn wait_for(
     }
 }
 
+/// Publishes `count` writes that cannot conflict (each its own property,
+/// spread over `documents` documents): each must yield one `completed`.
+pub async fn publish_independent_writes(
+    js: &jetstream::Context,
+    prefix: &str,
+    count: usize,
+    documents: usize,
+) {
+    ensure_coordination_stream(js).await;
+    for i in 0..count {
+        let doc = format!("{prefix}-{}", i % documents);
+        let payload = sync_payload(
+            &doc,
+            &format!("p{i}"),
+            serde_json::json!(i),
+            0,
+            "ann",
+            "2026-03-01T10:00:00Z",
+        );
+        let event = envelope("coordination.property_sync.requested", &doc, &payload);
+        publish(js, REQUESTED, &event).await;
+    }
+}
+
 /// Waits for `count` messages, then makes sure no more arrive.
 pub async fn exactly(
     js: &jetstream::Context,
