@@ -21,6 +21,17 @@ pub fn kv_key(id: &str) -> String {
     }
 }
 
+/// The id a key was made from by [`kv_key`].
+pub fn id_from_kv_key(key: &str) -> Option<String> {
+    match key.strip_prefix('=') {
+        Some(encoded) => base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(encoded)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok()),
+        None => Some(key.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,5 +47,8 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         );
         assert_ne!(kv_key("=x"), "=x");
+        for id in ["doc-1_a", "docs/readme.md", "=x", "crème brûlée"] {
+            assert_eq!(id_from_kv_key(&kv_key(id)).as_deref(), Some(id));
+        }
     }
 }

@@ -27,7 +27,7 @@ use extract::{RepoLink, extract, github_slug, tag_key};
 
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
-use crate::cocoa_butter::keys::kv_key;
+use crate::cocoa_butter::keys::{id_from_kv_key, kv_key};
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
     bus::KvBucket,
@@ -350,43 +350,45 @@ impl Wrapper {
                 }),
         )
         .await?;
-        // Unknown tags are compared with every spelling key of every known
-        // tag; the suggestion is the canonical id.
-        let spellings: Vec<(String, String)> = if found.iter().any(Option::is_none) {
-            self.list_tags()
-                .await?
-                .into_iter()
-                .flat_map(|record| {
-                    let canonical = record.tag.clone();
-                    std::iter::once(record.tag)
-                        .chain(record.aliases)
-                        .map(move |name| (tag_key(&name), canonical.clone()))
-                })
-                .collect()
+        // Unknown tags are compared with every known spelling, read from the
+        // bucket's keys alone (one entry per spelling); only the nearest one
+        // is then fetched, for its canonical id.
+        let spellings: Vec<String> = if found.iter().any(Option::is_none) {
+            let keys: Vec<String> =
+                futures::TryStreamExt::try_collect(store.keys().await.map_err(HandleError::transient)?)
+                    .await
+                    .map_err(HandleError::transient)?;
+            keys.iter().filter_map(|key| id_from_kv_key(key)).collect()
         } else {
             Vec::new()
         };
-        Ok(tags
-            .iter()
-            .zip(found)
-            .map(|(tag, record)| match record {
+        let mut resolutions = Vec::with_capacity(tags.len());
+        for (tag, record) in tags.iter().zip(found) {
+            resolutions.push(match record {
                 Some((record, _)) => TagResolution {
                     tag: tag.clone(),
                     canonical: Some(record.tag),
                     status: "resolved",
                     suggestion: None,
                 },
-                None => TagResolution {
-                    tag: tag.clone(),
-                    canonical: None,
-                    status: "unknown",
-                    suggestion: nearest(
-                        &tag_key(tag),
-                        spellings.iter().map(|(key, canonical)| (key.as_str(), canonical.as_str())),
-                    ),
-                },
-            })
-            .collect())
+                None => {
+                    let nearest_spelling = nearest(&tag_key(tag), same(spellings.iter().map(String::as_str)));
+                    let suggestion = match nearest_spelling {
+                        Some(spelling) => Self::get_json::<TagRecord>(store, &kv_key(&spelling))
+                            .await?
+                            .map(|(record, _)| record.tag),
+                        None => None,
+                    };
+                    TagResolution {
+                        tag: tag.clone(),
+                        canonical: None,
+                        status: "unknown",
+                        suggestion,
+                    }
+                }
+            });
+        }
+        Ok(resolutions)
     }
 
     async fn verify_links(&self, links: &[RepoLink]) -> Result<Vec<LinkVerification>, HandleError> {
