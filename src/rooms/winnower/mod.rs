@@ -260,10 +260,12 @@ impl Winnower {
         })
     }
 
+    /// Accepted less than the window ago (a record from the future, by
+    /// clock skew, counts as recent).
     fn within_window(&self, record: &BlockRecord) -> bool {
         let age = Utc::now().signed_duration_since(record.accepted_at);
-        age.to_std().is_ok_and(|age| age < self.settings.idempotency_window)
-            || age < chrono::TimeDelta::zero()
+        chrono::TimeDelta::from_std(self.settings.idempotency_window)
+            .map_or(true, |window| age < window)
     }
 
     /// Steps 5 and 7 at once: record the acceptance unless the block was
