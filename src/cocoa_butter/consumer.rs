@@ -273,6 +273,12 @@ impl Engine {
             _slot: slot,
         };
         let Ok(mut lanes_guard) = lanes.lock() else {
+            // Only a panic while holding the lock poisons it; the message is
+            // left unacknowledged and comes back after ack_wait.
+            tracing::error!(
+                sequence,
+                "lane table poisoned; leaving the message for redelivery"
+            );
             return;
         };
         let job = match lanes_guard.get(&aggregate) {
