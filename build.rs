@@ -1,6 +1,7 @@
 //! Compiles every contract under `proto/` with a pure-Rust protobuf compiler
 //! (protox), so building needs no system `protoc`. The encoded descriptor set
-//! is kept in OUT_DIR for gRPC server reflection.
+//! is kept in OUT_DIR for gRPC server reflection. Also stamps the commit the
+//! binary is built from into `BUILD_GIT_SHA`, for `choco_build_info`.
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +22,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;
+
+    println!("cargo:rustc-env=BUILD_GIT_SHA={}", git_sha());
     Ok(())
+}
+
+/// `GIT_SHA` when the build is given one (a container build has no `.git`),
+/// else the checkout's commit, else `unknown`. (Not a `CHOCO_` name: cargo
+/// also sets it when running tests, and `CHOCO_` variables are configuration.)
+fn git_sha() -> String {
+    println!("cargo:rerun-if-env-changed=GIT_SHA");
+    if let Ok(sha) = std::env::var("GIT_SHA")
+        && !sha.trim().is_empty()
+    {
+        return sha.trim().to_string();
+    }
+    // Rebuild the stamp when the checkout moves to another commit. (A path
+    // that does not exist would rerun this script on every build.)
+    if Path::new(".git/HEAD").exists() {
+        println!("cargo:rerun-if-changed=.git/HEAD");
+    }
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD")
+        && let Some(reference) = head.trim().strip_prefix("ref: ")
+        && Path::new(".git").join(reference).exists()
+    {
+        println!("cargo:rerun-if-changed=.git/{reference}");
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|sha| sha.trim().to_string())
+        .filter(|sha| !sha.is_empty())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {

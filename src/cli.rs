@@ -547,12 +547,17 @@ fn emit(text: &str) -> anyhow::Result<()> {
 }
 
 fn serve(config: ValidatedConfig, dev: Option<&DevArgs>) -> anyhow::Result<()> {
-    telemetry::init_logging(&config.factory.log)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Inside the runtime: the span exporter runs on it.
+        let telemetry = telemetry::init(&config.factory.log, &config.factory.tracing)
+            .map_err(|err| ConfigRefused(err.to_string()))?;
+        if telemetry.exporting() {
+            tracing::info!("exporting traces over OTLP");
+        }
         let mut managed = match dev {
             Some(args) => Some(start_dev_nats(args).await?),
             None => None,
@@ -563,6 +568,7 @@ fn serve(config: ValidatedConfig, dev: Option<&DevArgs>) -> anyhow::Result<()> {
         if let Some(nats) = managed.as_mut() {
             nats.stop().await;
         }
+        telemetry.shutdown().await;
         result.map_err(|err| match err {
             runtime::RuntimeError::Refused(_) | runtime::RuntimeError::Bind(_) => {
                 anyhow::Error::new(ConfigRefused(err.to_string()))

@@ -2,17 +2,23 @@
 //! connection, streams and consumers (created when missing, checked for
 //! drift when present), publishing envelopes and dead letters.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use futures::future::try_join_all;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use super::config::{NatsConfig, RoomSettings};
 use super::envelope::{Cause, EventEnvelope};
+use super::metrics::{ConnectionMetrics, RoomMetrics, StoreLabels};
 use super::room::Outbound;
+use super::telemetry::{self, propagation};
 
 /// Headers the runtime writes on every dead letter.
 pub mod dlq_headers {
@@ -59,17 +65,38 @@ fn unavailable(err: impl std::fmt::Display) -> BusError {
 
 /// Connects without waiting for the server: the client keeps retrying in
 /// the background and the rooms report not-ready until it is connected.
-pub async fn connect(nats: &NatsConfig) -> Result<async_nats::Client, BusError> {
+/// The connection's state and reconnects go to `metrics`.
+pub async fn connect(
+    nats: &NatsConfig,
+    metrics: &ConnectionMetrics,
+) -> Result<async_nats::Client, BusError> {
+    let metrics = metrics.clone();
+    let was_connected = Arc::new(AtomicBool::new(false));
     async_nats::ConnectOptions::new()
         .name(&nats.connection_name)
         .retry_on_initial_connect()
         .max_reconnects(None)
         .request_timeout(Some(nats.request_timeout))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
-                other => tracing::info!(event = %other, "NATS connection event"),
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            let was_connected = was_connected.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        metrics.connected.set(1);
+                        if was_connected.swap(true, Ordering::AcqRel) {
+                            metrics.reconnects.inc();
+                            tracing::info!("reconnected to NATS");
+                        } else {
+                            tracing::info!("connected to NATS");
+                        }
+                    }
+                    async_nats::Event::Disconnected => {
+                        metrics.connected.set(0);
+                        tracing::warn!("disconnected from NATS");
+                    }
+                    other => tracing::info!(event = %other, "NATS connection event"),
+                }
             }
         })
         .connect(nats.url.as_str())
@@ -270,12 +297,17 @@ pub async fn bind_consumer(
 /// Publishes a room's outputs as envelopes on its prefix, with ids derived
 /// from their cause so that publishing the same outputs again is dropped by
 /// JetStream's duplicate window.
+///
+/// Each publish carries the trace context of the work that caused it
+/// (`traceparent`), gets a producer span when tracing is on, and is
+/// counted and timed.
 #[derive(Clone)]
 pub struct Publisher {
     js: jetstream::Context,
     subject_base: String,
     domain: String,
     service: String,
+    metrics: RoomMetrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,12 +318,13 @@ pub struct PublishError {
 }
 
 impl Publisher {
-    pub fn new(js: jetstream::Context, room: &RoomSettings) -> Self {
+    pub fn new(js: jetstream::Context, room: &RoomSettings, metrics: RoomMetrics) -> Self {
         Publisher {
             js,
             subject_base: room.subject_base.clone(),
             domain: room.domain.clone(),
             service: room.service.clone(),
+            metrics,
         }
     }
 
@@ -308,6 +341,22 @@ impl Publisher {
             let event_id = cause.output_id(index);
             let subject = format!("{}{}", self.subject_base, output.action);
             let event_type = format!("{}.{}", self.domain, output.action);
+            let span = if telemetry::tracing_enabled() {
+                tracing::info_span!(
+                    "nats.publish",
+                    otel.name = %format!("send {subject}"),
+                    otel.kind = "producer",
+                    otel.status_code = tracing::field::Empty,
+                    messaging.system = "nats",
+                    messaging.operation.type = "send",
+                    messaging.destination.name = %subject,
+                    messaging.message.id = %event_id,
+                    event_id = %event_id,
+                    aggregate_id = %output.aggregate_id,
+                )
+            } else {
+                tracing::Span::none()
+            };
             let payload = serde_json::to_vec(&output.payload).map_err(|err| PublishError {
                 subject: subject.clone(),
                 reason: err.to_string(),
@@ -328,25 +377,49 @@ impl Publisher {
                 ),
                 None => event_id.to_string(),
             };
+            let mut headers = HeaderMap::new();
+            headers.insert(event_headers::EVENT_TYPE, event_type.as_str());
+            headers.insert(event_headers::CORRELATION_ID, cause.correlation_id.as_str());
+            span.in_scope(propagation::outgoing)
+                .write_nats(&mut headers);
+            // `headers` replaces the whole map: it must come before the id.
             let message = jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(envelope.encode()))
-                .message_id(message_id)
-                .header(event_headers::EVENT_TYPE, event_type.as_str())
-                .header(event_headers::CORRELATION_ID, cause.correlation_id.as_str());
-            let ack = self
+                .headers(headers)
+                .message_id(message_id);
+            let started = Instant::now();
+            let sent = self
                 .js
                 .send_publish(subject.clone(), message)
-                .await
-                .map_err(|err| PublishError {
-                    subject: subject.clone(),
-                    reason: err.to_string(),
-                })?;
-            acks.push(async move {
-                ack.await.map_err(|err| PublishError {
-                    subject,
-                    reason: err.to_string(),
-                })
-            });
+                .instrument(span.clone())
+                .await;
+            let ack = match sent {
+                Ok(ack) => ack,
+                Err(err) => {
+                    self.metrics.published(&event_type, false, 0.0);
+                    span.set_status(opentelemetry::trace::Status::error(err.to_string()));
+                    return Err(PublishError {
+                        subject,
+                        reason: err.to_string(),
+                    });
+                }
+            };
+            let metrics = self.metrics.clone();
+            acks.push(
+                async move {
+                    let acked = ack.await;
+                    metrics.published(&event_type, acked.is_ok(), started.elapsed().as_secs_f64());
+                    acked.map_err(|err| {
+                        tracing::Span::current()
+                            .set_status(opentelemetry::trace::Status::error(err.to_string()));
+                        PublishError {
+                            subject,
+                            reason: err.to_string(),
+                        }
+                    })
+                }
+                .instrument(span),
+            );
             ids.push(event_id);
         }
         try_join_all(acks).await?;
@@ -425,19 +498,36 @@ fn header_safe(detail: &str) -> HeaderValue {
 /// A room's key-value bucket: named at build time, opened (and created
 /// when missing: file storage, one revision per key) by `Room::prepare`
 /// once NATS is reachable, then shared by every handler and API call.
+/// Every operation is timed into the room's metrics and, with tracing on,
+/// gets a client span.
 pub struct KvBucket {
     js: jetstream::Context,
     bucket: String,
     description: &'static str,
-    store: tokio::sync::OnceCell<jetstream::kv::Store>,
+    metrics: Option<RoomMetrics>,
+    store: tokio::sync::OnceCell<kv::Store>,
 }
 
 impl KvBucket {
+    /// A bucket of a room, observed in the room's metrics.
+    pub fn for_room(
+        ctx: &super::room::RoomContext,
+        bucket: &str,
+        description: &'static str,
+    ) -> Self {
+        KvBucket {
+            metrics: Some(ctx.metrics.clone()),
+            ..KvBucket::new(ctx.jetstream.clone(), bucket, description)
+        }
+    }
+
+    /// A bucket outside any room (the operator's tools).
     pub fn new(js: jetstream::Context, bucket: &str, description: &'static str) -> Self {
         KvBucket {
             js,
             bucket: bucket.to_string(),
             description,
+            metrics: None,
             store: tokio::sync::OnceCell::new(),
         }
     }
@@ -450,7 +540,7 @@ impl KvBucket {
                     return Ok(store);
                 }
                 self.js
-                    .create_key_value(jetstream::kv::Config {
+                    .create_key_value(kv::Config {
                         bucket: self.bucket.clone(),
                         description: self.description.to_string(),
                         history: 1,
@@ -470,31 +560,155 @@ impl KvBucket {
     }
 
     /// The open bucket; before `open`, a transient failure (retried).
-    pub fn store(&self) -> Result<&jetstream::kv::Store, super::room::HandleError> {
-        self.store.get().ok_or_else(|| {
+    pub fn store(&self) -> Result<Kv<'_>, super::room::HandleError> {
+        let store = self.store.get().ok_or_else(|| {
             super::room::HandleError::transient(format!(
                 "key-value bucket {} is not open yet",
                 self.bucket
             ))
+        })?;
+        Ok(Kv {
+            store,
+            observer: StoreObserver {
+                store: "kv",
+                bucket: &self.bucket,
+                metrics: self.metrics.as_ref(),
+            },
         })
     }
 }
 
+/// Times one store operation into the metrics and wraps it in a span.
+#[derive(Clone, Copy)]
+struct StoreObserver<'a> {
+    store: &'static str,
+    bucket: &'a str,
+    metrics: Option<&'a RoomMetrics>,
+}
+
+impl StoreObserver<'_> {
+    /// `conflict` tells a lost compare-and-set from a failure.
+    async fn observe<T, E: std::fmt::Display>(
+        self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, E>>,
+        conflict: impl FnOnce(&E) -> bool,
+    ) -> Result<T, E> {
+        let span = if telemetry::tracing_enabled() {
+            tracing::info_span!(
+                "store",
+                otel.name = %format!("{} {operation} {}", self.store, self.bucket),
+                otel.kind = "client",
+                otel.status_code = tracing::field::Empty,
+                db.system.name = "nats",
+                db.collection.name = %self.bucket,
+                db.operation.name = operation,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let started = Instant::now();
+        let result = work.instrument(span.clone()).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(err) if conflict(err) => "conflict",
+            Err(err) => {
+                span.set_status(opentelemetry::trace::Status::error(err.to_string()));
+                "error"
+            }
+        };
+        if let Some(metrics) = self.metrics {
+            metrics.store_operation(
+                StoreLabels {
+                    store: self.store,
+                    bucket: self.bucket.to_string(),
+                    operation,
+                    outcome,
+                },
+                started.elapsed().as_secs_f64(),
+            );
+        }
+        result
+    }
+}
+
+/// An open key-value bucket: the operations rooms use, observed.
+#[derive(Clone, Copy)]
+pub struct Kv<'a> {
+    store: &'a kv::Store,
+    observer: StoreObserver<'a>,
+}
+
+impl Kv<'_> {
+    pub async fn entry(&self, key: impl Into<String>) -> Result<Option<kv::Entry>, kv::EntryError> {
+        self.observer
+            .observe("entry", self.store.entry(key), |_| false)
+            .await
+    }
+
+    pub async fn get(&self, key: impl Into<String>) -> Result<Option<Bytes>, kv::EntryError> {
+        self.observer
+            .observe("get", self.store.get(key), |_| false)
+            .await
+    }
+
+    pub async fn put(&self, key: impl AsRef<str>, value: Bytes) -> Result<u64, kv::PutError> {
+        self.observer
+            .observe("put", self.store.put(key, value), |_| false)
+            .await
+    }
+
+    /// Writes `key` only if it has no value yet.
+    pub async fn create(&self, key: impl AsRef<str>, value: Bytes) -> Result<u64, kv::CreateError> {
+        self.observer
+            .observe("create", self.store.create(key, value), |err| {
+                err.kind() == kv::CreateErrorKind::AlreadyExists
+            })
+            .await
+    }
+
+    /// Writes `key` only if its revision is still `revision`.
+    pub async fn update(
+        &self,
+        key: impl AsRef<str>,
+        value: Bytes,
+        revision: u64,
+    ) -> Result<u64, kv::UpdateError> {
+        self.observer
+            .observe("update", self.store.update(key, value, revision), |err| {
+                err.kind() == kv::UpdateErrorKind::WrongLastRevision
+            })
+            .await
+    }
+
+    pub async fn keys(&self) -> Result<kv::Keys, kv::HistoryError> {
+        self.observer
+            .observe("keys", self.store.keys(), |_| false)
+            .await
+    }
+}
+
 /// A room's object store bucket, opened (and created when missing, file
-/// storage) by `Room::prepare`, like [`KvBucket`].
+/// storage) by `Room::prepare`, and observed, like [`KvBucket`].
 pub struct ObjectBucket {
     js: jetstream::Context,
     bucket: String,
     description: &'static str,
-    store: tokio::sync::OnceCell<jetstream::object_store::ObjectStore>,
+    metrics: RoomMetrics,
+    store: tokio::sync::OnceCell<object_store::ObjectStore>,
 }
 
 impl ObjectBucket {
-    pub fn new(js: jetstream::Context, bucket: &str, description: &'static str) -> Self {
+    pub fn for_room(
+        ctx: &super::room::RoomContext,
+        bucket: &str,
+        description: &'static str,
+    ) -> Self {
         ObjectBucket {
-            js,
+            js: ctx.jetstream.clone(),
             bucket: bucket.to_string(),
             description,
+            metrics: ctx.metrics.clone(),
             store: tokio::sync::OnceCell::new(),
         }
     }
@@ -510,7 +724,7 @@ impl ObjectBucket {
                     return Ok(store);
                 }
                 self.js
-                    .create_object_store(jetstream::object_store::Config {
+                    .create_object_store(object_store::Config {
                         bucket: self.bucket.clone(),
                         description: Some(self.description.to_string()),
                         storage: stream::StorageType::File,
@@ -525,12 +739,55 @@ impl ObjectBucket {
             .map(|_| ())
     }
 
-    pub fn store(&self) -> Result<&jetstream::object_store::ObjectStore, super::room::HandleError> {
-        self.store.get().ok_or_else(|| {
+    pub fn store(&self) -> Result<Objects<'_>, super::room::HandleError> {
+        let store = self.store.get().ok_or_else(|| {
             super::room::HandleError::transient(format!(
                 "object store {} is not open yet",
                 self.bucket
             ))
+        })?;
+        Ok(Objects {
+            store,
+            observer: StoreObserver {
+                store: "object",
+                bucket: &self.bucket,
+                metrics: Some(&self.metrics),
+            },
         })
+    }
+}
+
+/// An open object store: the operations rooms use, observed.
+#[derive(Clone, Copy)]
+pub struct Objects<'a> {
+    store: &'a object_store::ObjectStore,
+    observer: StoreObserver<'a>,
+}
+
+impl Objects<'_> {
+    pub async fn info(
+        &self,
+        name: &str,
+    ) -> Result<object_store::ObjectInfo, object_store::InfoError> {
+        self.observer
+            .observe("info", self.store.info(name), |_| false)
+            .await
+    }
+
+    /// Opens an object for reading (the read itself is the caller's).
+    pub async fn get(&self, name: &str) -> Result<object_store::Object, object_store::GetError> {
+        self.observer
+            .observe("get", self.store.get(name), |_| false)
+            .await
+    }
+
+    pub async fn put(
+        &self,
+        metadata: object_store::ObjectMetadata,
+        data: &mut (impl tokio::io::AsyncRead + Unpin),
+    ) -> Result<object_store::ObjectInfo, object_store::PutError> {
+        self.observer
+            .observe("put", self.store.put(metadata, data), |_| false)
+            .await
     }
 }

@@ -63,6 +63,9 @@ pub struct FactoryConfig {
     pub bind: IpAddr,
     pub nats: NatsConfig,
     pub log: LogConfig,
+    /// OpenTelemetry trace export; off unless an endpoint is configured
+    /// here or in `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
+    pub tracing: TracingConfig,
     /// Consumer settings shared by every room; a room may override any of
     /// them under `rooms.<room>.consumer`.
     pub consumer: ConsumerConfig,
@@ -78,6 +81,7 @@ impl Default for FactoryConfig {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             nats: NatsConfig::default(),
             log: LogConfig::default(),
+            tracing: TracingConfig::default(),
             consumer: ConsumerConfig::default(),
             shutdown_grace: Duration::from_secs(20),
             rooms: BTreeMap::new(),
@@ -144,6 +148,32 @@ impl Default for LogConfig {
             filter: "info,async_nats=warn".into(),
         }
     }
+}
+
+/// The OTLP protocols the exporter speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// Where traces go. The standard `OTEL_*` variables apply too and win over
+/// these keys, as the OpenTelemetry specification asks of every SDK:
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL`,
+/// `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`,
+/// `OTEL_SDK_DISABLED`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP endpoint (`http://collector:4317` for gRPC,
+    /// `http://collector:4318` for HTTP). Unset: no export.
+    pub endpoint: Option<String>,
+    /// Unset: `OTEL_EXPORTER_OTLP_PROTOCOL`, else gRPC.
+    pub protocol: Option<OtlpProtocol>,
+    /// Unset: `OTEL_SERVICE_NAME`, else `choco-factory`.
+    pub service_name: Option<String>,
 }
 
 /// How a room pulls from its durable consumer and retries what fails.
@@ -451,6 +481,14 @@ pub fn validate(
         false,
     )?;
     check_consumer("consumer", &factory.consumer)?;
+    if let Some(endpoint) = &factory.tracing.endpoint
+        && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+    {
+        return Err(ConfigError::invalid(
+            "tracing.endpoint",
+            format!("{endpoint:?} is not an http:// or https:// URL of an OTLP receiver"),
+        ));
+    }
 
     // Every room must come from the port table: a layer that names a room the
     // table does not know leaves it without a label or a domain.

@@ -28,15 +28,20 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::{FutureExt, StreamExt};
+use opentelemetry::trace::Status;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bus::{self, DeadLetter, Publisher};
 use super::config::{NatsConfig, RoomSettings};
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
 use super::room::{HandleError, InboundEvent, Room};
+use super::telemetry::{self, propagation};
 
 /// Whether a room can do its work right now; behind /readyz and gRPC health.
 pub struct RoomState {
@@ -111,6 +116,9 @@ struct Job {
     event: InboundEvent,
     event_type: String,
     started: Instant,
+    /// The message's span: every line and child span of its handling.
+    span: tracing::Span,
+    incoming: propagation::TraceHeaders,
     _slot: Slot,
 }
 
@@ -232,6 +240,37 @@ impl Engine {
             return;
         }
 
+        // The span of this delivery, in the messaging conventions; it
+        // continues the trace of whoever published the message.
+        let incoming = propagation::TraceHeaders::from_nats(message.headers.as_ref());
+        let span = tracing::info_span!(
+            "nats.process",
+            otel.name = Empty,
+            otel.kind = "consumer",
+            otel.status_code = Empty,
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %subject,
+            messaging.consumer.group.name = %self.settings.durable_name,
+            messaging.message.id = Empty,
+            messaging.nats.delivery_count = delivered,
+            messaging.nats.stream_sequence = sequence,
+            event_id = Empty,
+            correlation_id = Empty,
+            aggregate_id = Empty,
+        );
+        if telemetry::tracing_enabled() {
+            span.record("otel.name", format!("process {subject}"));
+            propagation::continue_trace(&span, &incoming);
+        }
+        if let Some(id) = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+        {
+            span.record("messaging.message.id", id.as_str());
+        }
+
         let verdict = if self.room.inputs().contains(&action.as_str()) {
             verify(&message.payload, &event_type)
         } else {
@@ -248,16 +287,22 @@ impl Engine {
             Ok(envelope) => envelope,
             Err(err) => {
                 let engine = self.clone();
-                tasks.spawn(async move {
-                    let _slot = slot;
-                    engine
-                        .finish_failed(&message, &event_type, sequence, delivered, started, err)
-                        .await;
-                });
+                tasks.spawn(
+                    async move {
+                        let _slot = slot;
+                        engine
+                            .finish_failed(&message, &event_type, sequence, delivered, started, err)
+                            .await;
+                    }
+                    .instrument(span),
+                );
                 return;
             }
         };
 
+        span.record("event_id", tracing::field::display(&envelope.event_id));
+        span.record("correlation_id", envelope.correlation());
+        span.record("aggregate_id", envelope.aggregate_id.as_str());
         let aggregate = envelope.aggregate_id.clone();
         let job = Job {
             event: InboundEvent {
@@ -270,6 +315,8 @@ impl Engine {
             message,
             event_type,
             started,
+            span,
+            incoming,
             _slot: slot,
         };
         let Ok(mut lanes_guard) = lanes.lock() else {
@@ -364,19 +411,44 @@ impl Engine {
         }
     }
 
-    /// Runs the room's handler on one message and settles the message.
-    async fn process(&self, job: Job) -> Option<AwaitRedelivery> {
-        let handled = AssertUnwindSafe(self.room.handle(&job.event))
-            .catch_unwind()
+    /// Runs the room's handler on one message and settles the message,
+    /// inside the message's span and with its trace headers in scope.
+    async fn process(&self, mut job: Job) -> Option<AwaitRedelivery> {
+        let span = std::mem::replace(&mut job.span, tracing::Span::none());
+        let incoming = std::mem::take(&mut job.incoming);
+        propagation::with_incoming(incoming, self.settle(job))
+            .instrument(span)
             .await
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into());
-                Err(HandleError::permanent("handler_panic", what))
-            });
+    }
+
+    async fn settle(&self, job: Job) -> Option<AwaitRedelivery> {
+        let handler_span = if telemetry::tracing_enabled() {
+            tracing::info_span!(
+                "handle",
+                otel.name = %format!("{} handle {}", self.settings.service, job.event_type),
+                otel.status_code = Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let handled = AssertUnwindSafe(
+            self.room
+                .handle(&job.event)
+                .instrument(handler_span.clone()),
+        )
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(HandleError::permanent("handler_panic", what))
+        });
+        if let Err(err) = &handled {
+            handler_span.set_status(Status::error(err.to_string()));
+        }
         let published = match handled {
             Ok(outputs) => self
                 .publisher
@@ -389,14 +461,9 @@ impl Engine {
         match published {
             Ok(_) => {
                 if let Err(err) = job.message.ack().await {
-                    tracing::warn!(error = %err, event_id = %event.envelope.event_id, "ack failed; the redelivery will publish nothing new");
+                    tracing::warn!(error = %err, "ack failed; the redelivery will publish nothing new");
                 }
-                tracing::debug!(
-                    event_id = %event.envelope.event_id,
-                    correlation_id = %event.envelope.correlation(),
-                    event_type = %job.event_type,
-                    "handled"
-                );
+                tracing::debug!(event_type = %job.event_type, "handled");
                 self.metrics
                     .finished(&job.event_type, Outcome::Ok, secs(job.started));
                 None
@@ -427,6 +494,7 @@ impl Engine {
         err: HandleError,
     ) -> Option<AwaitRedelivery> {
         let max_deliver = self.settings.consumer.max_deliver;
+        tracing::Span::current().set_status(Status::error(err.to_string()));
         let (reason, detail) = match err {
             HandleError::Permanent { reason, detail } => (reason, detail),
             HandleError::Transient(detail) if delivered >= max_deliver => {

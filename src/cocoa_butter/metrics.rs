@@ -1,18 +1,27 @@
 //! Per-room Prometheus metrics.
 //!
 //! Every room owns a [`Registry`], so the room's metrics port shows the
-//! room's own series and nothing of its neighbours'. The names follow the
-//! platform's consumer metrics (`choco_consumer_*`).
+//! room's own series and nothing of its neighbours'; `room` is a constant
+//! label of every series. The consumer names follow the platform's
+//! (`choco_consumer_*`). docs/OPERATIONS.md lists every family.
+//!
+//! Latency histograms carry the trace id as an OpenMetrics exemplar when
+//! tracing is on. [`RoomMetrics::encode`] writes OpenMetrics text;
+//! [`prometheus_text`] turns it into the classic Prometheus text format for
+//! scrapers that do not ask for OpenMetrics.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use super::telemetry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
@@ -23,6 +32,51 @@ pub struct EventLabels {
 pub struct OutcomeLabels {
     pub event_type: String,
     pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route as declared (`/v1/documents/{document_id}`), never the raw path.
+    pub route: String,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    /// `/package.Service/Method`.
+    pub method: String,
+    /// The gRPC status code name (`OK`, `INVALID_ARGUMENT`).
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    pub event_type: String,
+    /// `ok` or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreLabels {
+    /// `kv` or `object`.
+    pub store: &'static str,
+    pub bucket: String,
+    pub operation: &'static str,
+    /// `ok`, `conflict` (a compare-and-set lost) or `error`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+    pub git_sha: &'static str,
+}
+
+/// The exemplar of a latency observation: the trace it belongs to.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExemplar {
+    pub trace_id: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,74 +118,185 @@ impl prometheus_client::encoding::EncodeLabelValue for Outcome {
     }
 }
 
-/// The handles a room's consumer updates.
+type LatencyHistogram = HistogramWithExemplars<TraceExemplar>;
+
+/// 0.5 ms .. ~4 s: slower than that is an incident, not a latency.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0005, 2.0, 14)
+}
+
+fn latency_histogram() -> LatencyHistogram {
+    HistogramWithExemplars::new(latency_buckets())
+}
+
+fn exemplar() -> Option<TraceExemplar> {
+    telemetry::current_trace_id().map(|trace_id| TraceExemplar { trace_id })
+}
+
+/// The state of the process's one NATS connection, shared by every room's
+/// registry (each shows it with its own `room` label).
+#[derive(Clone, Default)]
+pub struct ConnectionMetrics {
+    pub connected: Gauge<i64, AtomicI64>,
+    pub reconnects: Counter,
+}
+
+/// The commit the binary was built from (`BUILD_GIT_SHA` at build time).
+pub const GIT_SHA: &str = env!("BUILD_GIT_SHA");
+
+/// The handles a room's runtime updates.
 #[derive(Clone)]
 pub struct RoomMetrics {
     pub registry: Arc<Registry>,
     received: Family<EventLabels, Counter>,
     processed: Family<OutcomeLabels, Counter>,
     dead_letters: Family<DeadLetterLabels, Counter>,
-    duration: Family<OutcomeLabels, Histogram>,
+    duration: Family<OutcomeLabels, LatencyHistogram>,
     pub in_flight: Gauge<i64, AtomicI64>,
     pub ready: Gauge<i64, AtomicI64>,
+    pub consumer_pending: Gauge<i64, AtomicI64>,
+    pub consumer_ack_pending: Gauge<i64, AtomicI64>,
+    pub consumer_redelivered: Gauge<i64, AtomicI64>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<HttpLabels, LatencyHistogram>,
+    grpc_requests: Family<GrpcLabels, Counter>,
+    grpc_duration: Family<GrpcLabels, LatencyHistogram>,
+    published: Family<PublishLabels, Counter>,
+    publish_duration: Family<EventLabels, LatencyHistogram>,
+    store_duration: Family<StoreLabels, Histogram>,
 }
 
 impl RoomMetrics {
-    pub fn new(room: &str) -> Self {
-        // `room` is a constant label of the registry: every series has it.
+    pub fn new(room: &str, connection: &ConnectionMetrics) -> Self {
         let mut registry = Registry::with_labels(std::iter::once((
             std::borrow::Cow::Borrowed("room"),
             std::borrow::Cow::Owned(room.to_string()),
         )));
-        let received = Family::<EventLabels, Counter>::default();
-        let processed = Family::<OutcomeLabels, Counter>::default();
-        let dead_letters = Family::<DeadLetterLabels, Counter>::default();
-        let duration = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
-            // 0.5 ms .. ~4 s: a handler that is slower than that is an incident.
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.0005, 2.0, 14,
-            ))
-        });
-        let in_flight = Gauge::<i64, AtomicI64>::default();
-        let ready = Gauge::<i64, AtomicI64>::default();
+        let metrics = RoomMetrics {
+            registry: Arc::default(),
+            received: Family::default(),
+            processed: Family::default(),
+            dead_letters: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            in_flight: Gauge::default(),
+            ready: Gauge::default(),
+            consumer_pending: Gauge::default(),
+            consumer_ack_pending: Gauge::default(),
+            consumer_redelivered: Gauge::default(),
+            http_requests: Family::default(),
+            http_duration: Family::new_with_constructor(latency_histogram),
+            grpc_requests: Family::default(),
+            grpc_duration: Family::new_with_constructor(latency_histogram),
+            published: Family::default(),
+            publish_duration: Family::new_with_constructor(latency_histogram),
+            store_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+        };
+        let m = &metrics;
         registry.register(
             "choco_consumer_messages_received",
             "Messages delivered to the room's consumer",
-            received.clone(),
+            m.received.clone(),
         );
         registry.register(
             "choco_consumer_messages_processed",
             "Deliveries the room finished with, by outcome",
-            processed.clone(),
+            m.processed.clone(),
         );
         registry.register(
             "choco_consumer_dlq_messages",
             "Messages moved to the dead-letter stream, by reason",
-            dead_letters.clone(),
+            m.dead_letters.clone(),
         );
         registry.register(
             "choco_consumer_processing_duration_seconds",
             "Time from delivery to acknowledgement, by outcome",
-            duration.clone(),
+            m.duration.clone(),
         );
         registry.register(
             "choco_consumer_in_flight_messages",
             "Messages held by the room: queued behind their aggregate or being handled",
-            in_flight.clone(),
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "choco_consumer_pending_messages",
+            "Messages in the stream not yet delivered to the room's consumer (sampled)",
+            m.consumer_pending.clone(),
+        );
+        registry.register(
+            "choco_consumer_ack_pending_messages",
+            "Messages delivered to the consumer and not yet acknowledged (sampled)",
+            m.consumer_ack_pending.clone(),
+        );
+        registry.register(
+            "choco_consumer_redelivered_messages",
+            "Messages delivered more than once and not yet acknowledged (sampled)",
+            m.consumer_redelivered.clone(),
         );
         registry.register(
             "choco_room_ready",
             "1 while the room is connected to NATS and bound to its consumer",
-            ready.clone(),
+            m.ready.clone(),
+        );
+        registry.register(
+            "choco_http_server_requests",
+            "HTTP requests answered, by route, method and status",
+            m.http_requests.clone(),
+        );
+        registry.register(
+            "choco_http_server_request_duration_seconds",
+            "HTTP request latency, by route, method and status",
+            m.http_duration.clone(),
+        );
+        registry.register(
+            "choco_grpc_server_requests",
+            "gRPC calls answered, by method and status code",
+            m.grpc_requests.clone(),
+        );
+        registry.register(
+            "choco_grpc_server_request_duration_seconds",
+            "gRPC call latency, by method and status code",
+            m.grpc_duration.clone(),
+        );
+        registry.register(
+            "choco_publish_messages",
+            "Envelopes published to JetStream, by event type and outcome",
+            m.published.clone(),
+        );
+        registry.register(
+            "choco_publish_duration_seconds",
+            "Time from sending an envelope to JetStream's acknowledgement",
+            m.publish_duration.clone(),
+        );
+        registry.register(
+            "choco_store_operation_duration_seconds",
+            "Key-value and object store operations, by bucket, operation and outcome",
+            m.store_duration.clone(),
+        );
+        registry.register(
+            "choco_nats_connected",
+            "1 while the process's NATS connection is up",
+            connection.connected.clone(),
+        );
+        registry.register(
+            "choco_nats_reconnects",
+            "Times the NATS connection came back after being lost",
+            connection.reconnects.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge<i64, AtomicI64>>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                git_sha: GIT_SHA,
+            })
+            .set(1);
+        registry.register(
+            "choco_build_info",
+            "Always 1; the labels say which build is running",
+            build,
         );
         RoomMetrics {
             registry: Arc::new(registry),
-            received,
-            processed,
-            dead_letters,
-            duration,
-            in_flight,
-            ready,
+            ..metrics
         }
     }
 
@@ -149,7 +314,9 @@ impl RoomMetrics {
             outcome,
         };
         self.processed.get_or_create(&labels).inc();
-        self.duration.get_or_create(&labels).observe(seconds);
+        self.duration
+            .get_or_create(&labels)
+            .observe(seconds, exemplar(), None);
     }
 
     pub fn dead_lettered(&self, event_type: &str, reason: &str) {
@@ -161,7 +328,41 @@ impl RoomMetrics {
             .inc();
     }
 
-    /// The registry in the text exposition format.
+    pub fn http_request(&self, labels: HttpLabels, seconds: f64) {
+        self.http_requests.get_or_create(&labels).inc();
+        self.http_duration
+            .get_or_create(&labels)
+            .observe(seconds, exemplar(), None);
+    }
+
+    pub fn grpc_request(&self, labels: GrpcLabels, seconds: f64) {
+        self.grpc_requests.get_or_create(&labels).inc();
+        self.grpc_duration
+            .get_or_create(&labels)
+            .observe(seconds, exemplar(), None);
+    }
+
+    pub fn published(&self, event_type: &str, ok: bool, seconds: f64) {
+        self.published
+            .get_or_create(&PublishLabels {
+                event_type: event_type.to_string(),
+                outcome: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        if ok {
+            self.publish_duration
+                .get_or_create(&EventLabels {
+                    event_type: event_type.to_string(),
+                })
+                .observe(seconds, exemplar(), None);
+        }
+    }
+
+    pub fn store_operation(&self, labels: StoreLabels, seconds: f64) {
+        self.store_duration.get_or_create(&labels).observe(seconds);
+    }
+
+    /// The registry in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -170,13 +371,55 @@ impl RoomMetrics {
     }
 }
 
+/// Rewrites OpenMetrics text as the classic Prometheus text format (0.0.4):
+/// counters are named with their `_total` suffix in HELP and TYPE, `unknown`
+/// becomes `untyped`, and exemplars, UNIT lines and `# EOF` go.
+pub fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)))
+        {
+            let (kind, rest) = rest;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let tail = if kind == "# TYPE " && tail == "unknown" {
+                "untyped"
+            } else {
+                tail
+            };
+            let suffix = if counters.contains(name) {
+                "_total"
+            } else {
+                ""
+            };
+            out.push_str(&format!("{kind}{name}{suffix} {tail}\n"));
+            continue;
+        }
+        // A sample, maybe with an exemplar after ` # `.
+        let sample = line.split_once(" # ").map_or(line, |(sample, _)| sample);
+        out.push_str(sample);
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn exposes_the_platform_metric_names_with_room_labels() {
-        let metrics = RoomMetrics::new("conch");
+        let metrics = RoomMetrics::new("conch", &ConnectionMetrics::default());
         metrics.received("coordination.x");
         metrics.finished("coordination.x", Outcome::DeadLettered, 0.002);
         metrics.dead_lettered("coordination.x", "malformed_envelope");
@@ -189,5 +432,14 @@ mod tests {
         ] {
             assert!(text.contains(expected), "missing {expected} in\n{text}");
         }
+    }
+
+    #[test]
+    fn the_prometheus_text_has_counter_names_with_total_and_no_exemplars() {
+        let om = "# HELP a_x Some.\n# TYPE a_x counter\na_x_total{room=\"r\"} 1\n# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"1.0\"} 1 # {trace_id=\"ab\"} 0.5\n# EOF\n";
+        assert_eq!(
+            prometheus_text(om),
+            "# HELP a_x_total Some.\n# TYPE a_x_total counter\na_x_total{room=\"r\"} 1\n# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"1.0\"} 1\n"
+        );
     }
 }

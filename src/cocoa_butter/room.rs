@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use super::bus::Publisher;
 use super::config::RoomSettings;
 use super::envelope::{Cause, EventEnvelope};
+use super::metrics::RoomMetrics;
 
 /// How a room enters the runtime: `rooms/mod.rs` lists one per room.
 pub struct RoomSpec {
@@ -33,6 +34,8 @@ pub struct RoomContext {
     pub jetstream: jetstream::Context,
     /// Publishes envelopes on the room's own prefix.
     pub publisher: Publisher,
+    /// The room's metrics; its buckets time their operations into them.
+    pub metrics: RoomMetrics,
 }
 
 /// A room's gRPC service, served on its gRPC port next to health and reflection.

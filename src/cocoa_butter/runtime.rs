@@ -23,9 +23,10 @@ use tracing::Instrument;
 use super::bus::{self, BusError, Publisher};
 use super::config::{RoomSettings, ValidatedConfig};
 use super::consumer::{ConsumerError, Engine, RoomState};
-use super::metrics::RoomMetrics;
+use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::servers::{self, Listeners, RoomInfo, ServerError};
+use super::telemetry::requests::{ObserveLayer, Protocol};
 use super::telemetry::room_span;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +95,8 @@ pub async fn run(
     }
 
     let nats = config.factory.nats.clone();
-    let client = bus::connect(&nats).await?;
+    let connection_metrics = ConnectionMetrics::default();
+    let client = bus::connect(&nats, &connection_metrics).await?;
     let js = jetstream::ContextBuilder::new()
         .timeout(nats.request_timeout)
         .build(client.clone());
@@ -107,17 +109,18 @@ pub async fn run(
 
     for (spec, settings, listeners) in bound {
         let span = room_span(&settings);
-        let publisher = Publisher::new(js.clone(), &settings);
+        let metrics = RoomMetrics::new(&settings.name, &connection_metrics);
+        let publisher = Publisher::new(js.clone(), &settings, metrics.clone());
         let room = (spec.build)(RoomContext {
             settings: settings.clone(),
             jetstream: js.clone(),
             publisher: publisher.clone(),
+            metrics: metrics.clone(),
         })
         .map_err(|err| RuntimeError::Refused(err.to_string()))?;
         let addrs = listeners
             .addrs()
             .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
-        let metrics = RoomMetrics::new(&settings.name);
         let state = Arc::new(RoomState::new(client.clone()));
         states.push(state.clone());
         let grpc = room.clone().grpc_service();
@@ -143,7 +146,12 @@ pub async fn run(
             );
         });
 
-        let router = servers::http_router(info, state.clone(), room.clone().http_routes());
+        let router = servers::http_router(
+            info,
+            state.clone(),
+            metrics.clone(),
+            room.clone().http_routes(),
+        );
         servers.spawn(
             keep_serving(
                 "http",
@@ -158,6 +166,7 @@ pub async fn run(
         let grpc_room = room.clone();
         let grpc_state = state.clone();
         let mut first_grpc = Some(grpc);
+        let observe_grpc = ObserveLayer::new(Protocol::Grpc, &settings.label, metrics.clone());
         servers.spawn(
             keep_serving(
                 "grpc",
@@ -169,7 +178,7 @@ pub async fn run(
                     let service = first_grpc
                         .take()
                         .unwrap_or_else(|| grpc_room.clone().grpc_service());
-                    servers::serve_grpc(l, service, grpc_state.clone(), s)
+                    servers::serve_grpc(l, service, grpc_state.clone(), observe_grpc.clone(), s)
                 },
             )
             .instrument(span.clone()),
@@ -328,8 +337,49 @@ async fn attempt(
     engine.metrics.ready.set(1);
     backoff.reset();
     tracing::info!(consumer = %settings.durable_name, "consumer bound; room ready");
-    engine.clone().run(consumer, intake.clone()).await?;
+    let sampling = intake.child_token();
+    let sampler = tokio::spawn(
+        sample_lag(consumer.clone(), engine.metrics.clone(), sampling.clone())
+            .instrument(tracing::Span::current()),
+    );
+    let consumed = engine.clone().run(consumer, intake.clone()).await;
+    sampling.cancel();
+    let _ = sampler.await;
+    consumed?;
     Ok(())
+}
+
+/// How often the consumer's lag is read from the server.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Copies the consumer's pending, ack-pending and redelivered counts from
+/// the server into the room's gauges until `stop`. A failed read leaves the
+/// last values: the lag of a room that cannot reach NATS is unknown, and
+/// `choco_nats_connected` already says so.
+async fn sample_lag(
+    consumer: jetstream::consumer::PullConsumer,
+    metrics: RoomMetrics,
+    stop: CancellationToken,
+) {
+    loop {
+        match consumer.get_info().await {
+            Ok(info) => {
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                metrics.consumer_pending.set(gauge(info.num_pending));
+                metrics
+                    .consumer_ack_pending
+                    .set(gauge(info.num_ack_pending as u64));
+                metrics
+                    .consumer_redelivered
+                    .set(gauge(info.num_redelivered as u64));
+            }
+            Err(err) => tracing::debug!(error = %err, "cannot read the consumer's lag"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
+        }
+    }
 }
 
 /// Registers the room with the NATS micro protocol, so `nats micro ls` and

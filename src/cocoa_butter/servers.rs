@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
@@ -19,10 +19,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
+use super::api;
 use super::config::RoomSettings;
 use super::consumer::RoomState;
-use super::metrics::RoomMetrics;
+use super::metrics::{self, RoomMetrics};
 use super::room::GrpcService;
+use super::telemetry::{self, requests};
 
 /// Descriptors of every contract under `proto/`, for server reflection.
 pub const CHOCO_DESCRIPTOR_SET: &[u8] =
@@ -107,13 +109,58 @@ struct HttpState {
     state: Arc<RoomState>,
 }
 
-pub fn http_router(info: Arc<RoomInfo>, state: Arc<RoomState>, room_routes: Router) -> Router {
+/// The room's HTTP routes behind the core's: health, readiness, info and
+/// the log filter; every route traced and counted.
+pub fn http_router(
+    info: Arc<RoomInfo>,
+    state: Arc<RoomState>,
+    metrics: RoomMetrics,
+    room_routes: Router,
+) -> Router {
+    let observe = requests::ObserveLayer::new(requests::Protocol::Http, &info.label, metrics);
     let core = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/info", get(info_route))
+        .route("/admin/log-filter", get(get_log_filter).put(put_log_filter))
         .with_state(HttpState { info, state });
-    core.merge(room_routes)
+    // route_layer: the layer sees the matched route template.
+    core.merge(room_routes).route_layer(observe)
+}
+
+/// The process's log filter (`RUST_LOG` syntax), as text.
+async fn get_log_filter() -> Response {
+    match telemetry::log_filter() {
+        Ok(filter) => axum::Json(serde_json::json!({ "filter": filter })).into_response(),
+        Err(err) => api::http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            None,
+            &err.to_string(),
+        ),
+    }
+}
+
+/// Replaces the log filter of the whole process without a restart; the
+/// body is the new filter in `RUST_LOG` syntax (`info,choco_factory=debug`).
+async fn put_log_filter(body: String) -> Response {
+    let directives = body.trim();
+    if directives.is_empty() {
+        return api::bad_request(
+            "body",
+            "expected a log filter such as \"info,choco_factory=debug\"",
+        );
+    }
+    match telemetry::set_log_filter(directives) {
+        Ok(()) => axum::Json(serde_json::json!({ "filter": directives })).into_response(),
+        Err(telemetry::TelemetryError::Filter(reason)) => api::bad_request("body", &reason),
+        Err(err) => api::http_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            None,
+            &err.to_string(),
+        ),
+    }
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -167,12 +214,30 @@ pub async fn serve_metrics(
     serve_http(listener, router, shutdown).await
 }
 
-async fn metrics_route(State(metrics): State<RoomMetrics>) -> Response {
-    let mut response = metrics.encode().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
+/// OpenMetrics (with exemplars) when the scraper asks for it, as Prometheus
+/// does by default; the classic text format otherwise.
+async fn metrics_route(State(metrics): State<RoomMetrics>, headers: HeaderMap) -> Response {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    let openmetrics = metrics.encode();
+    let (body, content_type) = if wants_openmetrics {
+        (
+            openmetrics,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            metrics::prometheus_text(&openmetrics),
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+    };
+    let mut response = body.into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
@@ -183,6 +248,7 @@ pub async fn serve_grpc(
     listener: TcpListener,
     service: GrpcService,
     state: Arc<RoomState>,
+    observe: requests::ObserveLayer,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -223,6 +289,7 @@ pub async fn serve_grpc(
         .map_err(|err| ServerError::Grpc(err.to_string()))?;
 
     tonic::transport::Server::builder()
+        .layer(observe)
         .add_routes(service.routes)
         .add_service(health)
         .add_service(reflection_v1)

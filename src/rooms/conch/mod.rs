@@ -118,8 +118,7 @@ pub struct Conch {
 impl Conch {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let (settings, rules) = ConchSettings::parse(&ctx.settings)?;
-        let documents = KvBucket::new(
-            ctx.jetstream,
+        let documents = KvBucket::for_room(&ctx,
             &settings.bucket,
             "the-conch: document properties and their revisions",
         );

@@ -177,8 +177,7 @@ pub struct Mould {
 impl Mould {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
-        let artifacts = ObjectBucket::new(
-            ctx.jetstream,
+        let artifacts = ObjectBucket::for_room(&ctx,
             &loaded.settings.bucket,
             "the-mould: hydrated documents, keyed by document id",
         );

@@ -179,8 +179,7 @@ pub struct Winnower {
 impl Winnower {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
-        let blocks = KvBucket::new(
-            ctx.jetstream,
+        let blocks = KvBucket::for_room(&ctx,
             &loaded.settings.blocks_bucket,
             "the-winnower: accepted smartblocks",
         );

@@ -25,6 +25,7 @@ use serde_json::json;
 pub use api::pb;
 use extract::{RepoLink, extract, github_slug, tag_key};
 
+use crate::cocoa_butter::bus::Kv;
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
 use crate::cocoa_butter::keys::{id_from_kv_key, kv_key};
@@ -209,13 +210,11 @@ impl Wrapper {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
         Ok(Wrapper {
-            tags: KvBucket::new(
-                ctx.jetstream.clone(),
+            tags: KvBucket::for_room(&ctx,
                 &loaded.settings.tags_bucket,
                 "the-wrapper: canonical tags, one entry per spelling",
             ),
-            documents: KvBucket::new(
-                ctx.jetstream,
+            documents: KvBucket::for_room(&ctx,
                 &loaded.settings.documents_bucket,
                 "the-wrapper: indexed documents and their anchors",
             ),
@@ -224,7 +223,7 @@ impl Wrapper {
         })
     }
 
-    async fn get_json<T: for<'de> Deserialize<'de>>(store: &kv::Store, key: &str) -> Result<Option<(T, u64)>, HandleError> {
+    async fn get_json<T: for<'de> Deserialize<'de>>(store: &Kv<'_>, key: &str) -> Result<Option<(T, u64)>, HandleError> {
         match store.entry(key.to_string()).await.map_err(HandleError::transient)? {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let value = serde_json::from_slice(&entry.value).map_err(|err| {
@@ -240,7 +239,7 @@ impl Wrapper {
     pub async fn register_tag(&self, record: TagRecord) -> Result<TagRecord, HandleError> {
         let store = self.tags.store()?;
         let canonical_key = kv_key(&tag_key(&record.tag));
-        let mut merged = match Self::get_json::<TagRecord>(store, &canonical_key).await? {
+        let mut merged = match Self::get_json::<TagRecord>(&store, &canonical_key).await? {
             Some((existing, _)) if tag_key(&existing.tag) == tag_key(&record.tag) => existing,
             _ => TagRecord {
                 tag: record.tag.clone(),
@@ -269,7 +268,7 @@ impl Wrapper {
         )
         .await
         .map_err(HandleError::transient)?;
-        let records = try_join_all(keys.iter().map(|key| Self::get_json::<TagRecord>(store, key))).await?;
+        let records = try_join_all(keys.iter().map(|key| Self::get_json::<TagRecord>(&store, key))).await?;
         let mut by_tag: BTreeMap<String, TagRecord> = BTreeMap::new();
         for (record, _) in records.into_iter().flatten() {
             by_tag.entry(record.tag.clone()).or_insert(record);
@@ -298,7 +297,7 @@ impl Wrapper {
         // The repo's path list, compare-and-set so concurrent indexers add both.
         let key = repo_key(&document.repo);
         for _ in 0..16 {
-            let (mut record, revision) = match Self::get_json::<RepoRecord>(store, &key).await? {
+            let (mut record, revision) = match Self::get_json::<RepoRecord>(&store, &key).await? {
                 Some((record, revision)) => (record, Some(revision)),
                 None => (RepoRecord::default(), None),
             };
@@ -346,7 +345,7 @@ impl Wrapper {
         let found = try_join_all(
             tags.iter()
                 .map(|tag| async move {
-                    Self::get_json::<TagRecord>(store, &kv_key(&tag_key(tag))).await
+                    Self::get_json::<TagRecord>(&store, &kv_key(&tag_key(tag))).await
                 }),
         )
         .await?;
@@ -374,7 +373,7 @@ impl Wrapper {
                 None => {
                     let nearest_spelling = nearest(&tag_key(tag), same(spellings.iter().map(String::as_str)));
                     let suggestion = match nearest_spelling {
-                        Some(spelling) => Self::get_json::<TagRecord>(store, &kv_key(&spelling))
+                        Some(spelling) => Self::get_json::<TagRecord>(&store, &kv_key(&spelling))
                             .await?
                             .map(|(record, _)| record.tag),
                         None => None,
@@ -395,7 +394,7 @@ impl Wrapper {
         let store = self.documents.store()?;
         let repos: BTreeSet<&str> = links.iter().map(|l| l.repo.as_str()).collect();
         let repo_records = try_join_all(repos.iter().map(|repo| async move {
-            Self::get_json::<RepoRecord>(store, &repo_key(repo))
+            Self::get_json::<RepoRecord>(&store, &repo_key(repo))
                 .await
                 .map(|found| (*repo, found.map(|(record, _)| record)))
         }))
@@ -413,7 +412,7 @@ impl Wrapper {
             .map(|l| (l.repo.as_str(), l.path.as_str()))
             .collect();
         let docs: HashMap<(&str, &str), Option<IndexedDocument>> = try_join_all(wanted_docs.into_iter().map(|(repo, path)| async move {
-            Self::get_json::<IndexedDocument>(store, &doc_key(repo, path))
+            Self::get_json::<IndexedDocument>(&store, &doc_key(repo, path))
                 .await
                 .map(|found| ((repo, path), found.map(|(doc, _)| doc)))
         }))
