@@ -218,7 +218,7 @@ async fn publish_traced(js: &jetstream::Context, document: &str, traceparent: &s
     let message = jetstream::message::PublishMessage::build()
         .payload(event.encode().into())
         .headers(headers)
-        .message_id(event.event_id.to_string());
+        .message_id(&event.event_id);
     js.send_publish(REQUESTED.to_string(), message)
         .await
         .expect("publish")
@@ -357,7 +357,7 @@ async fn a_failure_is_recorded_on_the_span_and_untraced_events_start_a_trace() {
         jetstream::message::PublishMessage::build()
             .payload(bad.encode().into())
             .headers(headers)
-            .message_id(bad.event_id.to_string()),
+            .message_id(&bad.event_id),
     )
     .await
     .expect("publish")
