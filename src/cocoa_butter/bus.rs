@@ -341,22 +341,8 @@ impl Publisher {
             let event_id = cause.output_id(index);
             let subject = format!("{}{}", self.subject_base, output.action);
             let event_type = format!("{}.{}", self.domain, output.action);
-            let span = if telemetry::tracing_enabled() {
-                tracing::info_span!(
-                    "nats.publish",
-                    otel.name = %format!("send {subject}"),
-                    otel.kind = "producer",
-                    otel.status_code = tracing::field::Empty,
-                    messaging.system = "nats",
-                    messaging.operation.type = "send",
-                    messaging.destination.name = %subject,
-                    messaging.message.id = %event_id,
-                    event_id = %event_id,
-                    aggregate_id = %output.aggregate_id,
-                )
-            } else {
-                tracing::Span::none()
-            };
+            let span =
+                telemetry::publish_span(&subject, &event_id.to_string(), &output.aggregate_id);
             let payload = serde_json::to_vec(&output.payload).map_err(|err| PublishError {
                 subject: subject.clone(),
                 reason: err.to_string(),
@@ -594,19 +580,7 @@ impl StoreObserver<'_> {
         work: impl Future<Output = Result<T, E>>,
         conflict: impl FnOnce(&E) -> bool,
     ) -> Result<T, E> {
-        let span = if telemetry::tracing_enabled() {
-            tracing::info_span!(
-                "store",
-                otel.name = %format!("{} {operation} {}", self.store, self.bucket),
-                otel.kind = "client",
-                otel.status_code = tracing::field::Empty,
-                db.system.name = "nats",
-                db.collection.name = %self.bucket,
-                db.operation.name = operation,
-            )
-        } else {
-            tracing::Span::none()
-        };
+        let span = telemetry::store_span(self.store, operation, self.bucket);
         let started = Instant::now();
         let result = work.instrument(span.clone()).await;
         let outcome = match &result {

@@ -33,7 +33,6 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bus::{self, DeadLetter, Publisher};
@@ -243,26 +242,13 @@ impl Engine {
         // The span of this delivery, in the messaging conventions; it
         // continues the trace of whoever published the message.
         let incoming = propagation::TraceHeaders::from_nats(message.headers.as_ref());
-        let span = tracing::info_span!(
-            "nats.process",
-            otel.name = Empty,
-            otel.kind = "consumer",
-            otel.status_code = Empty,
-            messaging.system = "nats",
-            messaging.operation.type = "process",
-            messaging.destination.name = %subject,
-            messaging.consumer.group.name = %self.settings.durable_name,
-            messaging.message.id = Empty,
-            messaging.nats.delivery_count = delivered,
-            messaging.nats.stream_sequence = sequence,
-            event_id = Empty,
-            correlation_id = Empty,
-            aggregate_id = Empty,
+        let span = telemetry::message_span(
+            &subject,
+            &self.settings.durable_name,
+            delivered,
+            sequence,
+            &incoming,
         );
-        if telemetry::tracing_enabled() {
-            span.record("otel.name", format!("process {subject}"));
-            propagation::continue_trace(&span, &incoming);
-        }
         if let Some(id) = message
             .headers
             .as_ref()
@@ -422,15 +408,7 @@ impl Engine {
     }
 
     async fn settle(&self, job: Job) -> Option<AwaitRedelivery> {
-        let handler_span = if telemetry::tracing_enabled() {
-            tracing::info_span!(
-                "handle",
-                otel.name = %format!("{} handle {}", self.settings.service, job.event_type),
-                otel.status_code = Empty,
-            )
-        } else {
-            tracing::Span::none()
-        };
+        let handler_span = telemetry::handler_span(&self.settings.service, &job.event_type);
         let handled = AssertUnwindSafe(
             self.room
                 .handle(&job.event)

@@ -26,7 +26,6 @@ pub mod requests;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::trace::SdkTracerProvider;
@@ -48,9 +47,6 @@ pub enum TelemetryError {
     NotInitialised,
 }
 
-/// Whether spans are exported; read on hot paths to skip work when not.
-static TRACING_ENABLED: AtomicBool = AtomicBool::new(false);
-
 /// The live log filter, changeable at run time.
 static LOG_FILTER: OnceLock<LogFilter> = OnceLock::new();
 
@@ -59,9 +55,16 @@ struct LogFilter {
     current: std::sync::Mutex<String>,
 }
 
-/// Whether an OpenTelemetry exporter is installed in this process.
+/// A layer that does nothing but mark a subscriber as exporting spans, so
+/// hot paths can ask the subscriber in force rather than a global.
+struct Exporting;
+
+impl<S: tracing::Subscriber> Layer<S> for Exporting {}
+
+/// Whether the subscriber in force exports spans; read on hot paths to skip
+/// the work of spans nobody will see.
 pub fn tracing_enabled() -> bool {
-    TRACING_ENABLED.load(Ordering::Relaxed)
+    tracing::dispatcher::get_default(|dispatch| dispatch.is::<Exporting>())
 }
 
 /// What `init` installed; `shutdown` flushes the spans still buffered.
@@ -70,7 +73,7 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Where spans go, for the start-up log line; `None` when off.
+    /// Whether spans are exported.
     pub fn exporting(&self) -> bool {
         self.tracer.is_some()
     }
@@ -88,8 +91,16 @@ impl Telemetry {
     }
 }
 
-/// Installs the process's subscriber. Must run inside the Tokio runtime:
-/// the span exporter runs on it.
+/// The OTLP tracer provider `config` and the `OTEL_*` variables ask for;
+/// `None` when tracing is off. Must run inside the Tokio runtime: the span
+/// exporter runs on it.
+pub fn tracer_provider(
+    config: &TracingConfig,
+) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+    otel::tracer_provider(config)
+}
+
+/// Installs the process's subscriber. Must run inside the Tokio runtime.
 pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, TelemetryError> {
     let directives = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.is_empty() => directives,
@@ -98,9 +109,36 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Telem
     let filter =
         EnvFilter::try_new(&directives).map_err(|err| TelemetryError::Filter(err.to_string()))?;
     let (filter, handle) = reload::Layer::new(filter);
+    let provider = tracer_provider(tracing)?;
+    let json = match log.format {
+        LogFormat::Json => true,
+        LogFormat::Pretty => false,
+        LogFormat::Auto => !std::io::stdout().is_terminal(),
+    };
+    subscriber(filter, json, std::io::stdout, provider.as_ref())
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    let _ = LOG_FILTER.set(LogFilter {
+        handle,
+        current: std::sync::Mutex::new(directives),
+    });
+    Ok(Telemetry { tracer: provider })
+}
 
-    let provider = otel::tracer_provider(tracing)?;
-    let otel_layer = provider.as_ref().map(|provider| {
+/// The subscriber: `filter`, then spans to `provider` when there is one,
+/// then log lines (JSON or human) to `writer`. [`init`] installs it for the
+/// process; a benchmark can run code under it with `with_default`.
+pub fn subscriber<F, W>(
+    filter: F,
+    json: bool,
+    writer: W,
+    provider: Option<&SdkTracerProvider>,
+) -> impl tracing::Subscriber + Send + Sync + for<'a> tracing_subscriber::registry::LookupSpan<'a>
+where
+    F: Layer<Registry> + Send + Sync + 'static,
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let otel_layer = provider.map(|provider| {
         use opentelemetry::trace::TracerProvider as _;
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("choco-factory"))
@@ -111,15 +149,10 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Telem
                 !(meta.is_span() && meta.name() == ROOM_SPAN)
             }))
     });
-    let exporting = otel_layer.is_some();
-
-    let json = match log.format {
-        LogFormat::Json => true,
-        LogFormat::Pretty => false,
-        LogFormat::Auto => !std::io::stdout().is_terminal(),
-    };
+    let exporting = provider.is_some();
     let fmt_layer = if json {
         let mut layer = json_subscriber::fmt::layer()
+            .with_writer(writer)
             .with_current_span(false)
             .with_span_list(false)
             .flatten_event(true)
@@ -146,21 +179,13 @@ pub fn init(log: &LogConfig, tracing: &TracingConfig) -> Result<Telemetry, Telem
         }
         layer.boxed()
     } else {
-        tracing_subscriber::fmt::layer().boxed()
+        tracing_subscriber::fmt::layer().with_writer(writer).boxed()
     };
-
     tracing_subscriber::registry()
         .with(filter)
         .with(otel_layer)
+        .with(exporting.then_some(Exporting))
         .with(fmt_layer)
-        .try_init()
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    let _ = LOG_FILTER.set(LogFilter {
-        handle,
-        current: std::sync::Mutex::new(directives),
-    });
-    TRACING_ENABLED.store(exporting, Ordering::Relaxed);
-    Ok(Telemetry { tracer: provider })
 }
 
 /// The log filter in force (`info,async_nats=warn`).
@@ -210,4 +235,89 @@ pub fn current_trace_id() -> Option<String> {
     let span_context = otel_span.span_context();
     (span_context.is_valid() && span_context.is_sampled())
         .then(|| span_context.trace_id().to_string())
+}
+
+// The spans of the runtime, in one place so their attributes follow one
+// set of conventions (OpenTelemetry's messaging and database semantic
+// conventions). The child spans are created only when exporting: with
+// tracing off nobody would see them.
+
+/// The span of one delivery: `messaging.*` attributes now, the event's ids
+/// (recorded once the envelope is decoded) on every log line inside it.
+/// Continues the trace of the message's `traceparent`.
+pub fn message_span(
+    subject: &str,
+    consumer: &str,
+    delivered: i64,
+    sequence: u64,
+    incoming: &propagation::TraceHeaders,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "nats.process",
+        otel.name = tracing::field::Empty,
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %subject,
+        messaging.consumer.group.name = %consumer,
+        messaging.message.id = tracing::field::Empty,
+        messaging.nats.delivery_count = delivered,
+        messaging.nats.stream_sequence = sequence,
+        event_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+        aggregate_id = tracing::field::Empty,
+    );
+    if tracing_enabled() {
+        span.record("otel.name", format!("process {subject}"));
+        propagation::continue_trace(&span, incoming);
+    }
+    span
+}
+
+/// The room's handler at work on one event.
+pub fn handler_span(service: &str, event_type: &str) -> tracing::Span {
+    if !tracing_enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "handle",
+        otel.name = %format!("{service} handle {event_type}"),
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// One publish of an output envelope.
+pub fn publish_span(subject: &str, event_id: &str, aggregate_id: &str) -> tracing::Span {
+    if !tracing_enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "nats.publish",
+        otel.name = %format!("send {subject}"),
+        otel.kind = "producer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.destination.name = %subject,
+        messaging.message.id = %event_id,
+        event_id = %event_id,
+        aggregate_id = %aggregate_id,
+    )
+}
+
+/// One key-value or object store operation (`store` is `kv` or `object`).
+pub fn store_span(store: &str, operation: &'static str, bucket: &str) -> tracing::Span {
+    if !tracing_enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "store",
+        otel.name = %format!("{store} {operation} {bucket}"),
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        db.system.name = "nats",
+        db.collection.name = %bucket,
+        db.operation.name = operation,
+    )
 }
