@@ -66,6 +66,11 @@ pub struct FactoryConfig {
     /// OpenTelemetry trace export; off unless an endpoint is configured
     /// here or in `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`.
     pub tracing: TracingConfig,
+    /// Bearer-token verification on the rooms' HTTP and gRPC APIs; off
+    /// unless a key is configured.
+    pub auth: AuthConfig,
+    /// Bounds on every input the rooms accept.
+    pub limits: LimitsConfig,
     /// Consumer settings shared by every room; a room may override any of
     /// them under `rooms.<room>.consumer`.
     pub consumer: ConsumerConfig,
@@ -82,6 +87,8 @@ impl Default for FactoryConfig {
             nats: NatsConfig::default(),
             log: LogConfig::default(),
             tracing: TracingConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
             consumer: ConsumerConfig::default(),
             shutdown_grace: Duration::from_secs(20),
             rooms: BTreeMap::new(),
@@ -174,6 +181,96 @@ pub struct TracingConfig {
     pub protocol: Option<OtlpProtocol>,
     /// Unset: `OTEL_SERVICE_NAME`, else `choco-factory`.
     pub service_name: Option<String>,
+}
+
+/// Verification of bearer JWTs minted by the platform's auth service, done
+/// locally from its keys. Off while no key source is set; once one is,
+/// `issuer` and `audience` are required and every route but health and
+/// readiness needs a valid token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File holding the HS256 shared secret (its bytes, surrounding
+    /// whitespace trimmed). A file, so the secret is never in the config.
+    pub hs256_secret_file: Option<PathBuf>,
+    /// PEM public keys: RSA (RS256), EC P-256 (ES256) or Ed25519 (EdDSA).
+    pub public_key_files: Vec<PathBuf>,
+    /// A JWKS document (`{"keys": [...]}`), keys matched by `kid`.
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Required `aud` (one of the token's audiences).
+    pub audience: Option<String>,
+    /// Scope a token needs for read routes (HTTP GET/HEAD, gRPC `Get*` /
+    /// `List*`, reflection). Unset: any valid token may read.
+    pub read_scope: Option<String>,
+    /// Scope a token needs for every other route. Unset: any valid token.
+    pub write_scope: Option<String>,
+    /// Scope for `/admin/...` routes. Unset: the write scope.
+    pub admin_scope: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            hs256_secret_file: None,
+            public_key_files: Vec::new(),
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            read_scope: None,
+            write_scope: None,
+            admin_scope: None,
+            leeway: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// Whether any key source is configured, i.e. tokens are required.
+    pub fn enabled(&self) -> bool {
+        self.hs256_secret_file.is_some()
+            || !self.public_key_files.is_empty()
+            || self.jwks_file.is_some()
+    }
+}
+
+/// Bounds on what a room accepts, each answered with its own status when
+/// exceeded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest HTTP request body (413 beyond it).
+    pub max_http_body_bytes: usize,
+    /// Largest gRPC request message (`RESOURCE_EXHAUSTED` beyond it).
+    pub max_grpc_message_bytes: usize,
+    /// Largest event envelope a consumer accepts; a larger one is
+    /// dead-lettered as `envelope_too_large`.
+    pub max_envelope_bytes: usize,
+    /// HTTP plus gRPC requests one room serves at once; more are refused
+    /// (429 / `RESOURCE_EXHAUSTED`) rather than queued.
+    pub max_concurrent_requests: usize,
+    /// Longest a request may take (504 / `DEADLINE_EXCEEDED`).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// tonic's decoder refuses larger gRPC messages on its own.
+pub const GRPC_MESSAGE_CEILING: usize = 4 * 1024 * 1024;
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_http_body_bytes: 2 * 1024 * 1024,
+            max_grpc_message_bytes: GRPC_MESSAGE_CEILING,
+            max_envelope_bytes: 1024 * 1024,
+            max_concurrent_requests: 512,
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// How a room pulls from its durable consumer and retries what fails.
@@ -335,6 +432,61 @@ impl ValidatedConfig {
     }
 }
 
+fn check_limits(limits: &LimitsConfig) -> Result<(), ConfigError> {
+    let positive = [
+        ("limits.max_http_body_bytes", limits.max_http_body_bytes),
+        (
+            "limits.max_grpc_message_bytes",
+            limits.max_grpc_message_bytes,
+        ),
+        ("limits.max_envelope_bytes", limits.max_envelope_bytes),
+        (
+            "limits.max_concurrent_requests",
+            limits.max_concurrent_requests,
+        ),
+    ];
+    for (key, value) in positive {
+        if value == 0 {
+            return Err(ConfigError::invalid(key, "must be at least 1"));
+        }
+    }
+    if limits.max_grpc_message_bytes > GRPC_MESSAGE_CEILING {
+        return Err(ConfigError::invalid(
+            "limits.max_grpc_message_bytes",
+            format!("at most {GRPC_MESSAGE_CEILING} (the gRPC server's own ceiling)"),
+        ));
+    }
+    if limits.request_timeout.is_zero() {
+        return Err(ConfigError::invalid(
+            "limits.request_timeout",
+            "must be longer than zero",
+        ));
+    }
+    Ok(())
+}
+
+/// Issuer and audience are what stop a token minted for another service
+/// from being accepted here, so they are required once tokens are; the
+/// keys themselves are loaded (and refused) here too, so `config check`
+/// catches an unreadable or malformed key.
+fn check_auth(auth: &AuthConfig) -> Result<(), ConfigError> {
+    if !auth.enabled() {
+        return Ok(());
+    }
+    for (key, value) in [
+        ("auth.issuer", &auth.issuer),
+        ("auth.audience", &auth.audience),
+    ] {
+        if value.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::invalid(
+                key,
+                "required when a token key is configured",
+            ));
+        }
+    }
+    super::guard::jwt::Verifier::load(auth).map(|_| ())
+}
+
 /// Command-line values that sit on top of every other layer.
 #[derive(Debug, Clone, Default)]
 pub struct CliOverrides {
@@ -489,6 +641,9 @@ pub fn validate(
             format!("{endpoint:?} is not an http:// or https:// URL of an OTLP receiver"),
         ));
     }
+
+    check_limits(&factory.limits)?;
+    check_auth(&factory.auth)?;
 
     // Every room must come from the port table: a layer that names a room the
     // table does not know leaves it without a label or a domain.

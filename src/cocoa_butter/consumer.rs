@@ -107,6 +107,8 @@ pub struct Engine {
     pub js: jetstream::Context,
     pub publisher: Publisher,
     pub metrics: RoomMetrics,
+    /// Larger envelopes are dead-lettered unread (`limits.max_envelope_bytes`).
+    pub max_envelope_bytes: usize,
 }
 
 /// A delivery holding its share of the in-flight bound until dropped.
@@ -257,7 +259,17 @@ impl Engine {
             span.record("messaging.message.id", id.as_str());
         }
 
-        let verdict = if self.room.inputs().contains(&action.as_str()) {
+        let size = message.payload.len();
+        let verdict = if size > self.max_envelope_bytes {
+            // Checked before decoding, so an oversized body costs no parse.
+            Err(HandleError::permanent(
+                "envelope_too_large",
+                format!(
+                    "envelope of {size} bytes is larger than limits.max_envelope_bytes ({})",
+                    self.max_envelope_bytes
+                ),
+            ))
+        } else if self.room.inputs().contains(&action.as_str()) {
             verify(&message.payload, &event_type)
         } else {
             Err(HandleError::permanent(

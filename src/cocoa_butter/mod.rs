@@ -12,6 +12,7 @@ pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod envelope;
+pub mod guard;
 pub mod keys;
 pub mod metrics;
 pub mod nats_server;

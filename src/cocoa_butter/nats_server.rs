@@ -206,6 +206,27 @@ impl ManagedNats {
         }
     }
 
+    /// SIGSTOP: the server keeps its connections but answers nothing, as a
+    /// hung dependency does. For fault tests; `unfreeze` undoes it.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn unfreeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        if let Some(pid) = self
+            .child
+            .as_ref()
+            .and_then(Child::id)
+            .and_then(|pid| i32::try_from(pid).ok())
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+
     /// Starts it again on the same port and store.
     pub async fn restart(&mut self) -> Result<(), NatsServerError> {
         self.stop().await;

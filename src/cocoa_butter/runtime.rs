@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::bus::{self, BusError, Publisher};
 use super::config::{RoomSettings, ValidatedConfig};
 use super::consumer::{ConsumerError, Engine, RoomState};
+use super::guard::{GuardLayer, Policy};
 use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::servers::{self, Listeners, RoomInfo, ServerError};
@@ -86,6 +87,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let selected = check_rooms(&config, registry)?;
+    let policy = Arc::new(
+        Policy::load(&config.factory.auth, &config.factory.limits)
+            .map_err(|err| RuntimeError::Refused(err.to_string()))?,
+    );
 
     // Bind every port before connecting or spawning anything.
     let mut bound = Vec::with_capacity(selected.len());
@@ -146,10 +151,13 @@ pub async fn run(
             );
         });
 
+        // One guard per room: HTTP and gRPC share its request slots.
+        let guard = GuardLayer::new(policy.clone());
         let router = servers::http_router(
             info,
             state.clone(),
             metrics.clone(),
+            guard.clone(),
             room.clone().http_routes(),
         );
         servers.spawn(
@@ -178,7 +186,14 @@ pub async fn run(
                     let service = first_grpc
                         .take()
                         .unwrap_or_else(|| grpc_room.clone().grpc_service());
-                    servers::serve_grpc(l, service, grpc_state.clone(), observe_grpc.clone(), s)
+                    servers::serve_grpc(
+                        l,
+                        service,
+                        grpc_state.clone(),
+                        observe_grpc.clone(),
+                        guard.clone(),
+                        s,
+                    )
                 },
             )
             .instrument(span.clone()),
@@ -203,6 +218,7 @@ pub async fn run(
             js: js.clone(),
             publisher,
             metrics,
+            max_envelope_bytes: config.factory.limits.max_envelope_bytes,
         });
         consumers.spawn(supervise(engine, state, intake.clone()).instrument(span));
     }

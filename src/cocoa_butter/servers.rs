@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +23,7 @@ use tonic_health::ServingStatus;
 use super::api;
 use super::config::RoomSettings;
 use super::consumer::RoomState;
+use super::guard::GuardLayer;
 use super::metrics::{self, RoomMetrics};
 use super::room::GrpcService;
 use super::telemetry::{self, requests};
@@ -110,22 +112,29 @@ struct HttpState {
 }
 
 /// The room's HTTP routes behind the core's: health, readiness, info and
-/// the log filter; every route traced and counted.
+/// the log filter; every route traced and counted (outermost, so refusals
+/// are counted too), then guarded.
 pub fn http_router(
     info: Arc<RoomInfo>,
     state: Arc<RoomState>,
     metrics: RoomMetrics,
+    guard: GuardLayer,
     room_routes: Router,
 ) -> Router {
     let observe = requests::ObserveLayer::new(requests::Protocol::Http, &info.label, metrics);
+    let max_body = guard.limits().max_http_body_bytes;
     let core = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/info", get(info_route))
         .route("/admin/log-filter", get(get_log_filter).put(put_log_filter))
         .with_state(HttpState { info, state });
-    // route_layer: the layer sees the matched route template.
-    core.merge(room_routes).route_layer(observe)
+    // route_layer: the layers see the matched route template. The body
+    // limit applies where the room's extractor reads the body (413).
+    core.merge(room_routes)
+        .layer(DefaultBodyLimit::max(max_body))
+        .route_layer(guard)
+        .route_layer(observe)
 }
 
 /// The process's log filter (`RUST_LOG` syntax), as text.
@@ -249,6 +258,7 @@ pub async fn serve_grpc(
     service: GrpcService,
     state: Arc<RoomState>,
     observe: requests::ObserveLayer,
+    guard: GuardLayer,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -289,7 +299,7 @@ pub async fn serve_grpc(
         .map_err(|err| ServerError::Grpc(err.to_string()))?;
 
     tonic::transport::Server::builder()
-        .layer(observe)
+        .layer(tower::ServiceBuilder::new().layer(observe).layer(guard))
         .add_routes(service.routes)
         .add_service(health)
         .add_service(reflection_v1)

@@ -107,6 +107,8 @@ impl Factory {
             .args(args)
             .envs(env)
             .env_remove("RUST_LOG")
+            // The harness's own switch, not a configuration key.
+            .env_remove("CHOCO_TEST_LOGS")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
