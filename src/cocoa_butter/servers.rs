@@ -311,3 +311,41 @@ pub async fn serve_grpc(
         .await
         .map_err(|err| ServerError::Grpc(err.to_string()))
 }
+
+/// Why a readiness probe (`choco-factory health`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("{0}: no answer within {1:?}")]
+    Timeout(SocketAddr, Duration),
+    #[error("{0}: {1}")]
+    Unreachable(SocketAddr, String),
+    #[error("{0}: not ready (HTTP {1})")]
+    NotReady(SocketAddr, u16),
+}
+
+/// Asks a room's `/readyz`, the way a container runtime's health check or
+/// a load balancer would. A room bound to every interface is asked on
+/// loopback.
+pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match target {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri = format!("http://{target}/readyz")
+        .parse::<axum::http::Uri>()
+        .map_err(|err| ProbeError::Unreachable(target, err.to_string()))?;
+    let response = tokio::time::timeout(timeout, client.get(uri))
+        .await
+        .map_err(|_| ProbeError::Timeout(target, timeout))?
+        .map_err(|err| ProbeError::Unreachable(target, err.to_string()))?;
+    if response.status() == StatusCode::OK {
+        Ok(())
+    } else {
+        Err(ProbeError::NotReady(target, response.status().as_u16()))
+    }
+}
