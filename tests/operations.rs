@@ -229,37 +229,6 @@ fn promtool_checks_the_rules_and_runs_their_unit_tests() {
     }
 }
 
-/// Every example configuration under config/ is accepted as it ships, so
-/// an operator starting from one starts from something valid. Files it
-/// names that only exist on a real host (the auth service's JWKS) are
-/// pointed at test fixtures.
-#[test]
-fn the_example_configurations_are_valid() {
-    let examples = [
-        "config/factory.example.toml",
-        "config/dev.toml",
-        "config/production.toml",
-        "config/one-room-per-process.toml",
-        "config/conch-only.toml",
-    ];
-    for example in examples {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_choco-factory"))
-            .args(["--config", example, "config", "check"])
-            .envs(
-                example
-                    .ends_with("production.toml")
-                    .then_some(("CHOCO_AUTH__JWKS_FILE", "tests/fixtures/jwt/jwks.json")),
-            )
-            .output()
-            .expect("run choco-factory");
-        assert!(
-            output.status.success(),
-            "{example}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-}
-
 /// The container's HEALTHCHECK runs a command the binary has.
 #[test]
 fn the_container_health_check_names_a_real_command() {
