@@ -1,0 +1,845 @@
+//! The runtime against the bus's own limit, side by side in one run on one
+//! nats-server: for each room, events/s through the room (the release
+//! binary, all four rooms running) and through a bare async-nats loop doing
+//! the same NATS work per event with no room logic; the room's latency at
+//! half its saturation rate; the binary's resident set idle and saturated;
+//! and how long the four rooms take to be ready.
+//!
+//! Run: `scripts/bench.sh` (or `cargo bench --bench pipeline`, with
+//! nats-server on PATH or in NATS_SERVER_BIN). Options after `--`:
+//! `--events N` (saturation inputs per room, default 4000), `--latency-events
+//! N` (default 2000), `--json PATH` (default target/bench/pipeline.json).
+//!
+//! How the limit is made the same work: the room's own metrics count, per
+//! event, the key-value and object-store operations it made and the
+//! messages it published (by operation and bucket); the bare loop replays
+//! exactly that mix per event, with values, objects and outputs of the
+//! room's average sizes, on buckets and a stream configured like the
+//! room's, pulling with the room's batch and in-flight bound. Throughput of
+//! both is measured the same way: from the stream timestamp of the first
+//! input to that of the last output, inputs published concurrently by the
+//! same publisher.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, kv, object_store, stream};
+use choco_factory::cocoa_butter::EventEnvelope;
+use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
+use futures::{StreamExt, TryStreamExt};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// One room as the bench drives it.
+struct RoomCase {
+    name: &'static str,
+    domain: &'static str,
+    /// The input it is fed, `<action>` under its domain.
+    action: &'static str,
+    /// The input payload for event `i`.
+    payload: fn(usize) -> Value,
+}
+
+const ROOMS: &[RoomCase] = &[
+    RoomCase {
+        name: "winnower",
+        domain: "refinement",
+        action: "requested",
+        payload: |i| {
+            json!({"document_id": format!("doc-{i}"), "title": "Release notes",
+                "content": format!("# Release notes {i}\n\nThe conch now resolves conflicts per property, and editors see the winning value within a second.\n"),
+                "content_type": "text/markdown"})
+        },
+    },
+    RoomCase {
+        name: "conch",
+        domain: "coordination",
+        action: "property_sync.requested",
+        payload: |i| {
+            json!({"document_id": format!("doc-{i}"), "property": "title", "value": format!("Golden ticket {i}"),
+                "base_revision": 0, "author_id": "ann", "updated_at": "2026-03-01T10:00:00Z"})
+        },
+    },
+    RoomCase {
+        name: "mould",
+        domain: "hydration",
+        action: "requested",
+        payload: |i| {
+            json!({"document_id": format!("doc-{i}"), "format": "html",
+                "source": "# {{ title }}\n\nThe factory floor, section by section.\n\n/invention b1\n",
+                "data": {"title": format!("Document {i}"), "blocks": {"b1": {"title": "Cocoa jet"}}}})
+        },
+    },
+    RoomCase {
+        name: "wrapper",
+        domain: "resolution",
+        action: "requested",
+        payload: |i| {
+            json!({"document_id": format!("doc-{i}"), "repo": "hq", "path": format!("notes/{i}.md"),
+                "content": "Tagged #golden_ticket, see [setup](repo://vault/setup.md#install).\n"})
+        },
+    },
+];
+
+struct Options {
+    events: usize,
+    latency_events: usize,
+    json: PathBuf,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        events: 4000,
+        latency_events: 2000,
+        json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/pipeline.json"),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--events" => options.events = args.next().and_then(|v| v.parse().ok()).unwrap_or(4000),
+            "--latency-events" => {
+                options.latency_events = args.next().and_then(|v| v.parse().ok()).unwrap_or(2000)
+            }
+            "--json" => {
+                if let Some(path) = args.next() {
+                    options.json = PathBuf::from(path);
+                }
+            }
+            // cargo bench passes --bench; nothing else is ours.
+            _ => {}
+        }
+    }
+    options
+}
+
+fn main() -> Result<(), Error> {
+    let options = options();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(options))
+}
+
+#[derive(Debug, serde::Serialize)]
+struct RoomResult {
+    room: &'static str,
+    events: usize,
+    outputs_per_event: f64,
+    limit_events_per_s: f64,
+    room_events_per_s: f64,
+    ratio: f64,
+    offered_rate: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    latency_p999_ms: f64,
+    work_per_event: BTreeMap<String, f64>,
+}
+
+async fn run(options: Options) -> Result<(), Error> {
+    let data = tempfile::tempdir()?;
+    let binary = nats_server::find_binary()?;
+    let nats = ManagedNats::start(binary, data.path(), 0).await?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = jetstream::new(client.clone());
+
+    let mut factory = Factory::start(&nats.url()).await?;
+    let ready_ms = factory.ready_after.as_secs_f64() * 1000.0;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle_rss = factory.rss_kib("VmRSS")?;
+    eprintln!(
+        "four rooms ready {ready_ms:.0} ms after start; idle resident set {:.1} MiB",
+        idle_rss as f64 / 1024.0
+    );
+
+    let mut results = Vec::new();
+    for case in ROOMS {
+        eprintln!("== {}", case.name);
+        let result = bench_room(&js, &factory, case, &options).await?;
+        eprintln!(
+            "{}: limit {:.0}/s, room {:.0}/s (ratio {:.2}); p50 {:.2} ms, p99 {:.2} ms at {:.0}/s",
+            result.room,
+            result.limit_events_per_s,
+            result.room_events_per_s,
+            result.ratio,
+            result.latency_p50_ms,
+            result.latency_p99_ms,
+            result.offered_rate
+        );
+        results.push(result);
+    }
+    let peak_rss = factory.rss_kib("VmHWM")?;
+    factory.stop().await;
+
+    let machine = machine();
+    println!();
+    println!(
+        "| room | limit events/s | room events/s | room/limit | p50 ms | p99 ms | p99.9 ms | at events/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            r.room,
+            r.limit_events_per_s,
+            r.room_events_per_s,
+            r.ratio,
+            r.latency_p50_ms,
+            r.latency_p99_ms,
+            r.latency_p999_ms,
+            r.offered_rate
+        );
+    }
+    println!();
+    println!(
+        "binary, four rooms: ready in {ready_ms:.0} ms; resident set idle {:.1} MiB, peak {:.1} MiB; {machine}",
+        idle_rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
+
+    let report = json!({
+        "machine": machine,
+        "git_sha": option_env!("BUILD_GIT_SHA"),
+        "events_per_room": options.events,
+        "latency_events_per_room": options.latency_events,
+        "ready_ms": ready_ms,
+        "idle_rss_mib": idle_rss as f64 / 1024.0,
+        "peak_rss_mib": peak_rss as f64 / 1024.0,
+        "rooms": results,
+    });
+    if let Some(dir) = options.json.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&options.json, serde_json::to_vec_pretty(&report)?)?;
+    eprintln!("written to {}", options.json.display());
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cpus} cores ({model})")
+}
+
+async fn bench_room(
+    js: &jetstream::Context,
+    factory: &Factory,
+    case: &RoomCase,
+    options: &Options,
+) -> Result<RoomResult, Error> {
+    let stream_name = format!("choco:events:{}", case.domain);
+    let subject = format!("choco.events.{}.{}", case.domain, case.action);
+    let durable = format!("choco-{}", case.name);
+
+    // 1. The room at saturation, its work counted by its own metrics.
+    let before = factory.metrics(case.name).await?;
+    let room_run = saturate(
+        js,
+        &stream_name,
+        &subject,
+        &durable,
+        case,
+        "sat",
+        options.events,
+    )
+    .await?;
+    let after = factory.metrics(case.name).await?;
+    let work = work_per_event(&before, &after, options.events);
+    let outputs_per_event = room_run.outputs as f64 / options.events as f64;
+
+    // 2. The bare loop doing that work.
+    let limit = limit_run(js, case, &work, &room_run, options.events).await?;
+
+    // 3. Latency at half the room's saturation rate.
+    let rate = room_run.events_per_s / 2.0;
+    let latencies = paced(js, &stream_name, &subject, &durable, case, rate, options.latency_events).await?;
+
+    Ok(RoomResult {
+        room: case.name,
+        events: options.events,
+        outputs_per_event,
+        limit_events_per_s: limit,
+        room_events_per_s: room_run.events_per_s,
+        ratio: room_run.events_per_s / limit,
+        offered_rate: rate,
+        latency_p50_ms: percentile(&latencies, 0.50),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_p999_ms: percentile(&latencies, 0.999),
+        work_per_event: work
+            .iter()
+            .map(|(op, count)| (op.label(), *count))
+            .collect(),
+    })
+}
+
+fn percentile(sorted_ms: &[f64], q: f64) -> f64 {
+    if sorted_ms.is_empty() {
+        return f64::NAN;
+    }
+    let index = ((sorted_ms.len() as f64 - 1.0) * q).round() as usize;
+    sorted_ms[index.min(sorted_ms.len() - 1)]
+}
+
+fn input(case: &RoomCase, phase: &str, i: usize) -> EventEnvelope {
+    EventEnvelope::new(
+        uuid::Uuid::now_v7(),
+        format!("{}.{}", case.domain, case.action),
+        format!("{phase}-doc-{i}"),
+        format!("bench-{phase}-{i}"),
+        serde_json::to_vec(&(case.payload)(i)).unwrap_or_default(),
+        "bench".into(),
+    )
+}
+
+/// Publishes `count` envelopes concurrently (a window of acks in flight).
+async fn publish_all(
+    js: &jetstream::Context,
+    subject: &str,
+    envelopes: Vec<EventEnvelope>,
+) -> Result<(), Error> {
+    futures::stream::iter(envelopes)
+        .map(|envelope| {
+            let js = js.clone();
+            let subject = subject.to_string();
+            async move {
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(envelope.encode().into())
+                    .message_id(envelope.event_id.to_string());
+                js.send_publish(subject, message).await?.await?;
+                Ok::<_, Error>(())
+            }
+        })
+        .buffer_unordered(256)
+        .try_collect::<()>()
+        .await
+}
+
+/// Waits until a durable consumer has nothing pending or unacknowledged.
+async fn drained(js: &jetstream::Context, stream: &str, durable: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut consumer: jetstream::consumer::Consumer<pull::Config> =
+            js.get_stream(stream).await?.get_consumer(durable).await?;
+        let info = consumer.info().await?;
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{durable} did not drain").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The stream's messages from `start` on: (subject, stored at (ns),
+/// correlation id, size).
+async fn read_from(
+    js: &jetstream::Context,
+    stream: &str,
+    start: u64,
+) -> Result<Vec<(String, i128, String, usize)>, Error> {
+    let stream = js.get_stream(stream).await?;
+    let last = stream.get_info().await?.state.last_sequence;
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let info = message.info()?;
+        let sequence = info.stream_sequence;
+        let stored = info.published.unix_timestamp_nanos();
+        let correlation = serde_json::from_slice::<Value>(&message.payload)
+            .ok()
+            .and_then(|v| v["correlation_id"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        out.push((message.subject.to_string(), stored, correlation, message.payload.len()));
+        if sequence >= last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+struct SaturationRun {
+    events_per_s: f64,
+    outputs: usize,
+    mean_output_bytes: usize,
+}
+
+async fn saturate(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    durable: &str,
+    case: &RoomCase,
+    phase: &str,
+    events: usize,
+) -> Result<SaturationRun, Error> {
+    let start = js.get_stream(stream).await?.get_info().await?.state.last_sequence + 1;
+    let envelopes = (0..events).map(|i| input(case, phase, i)).collect();
+    publish_all(js, subject, envelopes).await?;
+    drained(js, stream, durable).await?;
+    let messages = read_from(js, stream, start).await?;
+    let (inputs, outputs): (Vec<_>, Vec<_>) =
+        messages.iter().partition(|(s, ..)| s.as_str() == subject);
+    let first = inputs.iter().map(|m| m.1).min().unwrap_or_default();
+    let last = outputs.iter().map(|m| m.1).max().unwrap_or_default();
+    let span = (last - first) as f64 / 1e9;
+    let mean_output_bytes = outputs.iter().map(|m| m.3).sum::<usize>() / outputs.len().max(1);
+    Ok(SaturationRun {
+        events_per_s: inputs.len() as f64 / span,
+        outputs: outputs.len(),
+        mean_output_bytes,
+    })
+}
+
+/// Inputs at `rate` per second; per event, from the input's stream time to
+/// its last output's.
+async fn paced(
+    js: &jetstream::Context,
+    stream: &str,
+    subject: &str,
+    durable: &str,
+    case: &RoomCase,
+    rate: f64,
+    events: usize,
+) -> Result<Vec<f64>, Error> {
+    let start = js.get_stream(stream).await?.get_info().await?.state.last_sequence + 1;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for i in 0..events {
+        ticker.tick().await;
+        let envelope = input(case, "lat", i);
+        let message = jetstream::message::PublishMessage::build()
+            .payload(envelope.encode().into())
+            .message_id(envelope.event_id.to_string());
+        acks.push(std::future::IntoFuture::into_future(
+            js.send_publish(subject.to_string(), message).await?,
+        ));
+        // Keep the ack futures moving without waiting on them in order.
+        while let Some(Some(ack)) = futures::FutureExt::now_or_never(acks.next()) {
+            ack?;
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack?;
+    }
+    drained(js, stream, durable).await?;
+    let messages = read_from(js, stream, start).await?;
+    let mut input_at = BTreeMap::new();
+    let mut done_at: BTreeMap<String, i128> = BTreeMap::new();
+    for (s, at, correlation, _) in messages {
+        if s == subject {
+            input_at.insert(correlation, at);
+        } else {
+            let entry = done_at.entry(correlation).or_insert(at);
+            *entry = (*entry).max(at);
+        }
+    }
+    let mut latencies: Vec<f64> = input_at
+        .iter()
+        .filter_map(|(c, at)| done_at.get(c).map(|done| (done - at) as f64 / 1e6))
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+/// A store operation as the room's metrics name it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Op {
+    Kv { bucket: String, operation: String },
+    Object { bucket: String, operation: String },
+    Publish,
+}
+
+impl Op {
+    fn label(&self) -> String {
+        match self {
+            Op::Kv { bucket, operation } => format!("kv {bucket} {operation}"),
+            Op::Object { bucket, operation } => format!("object {bucket} {operation}"),
+            Op::Publish => "publish".into(),
+        }
+    }
+}
+
+type Counts = BTreeMap<Op, f64>;
+
+/// Store operations and publishes per event, from two scrapes.
+fn work_per_event(before: &Counts, after: &Counts, events: usize) -> Vec<(Op, f64)> {
+    after
+        .iter()
+        .map(|(op, n)| (op.clone(), (n - before.get(op).copied().unwrap_or(0.0)) / events as f64))
+        .filter(|(_, per_event)| *per_event > 0.0)
+        .collect()
+}
+
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    labels.split(',').find_map(|pair| {
+        let (key, value) = pair.split_once('=')?;
+        (key.trim() == name).then(|| value.trim().trim_matches('"'))
+    })
+}
+
+fn parse_counts(text: &str) -> Counts {
+    let mut counts = Counts::new();
+    for line in text.lines() {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let Some((name, labels)) = series.split_once('{') else {
+            continue;
+        };
+        let labels = labels.trim_end_matches('}');
+        let op = match name {
+            "choco_store_operation_duration_seconds_count" => {
+                let bucket = label(labels, "bucket").unwrap_or_default().to_string();
+                let operation = label(labels, "operation").unwrap_or_default().to_string();
+                match label(labels, "store") {
+                    Some("object") => Op::Object { bucket, operation },
+                    _ => Op::Kv { bucket, operation },
+                }
+            }
+            "choco_publish_messages_total" if label(labels, "outcome") == Some("ok") => Op::Publish,
+            _ => continue,
+        };
+        *counts.entry(op).or_default() += value;
+    }
+    counts
+}
+
+/// The bare loop: the room's NATS work per event and nothing else.
+async fn limit_run(
+    js: &jetstream::Context,
+    case: &RoomCase,
+    work: &[(Op, f64)],
+    room: &SaturationRun,
+    events: usize,
+) -> Result<f64, Error> {
+    let name = format!("bench_limit_{}", case.name);
+    let stream_name = format!("bench:limit:{}", case.name);
+    let subject_base = format!("bench.limit.{}", case.name);
+    let input_subject = format!("{subject_base}.in");
+    let _ = js.delete_stream(&stream_name).await;
+    let room_stream = js
+        .get_stream(format!("choco:events:{}", case.domain))
+        .await?
+        .get_info()
+        .await?
+        .config;
+    js.create_stream(stream::Config {
+        name: stream_name.clone(),
+        subjects: vec![format!("{subject_base}.>")],
+        duplicate_window: room_stream.duplicate_window,
+        storage: room_stream.storage,
+        ..Default::default()
+    })
+    .await?;
+    let stream = js.get_stream(&stream_name).await?;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: input_subject.clone(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+
+    // Buckets like the room's, values of the room's mean sizes.
+    let mut kv_stores = BTreeMap::new();
+    let mut object_stores = BTreeMap::new();
+    for (op, _) in work {
+        match op {
+            Op::Kv { bucket, .. } if !kv_stores.contains_key(bucket) => {
+                let original = js.get_stream(format!("KV_{bucket}")).await?.get_info().await?;
+                let value_bytes =
+                    (original.state.bytes / original.state.messages.max(1)).max(16) as usize;
+                let limit_bucket = format!("{name}_{}", kv_stores.len());
+                let _ = js.delete_key_value(&limit_bucket).await;
+                let store = js
+                    .create_key_value(kv::Config {
+                        bucket: limit_bucket,
+                        history: original.config.max_messages_per_subject.max(1),
+                        storage: original.config.storage,
+                        ..Default::default()
+                    })
+                    .await?;
+                kv_stores.insert(bucket.clone(), (store, vec![b'v'; value_bytes]));
+            }
+            Op::Object { bucket, .. } if !object_stores.contains_key(bucket) => {
+                let original = js.get_stream(format!("OBJ_{bucket}")).await?.get_info().await?;
+                let puts = work
+                    .iter()
+                    .find(|(o, _)| matches!(o, Op::Object { bucket: b, operation } if b == bucket && operation == "put"))
+                    .map_or(1.0, |(_, n)| *n * events as f64);
+                let object_bytes = (original.state.bytes as f64 / puts.max(1.0)) as usize;
+                let limit_bucket = format!("{name}_obj_{}", object_stores.len());
+                let _ = js.delete_object_store(&limit_bucket).await;
+                let store = js
+                    .create_object_store(object_store::Config {
+                        bucket: limit_bucket,
+                        storage: original.config.storage,
+                        ..Default::default()
+                    })
+                    .await?;
+                object_stores.insert(bucket.clone(), (store, vec![b'o'; object_bytes.max(16)]));
+            }
+            _ => {}
+        }
+    }
+    let outputs_per_event = work
+        .iter()
+        .find(|(op, _)| *op == Op::Publish)
+        .map_or(0.0, |(_, n)| *n);
+    let output = Arc::new(vec![b'x'; room.mean_output_bytes.max(16)]);
+    let work: Arc<Vec<(Op, f64)>> = Arc::new(work.to_vec());
+    let kv_stores = Arc::new(kv_stores);
+    let object_stores = Arc::new(object_stores);
+
+    // Consume while the same publisher feeds the inputs.
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream.get_consumer(&name).await?;
+    let room_settings = Factory::consumer_settings();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(room_settings.0)
+        .messages()
+        .await?;
+    let in_flight = Arc::new(Semaphore::new(room_settings.1));
+    let feeder = {
+        let js = js.clone();
+        let subject = input_subject.clone();
+        let envelopes: Vec<_> = (0..events).map(|i| input(case, "limit", i)).collect();
+        tokio::spawn(async move { publish_all(&js, &subject, envelopes).await })
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut handled = 0;
+    while handled < events {
+        let Some(message) = messages.next().await else {
+            break;
+        };
+        let message = message?;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let (js, work, kv_stores, object_stores, output) = (
+            js.clone(),
+            work.clone(),
+            kv_stores.clone(),
+            object_stores.clone(),
+            output.clone(),
+        );
+        let index = handled;
+        let out_subject = format!("{subject_base}.out");
+        tasks.spawn(async move {
+            let _permit = permit;
+            let key = format!("doc-{index}");
+            // Exactly n per event on average: this event's share of a
+            // fractional count.
+            let times = |n: f64| ((n * (index + 1) as f64).floor() - (n * index as f64).floor()) as usize;
+            let mut revision = None;
+            for (op, n) in work.iter() {
+                for _ in 0..times(*n) {
+                    match op {
+                        Op::Kv { bucket, operation } => {
+                            let Some((store, value)) = kv_stores.get(bucket) else { continue };
+                            match operation.as_str() {
+                                "entry" | "get" => {
+                                    revision = store.entry(key.clone()).await?.map(|e| e.revision);
+                                }
+                                "create" => {
+                                    revision = Some(store.create(&key, value.clone().into()).await?);
+                                }
+                                "update" => {
+                                    let r = match revision {
+                                        Some(r) => store.update(&key, value.clone().into(), r).await?,
+                                        None => store.put(&key, value.clone().into()).await?,
+                                    };
+                                    revision = Some(r);
+                                }
+                                "keys" => {
+                                    let _: Vec<String> = store.keys().await?.try_collect().await?;
+                                }
+                                _ => {
+                                    revision = Some(store.put(&key, value.clone().into()).await?);
+                                }
+                            }
+                        }
+                        Op::Object { bucket, operation } => {
+                            let Some((store, bytes)) = object_stores.get(bucket) else { continue };
+                            match operation.as_str() {
+                                "put" => {
+                                    store.put(key.as_str(), &mut bytes.as_slice()).await?;
+                                }
+                                "get" => {
+                                    if let Ok(mut object) = store.get(&key).await {
+                                        let mut sink = Vec::new();
+                                        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut sink).await?;
+                                    }
+                                }
+                                _ => {
+                                    let _ = store.info(&key).await;
+                                }
+                            }
+                        }
+                        Op::Publish => {}
+                    }
+                }
+            }
+            let publishes = times(outputs_per_event);
+            let mut acks = Vec::with_capacity(publishes);
+            for n in 0..publishes {
+                let message = jetstream::message::PublishMessage::build()
+                    .payload(output.as_slice().to_vec().into())
+                    .message_id(format!("limit-{index}-{n}"));
+                acks.push(js.send_publish(out_subject.clone(), message).await?);
+            }
+            for ack in acks {
+                ack.await?;
+            }
+            message.ack().await?;
+            Ok::<_, Error>(())
+        });
+        handled += 1;
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    feeder.await??;
+    drained(js, &stream_name, &name).await?;
+
+    let messages = read_from(js, &stream_name, 1).await?;
+    let first = messages
+        .iter()
+        .filter(|m| m.0 == input_subject)
+        .map(|m| m.1)
+        .min()
+        .unwrap_or_default();
+    let last = messages
+        .iter()
+        .filter(|m| m.0 != input_subject)
+        .map(|m| m.1)
+        .max()
+        .unwrap_or(first);
+    let events_per_s = events as f64 / ((last - first) as f64 / 1e9);
+    js.delete_stream(&stream_name).await?;
+    Ok(events_per_s)
+}
+
+/// The release binary with all four rooms, on free ports.
+struct Factory {
+    child: Child,
+    metrics: BTreeMap<&'static str, SocketAddr>,
+    ready_after: Duration,
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Factory {
+    /// (batch, max_in_flight): the consumer settings the rooms run with
+    /// (the defaults), which the bare loop copies.
+    fn consumer_settings() -> (usize, usize) {
+        let defaults = choco_factory::cocoa_butter::config::ConsumerConfig::default();
+        (defaults.batch, defaults.max_in_flight)
+    }
+
+    async fn start(nats_url: &str) -> Result<Factory, Error> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_choco-factory"));
+        command
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+            .args(["serve"])
+            .env("CHOCO_NATS__URL", nats_url)
+            .env("CHOCO_LOG__FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .stdout(std::process::Stdio::null());
+        let mut http = BTreeMap::new();
+        let mut metrics = BTreeMap::new();
+        for case in ROOMS {
+            let upper = case.name.to_uppercase();
+            for (key, map) in [("HTTP_PORT", Some(&mut http)), ("GRPC_PORT", None), ("METRICS_PORT", Some(&mut metrics))] {
+                let port = free_port()?;
+                command.env(format!("CHOCO_ROOMS__{upper}__{key}"), port.to_string());
+                if let Some(map) = map {
+                    map.insert(case.name, SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+            }
+        }
+        let started = Instant::now();
+        let child = command.spawn()?;
+        let client = reqwest::Client::new();
+        for addr in http.values() {
+            loop {
+                let ready = client
+                    .get(format!("http://{addr}/readyz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() == 200);
+                if ready {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err("the rooms did not become ready".into());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        Ok(Factory {
+            child,
+            metrics,
+            ready_after: started.elapsed(),
+        })
+    }
+
+    async fn metrics(&self, room: &str) -> Result<Counts, Error> {
+        let addr = self.metrics.get(room).ok_or("unknown room")?;
+        let text = reqwest::get(format!("http://{addr}/metrics")).await?.text().await?;
+        Ok(parse_counts(&text))
+    }
+
+    fn rss_kib(&self, field: &str) -> Result<u64, Error> {
+        let pid = self.child.id().ok_or("exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| format!("no {field} in /proc/{pid}/status").into())
+    }
+
+    async fn stop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+    }
+}
