@@ -587,6 +587,7 @@ async fn streams_status(
     if json {
         return emit(&(serde_json::to_string_pretty(&rows)? + "\n"));
     }
+    // Rows are padded to columns; the last column's padding is trimmed.
     let mut out = String::new();
     writeln!(
         out,
@@ -641,7 +642,8 @@ async fn streams_status(
             when(consumer),
         )?;
     }
-    emit(&out)
+    let trimmed: Vec<&str> = out.lines().map(str::trim_end).collect();
+    emit(&(trimmed.join("\n") + "\n"))
 }
 
 /// One line of `streams ensure`: what was looked at and what was found.
@@ -771,14 +773,14 @@ async fn streams_ensure(
     } else {
         let mut out = String::new();
         for line in &report {
-            writeln!(
-                out,
+            let text = format!(
                 "{:<8} {:<27} {:<13} {}",
                 line.kind,
                 line.name,
                 line.outcome,
                 line.detail.join("; ")
-            )?;
+            );
+            writeln!(out, "{}", text.trim_end())?;
         }
         emit(&out)?;
     }

@@ -391,6 +391,10 @@ async fn streams_are_ensured_and_shown() {
 
     let (ok, out, err) = cli(&nats.url(), &["streams", "ensure"]);
     assert!(ok, "{out}{err}");
+    assert!(
+        err.is_empty(),
+        "no progress bar when stderr is not a terminal: {err:?}"
+    );
     for stream in [
         "choco:events:coordination",
         "choco:events:refinement",

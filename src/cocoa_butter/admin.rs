@@ -62,19 +62,30 @@ where
         })
 }
 
+/// How long `/info` waits for the server to count dead letters before it
+/// shows the sampled count: `/info` is what people look at when something
+/// is wrong, so it must not hang on NATS.
+const COUNT_WAIT: Duration = Duration::from_secs(1);
+
 /// Adds the room's run state to its `/info`: paused (and what the operator
 /// asked), dead letters and the last error. The dead letters are counted on
 /// the server when it answers in time, else the last sampled count is shown
 /// with `"dead_letters_sampled": true`.
 pub async fn add_run_state(body: &mut serde_json::Value, room: &str, state: &RoomState) {
-    let counted = tokio::time::timeout(
-        state.nats_config().request_timeout,
-        dlq::count_for_room(state.jetstream(), state.nats_config(), room),
-    )
-    .await;
+    let counted = if state.nats_connected() {
+        tokio::time::timeout(
+            COUNT_WAIT.min(state.nats_config().request_timeout),
+            dlq::count_for_room(state.jetstream(), state.nats_config(), room),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+    } else {
+        None
+    };
     let (dead_letters, sampled) = match counted {
-        Ok(Ok(count)) => (count, false),
-        _ => (state.dead_letters(), true),
+        Some(count) => (count, false),
+        None => (state.dead_letters(), true),
     };
     body["paused"] = json!(state.paused());
     body["desired"] = json!(state.desired());
