@@ -42,8 +42,8 @@ struct RoomCase {
     domain: &'static str,
     /// The input it is fed, `<action>` under its domain.
     action: &'static str,
-    /// The input payload for event `i`.
-    payload: fn(usize) -> Value,
+    /// The input payload for the document `doc` (the envelope's aggregate).
+    payload: fn(&str) -> Value,
 }
 
 const ROOMS: &[RoomCase] = &[
@@ -51,9 +51,9 @@ const ROOMS: &[RoomCase] = &[
         name: "winnower",
         domain: "refinement",
         action: "requested",
-        payload: |i| {
-            json!({"document_id": format!("doc-{i}"), "title": "Release notes",
-                "content": format!("# Release notes {i}\n\nThe conch now resolves conflicts per property, and editors see the winning value within a second.\n"),
+        payload: |doc| {
+            json!({"document_id": doc, "title": "Release notes",
+                "content": format!("# Release notes {doc}\n\nThe conch now resolves conflicts per property, and editors see the winning value within a second.\n"),
                 "content_type": "text/markdown"})
         },
     },
@@ -61,8 +61,8 @@ const ROOMS: &[RoomCase] = &[
         name: "conch",
         domain: "coordination",
         action: "property_sync.requested",
-        payload: |i| {
-            json!({"document_id": format!("doc-{i}"), "property": "title", "value": format!("Golden ticket {i}"),
+        payload: |doc| {
+            json!({"document_id": doc, "property": "title", "value": format!("Golden ticket {doc}"),
                 "base_revision": 0, "author_id": "ann", "updated_at": "2026-03-01T10:00:00Z"})
         },
     },
@@ -70,18 +70,18 @@ const ROOMS: &[RoomCase] = &[
         name: "mould",
         domain: "hydration",
         action: "requested",
-        payload: |i| {
-            json!({"document_id": format!("doc-{i}"), "format": "html",
+        payload: |doc| {
+            json!({"document_id": doc, "format": "html",
                 "source": "# {{ title }}\n\nThe factory floor, section by section.\n\n/invention b1\n",
-                "data": {"title": format!("Document {i}"), "blocks": {"b1": {"title": "Cocoa jet"}}}})
+                "data": {"title": format!("Document {doc}"), "blocks": {"b1": {"title": "Cocoa jet"}}}})
         },
     },
     RoomCase {
         name: "wrapper",
         domain: "resolution",
         action: "requested",
-        payload: |i| {
-            json!({"document_id": format!("doc-{i}"), "repo": "hq", "path": format!("notes/{i}.md"),
+        payload: |doc| {
+            json!({"document_id": doc, "repo": "hq", "path": format!("notes/{doc}.md"),
                 "content": "Tagged #golden_ticket, see [setup](repo://vault/setup.md#install).\n"})
         },
     },
@@ -265,7 +265,16 @@ async fn bench_room(
 
     // 3. Latency at half the room's saturation rate.
     let rate = room_run.events_per_s / 2.0;
-    let latencies = paced(js, &stream_name, &subject, &durable, case, rate, options.latency_events).await?;
+    let latencies = paced(
+        js,
+        &stream_name,
+        &subject,
+        &durable,
+        case,
+        rate,
+        options.latency_events,
+    )
+    .await?;
 
     Ok(RoomResult {
         room: case.name,
@@ -294,12 +303,13 @@ fn percentile(sorted_ms: &[f64], q: f64) -> f64 {
 }
 
 fn input(case: &RoomCase, phase: &str, i: usize) -> EventEnvelope {
+    let doc = format!("{phase}-doc-{i}");
     EventEnvelope::new(
         uuid::Uuid::now_v7(),
         format!("{}.{}", case.domain, case.action),
-        format!("{phase}-doc-{i}"),
+        doc.clone(),
         format!("bench-{phase}-{i}"),
-        serde_json::to_vec(&(case.payload)(i)).unwrap_or_default(),
+        serde_json::to_vec(&(case.payload)(&doc)).unwrap_or_default(),
         "bench".into(),
     )
 }
@@ -317,7 +327,7 @@ async fn publish_all(
             async move {
                 let message = jetstream::message::PublishMessage::build()
                     .payload(envelope.encode().into())
-                    .message_id(envelope.event_id.to_string());
+                    .message_id(&envelope.event_id);
                 js.send_publish(subject, message).await?.await?;
                 Ok::<_, Error>(())
             }
@@ -372,7 +382,12 @@ async fn read_from(
             .ok()
             .and_then(|v| v["correlation_id"].as_str().map(str::to_string))
             .unwrap_or_default();
-        out.push((message.subject.to_string(), stored, correlation, message.payload.len()));
+        out.push((
+            message.subject.to_string(),
+            stored,
+            correlation,
+            message.payload.len(),
+        ));
         if sequence >= last {
             break;
         }
@@ -395,13 +410,29 @@ async fn saturate(
     phase: &str,
     events: usize,
 ) -> Result<SaturationRun, Error> {
-    let start = js.get_stream(stream).await?.get_info().await?.state.last_sequence + 1;
+    let start = js
+        .get_stream(stream)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .last_sequence
+        + 1;
     let envelopes = (0..events).map(|i| input(case, phase, i)).collect();
     publish_all(js, subject, envelopes).await?;
     drained(js, stream, durable).await?;
     let messages = read_from(js, stream, start).await?;
     let (inputs, outputs): (Vec<_>, Vec<_>) =
         messages.iter().partition(|(s, ..)| s.as_str() == subject);
+    if outputs.is_empty() {
+        return Err(format!(
+            "{}: no outputs for {} inputs; are they dead-lettered? (choco-factory dlq list --room {})",
+            case.name,
+            inputs.len(),
+            case.name
+        )
+        .into());
+    }
     let first = inputs.iter().map(|m| m.1).min().unwrap_or_default();
     let last = outputs.iter().map(|m| m.1).max().unwrap_or_default();
     let span = (last - first) as f64 / 1e9;
@@ -424,7 +455,14 @@ async fn paced(
     rate: f64,
     events: usize,
 ) -> Result<Vec<f64>, Error> {
-    let start = js.get_stream(stream).await?.get_info().await?.state.last_sequence + 1;
+    let start = js
+        .get_stream(stream)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .last_sequence
+        + 1;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -434,7 +472,7 @@ async fn paced(
         let envelope = input(case, "lat", i);
         let message = jetstream::message::PublishMessage::build()
             .payload(envelope.encode().into())
-            .message_id(envelope.event_id.to_string());
+            .message_id(&envelope.event_id);
         acks.push(std::future::IntoFuture::into_future(
             js.send_publish(subject.to_string(), message).await?,
         ));
@@ -490,7 +528,12 @@ type Counts = BTreeMap<Op, f64>;
 fn work_per_event(before: &Counts, after: &Counts, events: usize) -> Vec<(Op, f64)> {
     after
         .iter()
-        .map(|(op, n)| (op.clone(), (n - before.get(op).copied().unwrap_or(0.0)) / events as f64))
+        .map(|(op, n)| {
+            (
+                op.clone(),
+                (n - before.get(op).copied().unwrap_or(0.0)) / events as f64,
+            )
+        })
         .filter(|(_, per_event)| *per_event > 0.0)
         .collect()
 }
@@ -575,7 +618,11 @@ async fn limit_run(
     for (op, _) in work {
         match op {
             Op::Kv { bucket, .. } if !kv_stores.contains_key(bucket) => {
-                let original = js.get_stream(format!("KV_{bucket}")).await?.get_info().await?;
+                let original = js
+                    .get_stream(format!("KV_{bucket}"))
+                    .await?
+                    .get_info()
+                    .await?;
                 let value_bytes =
                     (original.state.bytes / original.state.messages.max(1)).max(16) as usize;
                 let limit_bucket = format!("{name}_{}", kv_stores.len());
@@ -591,7 +638,11 @@ async fn limit_run(
                 kv_stores.insert(bucket.clone(), (store, vec![b'v'; value_bytes]));
             }
             Op::Object { bucket, .. } if !object_stores.contains_key(bucket) => {
-                let original = js.get_stream(format!("OBJ_{bucket}")).await?.get_info().await?;
+                let original = js
+                    .get_stream(format!("OBJ_{bucket}"))
+                    .await?
+                    .get_info()
+                    .await?;
                 let puts = work
                     .iter()
                     .find(|(o, _)| matches!(o, Op::Object { bucket: b, operation } if b == bucket && operation == "put"))
@@ -657,23 +708,29 @@ async fn limit_run(
             let key = format!("doc-{index}");
             // Exactly n per event on average: this event's share of a
             // fractional count.
-            let times = |n: f64| ((n * (index + 1) as f64).floor() - (n * index as f64).floor()) as usize;
+            let times =
+                |n: f64| ((n * (index + 1) as f64).floor() - (n * index as f64).floor()) as usize;
             let mut revision = None;
             for (op, n) in work.iter() {
                 for _ in 0..times(*n) {
                     match op {
                         Op::Kv { bucket, operation } => {
-                            let Some((store, value)) = kv_stores.get(bucket) else { continue };
+                            let Some((store, value)) = kv_stores.get(bucket) else {
+                                continue;
+                            };
                             match operation.as_str() {
                                 "entry" | "get" => {
                                     revision = store.entry(key.clone()).await?.map(|e| e.revision);
                                 }
                                 "create" => {
-                                    revision = Some(store.create(&key, value.clone().into()).await?);
+                                    revision =
+                                        Some(store.create(&key, value.clone().into()).await?);
                                 }
                                 "update" => {
                                     let r = match revision {
-                                        Some(r) => store.update(&key, value.clone().into(), r).await?,
+                                        Some(r) => {
+                                            store.update(&key, value.clone().into(), r).await?
+                                        }
                                         None => store.put(&key, value.clone().into()).await?,
                                     };
                                     revision = Some(r);
@@ -687,7 +744,9 @@ async fn limit_run(
                             }
                         }
                         Op::Object { bucket, operation } => {
-                            let Some((store, bytes)) = object_stores.get(bucket) else { continue };
+                            let Some((store, bytes)) = object_stores.get(bucket) else {
+                                continue;
+                            };
                             match operation.as_str() {
                                 "put" => {
                                     store.put(key.as_str(), &mut bytes.as_slice()).await?;
@@ -695,7 +754,11 @@ async fn limit_run(
                                 "get" => {
                                     if let Ok(mut object) = store.get(&key).await {
                                         let mut sink = Vec::new();
-                                        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut sink).await?;
+                                        tokio::io::AsyncReadExt::read_to_end(
+                                            &mut object,
+                                            &mut sink,
+                                        )
+                                        .await?;
                                     }
                                 }
                                 _ => {
@@ -783,7 +846,11 @@ impl Factory {
         let mut metrics = BTreeMap::new();
         for case in ROOMS {
             let upper = case.name.to_uppercase();
-            for (key, map) in [("HTTP_PORT", Some(&mut http)), ("GRPC_PORT", None), ("METRICS_PORT", Some(&mut metrics))] {
+            for (key, map) in [
+                ("HTTP_PORT", Some(&mut http)),
+                ("GRPC_PORT", None),
+                ("METRICS_PORT", Some(&mut metrics)),
+            ] {
                 let port = free_port()?;
                 command.env(format!("CHOCO_ROOMS__{upper}__{key}"), port.to_string());
                 if let Some(map) = map {
@@ -819,7 +886,10 @@ impl Factory {
 
     async fn metrics(&self, room: &str) -> Result<Counts, Error> {
         let addr = self.metrics.get(room).ok_or("unknown room")?;
-        let text = reqwest::get(format!("http://{addr}/metrics")).await?.text().await?;
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await?
+            .text()
+            .await?;
         Ok(parse_counts(&text))
     }
 

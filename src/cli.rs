@@ -1,4 +1,6 @@
-//! The command line: `serve`, `dev`, `config check|show`, `rooms`.
+//! The command line: `serve`, `dev`, `config check|show`, `rooms`, and the
+//! operator's commands: `room pause|resume`, `streams status|ensure`,
+//! `dlq`, `publish`, `tail`.
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -65,6 +67,12 @@ enum Command {
     /// Work the dead-letter stream.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Pause or resume a room on every replica.
+    #[command(subcommand)]
+    Room(RoomCommand),
+    /// The rooms' streams and consumers: their state, or create what is missing.
+    #[command(subcommand)]
+    Streams(StreamsCommand),
     /// Publish one event as a correct envelope.
     Publish(PublishArgs),
     /// Follow a subject and print each envelope, payload decoded, one per line.
@@ -123,6 +131,36 @@ enum DlqCommand {
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RoomCommand {
+    /// Stop the room pulling on every replica, now and after restarts: in-flight
+    /// work finishes, the consumer stays, the room reports not ready.
+    Pause {
+        room: String,
+        /// Why, shown in /readyz and /info.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Let the room pull again on every replica.
+    Resume { room: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum StreamsCommand {
+    /// Each enabled room's stream and consumer: messages, bytes, pending,
+    /// ack-pending, redeliveries, dead letters, last activity.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the missing streams, consumers and buckets from the configuration,
+    /// update drifted consumers, and report what was found.
+    Ensure {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -273,6 +311,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 dlq(client, config.factory.nats.clone(), command)
             })
         }
+        Command::Room(command) => {
+            let config = load_bus_only(&cli.sources(None))?;
+            with_nats(&config, |client| room(client, &config, command))
+        }
+        Command::Streams(StreamsCommand::Status { json }) => {
+            let config = load_bus_only(&cli.sources(None))?;
+            with_nats(&config, |client| streams_status(client, &config, *json))
+        }
+        Command::Streams(StreamsCommand::Ensure { json }) => {
+            // The rooms are built to prepare their buckets: their settings
+            // must pass the same checks as for `serve`.
+            let config = load(&cli.sources(None))?;
+            with_nats(&config, |client| streams_ensure(client, &config, *json))
+        }
         Command::Publish(args) => {
             let config = load_bus_only(&cli.sources(None))?;
             with_nats(&config, |client| publish(client, args))
@@ -382,22 +434,6 @@ async fn dlq(
         reason: args.reason.clone(),
         since: args.since,
     };
-    let select = |sequences: &Vec<u64>, args: &DlqFilterArgs| {
-        let letters = &letters;
-        let filter = to_filter(args);
-        let sequences = sequences.clone();
-        async move {
-            if sequences.is_empty() {
-                letters.list(&filter).await
-            } else {
-                let mut out = Vec::new();
-                for sequence in sequences {
-                    out.push(letters.get(sequence).await?);
-                }
-                Ok(out)
-            }
-        }
-    };
     match command {
         DlqCommand::List { filter, json } => {
             let records = letters.list(&to_filter(filter)).await?;
@@ -437,21 +473,25 @@ async fn dlq(
             filter,
             dry_run,
         } => {
-            let records = select(sequences, filter).await?;
+            let records = letters.select(sequences, &to_filter(filter)).await?;
             let mut out = String::new();
-            for record in &records {
-                if *dry_run {
+            if *dry_run {
+                for record in &records {
                     writeln!(
                         out,
                         "would replay {} to {}",
                         record.sequence, record.original_subject
                     )?;
-                } else {
-                    let new_sequence = letters.replay(record).await?;
+                }
+            } else {
+                let bar = progress(records.len(), "replaying");
+                let replayed = letters.replay_all(&records, |_| bar.inc(1)).await;
+                bar.finish_and_clear();
+                for r in replayed? {
                     writeln!(
                         out,
-                        "replayed {} to {} (stream sequence {new_sequence})",
-                        record.sequence, record.original_subject
+                        "replayed {} to {} (stream sequence {})",
+                        r.sequence, r.subject, r.new_sequence
                     )?;
                 }
             }
@@ -472,7 +512,7 @@ async fn dlq(
             filter,
             yes,
         } => {
-            let records = select(sequences, filter).await?;
+            let records = letters.select(sequences, &to_filter(filter)).await?;
             if !*yes {
                 use std::io::{BufRead, IsTerminal, Write};
                 if !std::io::stdin().is_terminal() {
@@ -489,12 +529,308 @@ async fn dlq(
                     return emit("nothing purged\n");
                 }
             }
-            for record in &records {
-                letters.purge(record.sequence).await?;
-            }
-            emit(&format!("{} dead letter(s) purged\n", records.len()))
+            let bar = progress(records.len(), "purging");
+            let purged = letters.purge_all(&records, |_| bar.inc(1)).await;
+            bar.finish_and_clear();
+            emit(&format!("{} dead letter(s) purged\n", purged?))
         }
     }
+}
+
+/// A progress bar for a long operation, drawn on stderr only when stderr
+/// is a terminal: piped or logged output gets the command's lines alone.
+fn progress(len: usize, what: &'static str) -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
+    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what);
+    bar
+}
+
+/// The configured room called `name`, or an error listing the rooms.
+fn configured_room<'a>(
+    config: &'a ValidatedConfig,
+    name: &str,
+) -> anyhow::Result<&'a config::RoomSettings> {
+    config
+        .rooms
+        .iter()
+        .find(|room| room.name == name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = config.rooms.iter().map(|r| r.name.as_str()).collect();
+            anyhow::anyhow!("unknown room {name:?} (rooms: {})", known.join(", "))
+        })
+}
+
+async fn room(
+    client: async_nats::Client,
+    config: &ValidatedConfig,
+    command: &RoomCommand,
+) -> anyhow::Result<()> {
+    use crate::cocoa_butter::control::{Control, Desired};
+    let (name, desired) = match command {
+        RoomCommand::Pause { room, reason } => {
+            (room, Desired::new(true, reason.clone(), cli_actor()))
+        }
+        RoomCommand::Resume { room } => (room, Desired::new(false, None, cli_actor())),
+    };
+    let room = configured_room(config, name)?;
+    let control = Control::new(async_nats::jetstream::new(client));
+    control.open().await?;
+    control.set(&room.name, &desired).await?;
+    emit(&if desired.paused {
+        format!(
+            "paused {}: every replica stops pulling, finishes its in-flight work and reports not ready until `room resume {}`\n",
+            room.name, room.name
+        )
+    } else {
+        format!("resumed {}: every replica pulls again\n", room.name)
+    })
+}
+
+/// Who wrote a desired state from the CLI: `cli@<host>`.
+fn cli_actor() -> String {
+    match nix::unistd::gethostname() {
+        Ok(host) => format!("cli@{}", host.to_string_lossy()),
+        Err(_) => "cli".to_string(),
+    }
+}
+
+async fn streams_status(
+    client: async_nats::Client,
+    config: &ValidatedConfig,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::cocoa_butter::{bus, dlq};
+    let js = async_nats::jetstream::new(client);
+    let nats = &config.factory.nats;
+    let mut rows = Vec::new();
+    for room in config.enabled_rooms() {
+        let (stream, consumer) = bus::room_status(&js, room)
+            .await
+            .with_context(|| format!("reading the stream and consumer of {}", room.name))?;
+        let dead_letters = dlq::count_for_room(&js, nats, &room.name)
+            .await
+            .with_context(|| format!("counting the dead letters of {}", room.name))?;
+        rows.push(serde_json::json!({
+            "room": room.name,
+            "stream": stream,
+            "consumer": consumer,
+            "dead_letters": dead_letters,
+        }));
+    }
+    if json {
+        return emit(&(serde_json::to_string_pretty(&rows)? + "\n"));
+    }
+    // Rows are padded to columns; the last column's padding is trimmed.
+    let mut out = String::new();
+    writeln!(
+        out,
+        "{:<9} {:<27} {:>8} {:>10} {:<16} {:>8} {:>8} {:>7} {:>5}  {:<20}  {:<20}",
+        "ROOM",
+        "STREAM",
+        "MESSAGES",
+        "BYTES",
+        "CONSUMER",
+        "PENDING",
+        "ACK PEND",
+        "REDELIV",
+        "DLQ",
+        "LAST STORED",
+        "LAST DELIVERED"
+    )?;
+    let number = |value: &serde_json::Value, exists: bool| {
+        if exists {
+            value.as_u64().map_or("-".to_string(), |n| n.to_string())
+        } else {
+            "-".to_string()
+        }
+    };
+    for row in &rows {
+        let stream = &row["stream"];
+        let consumer = &row["consumer"];
+        let stream_exists = stream["exists"].as_bool().unwrap_or(false);
+        let consumer_exists = consumer["exists"].as_bool().unwrap_or(false);
+        let name = |part: &serde_json::Value, exists: bool| {
+            let name = part["name"].as_str().unwrap_or_default();
+            if exists {
+                name.to_string()
+            } else {
+                format!("{name} (missing)")
+            }
+        };
+        let when =
+            |part: &serde_json::Value| part["last_activity"].as_str().unwrap_or("-").to_string();
+        writeln!(
+            out,
+            "{:<9} {:<27} {:>8} {:>10} {:<16} {:>8} {:>8} {:>7} {:>5}  {:<20}  {:<20}",
+            row["room"].as_str().unwrap_or_default(),
+            name(stream, stream_exists),
+            number(&stream["messages"], stream_exists),
+            number(&stream["bytes"], stream_exists),
+            name(consumer, consumer_exists),
+            number(&consumer["pending"], consumer_exists),
+            number(&consumer["ack_pending"], consumer_exists),
+            number(&consumer["redeliveries"], consumer_exists),
+            number(&row["dead_letters"], true),
+            when(stream),
+            when(consumer),
+        )?;
+    }
+    let trimmed: Vec<&str> = out.lines().map(str::trim_end).collect();
+    emit(&(trimmed.join("\n") + "\n"))
+}
+
+/// One line of `streams ensure`: what was looked at and what was found.
+#[derive(Debug, serde::Serialize)]
+struct Ensured {
+    kind: &'static str,
+    name: String,
+    /// `ok`, `created`, `drift`, `drift updated`, `prepared` or `error`.
+    outcome: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    detail: Vec<String>,
+}
+
+impl Ensured {
+    fn from_result<E: std::fmt::Display>(
+        kind: &'static str,
+        name: &str,
+        result: Result<crate::cocoa_butter::bus::Provisioned, E>,
+    ) -> Self {
+        use crate::cocoa_butter::bus::Provisioned;
+        let (outcome, detail) = match result {
+            Ok(Provisioned::Present) => ("ok", Vec::new()),
+            Ok(Provisioned::Created) => ("created", Vec::new()),
+            Ok(Provisioned::Drifted { drift, updated }) => {
+                (if updated { "drift updated" } else { "drift" }, drift)
+            }
+            Err(err) => ("error", vec![err.to_string()]),
+        };
+        Ensured {
+            kind,
+            name: name.to_string(),
+            outcome: outcome.to_string(),
+            detail,
+        }
+    }
+}
+
+async fn streams_ensure(
+    client: async_nats::Client,
+    config: &ValidatedConfig,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::cocoa_butter::bus::{self, KvBucket, Publisher};
+    use crate::cocoa_butter::control::{CONTROL_BUCKET, Control};
+    use crate::cocoa_butter::dlq::REPLAYS_BUCKET;
+    use crate::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+    use crate::cocoa_butter::room::RoomContext;
+    // The operator asked for it: create and update even where the rooms
+    // themselves only check (`nats.provision = false`).
+    let mut nats = config.factory.nats.clone();
+    nats.provision = true;
+    let js = async_nats::jetstream::new(client);
+    let rooms: Vec<_> = runtime::check_rooms(config, REGISTRY)?;
+    let bar = progress(3 + rooms.len() * 3, "ensuring");
+    let mut report = Vec::new();
+    let dlq_subject = format!("{}.>", nats.dlq_subject_prefix);
+    let outcome = bus::ensure_stream(&js, &nats, &nats.dlq_stream, dlq_subject).await;
+    report.push(Ensured::from_result("stream", &nats.dlq_stream, outcome));
+    bar.inc(1);
+    let outcome = Control::new(js.clone()).open().await;
+    report.push(Ensured::from_result("bucket", CONTROL_BUCKET, outcome));
+    bar.inc(1);
+    let replays = KvBucket::new(
+        js.clone(),
+        REPLAYS_BUCKET,
+        "dead letters replayed, by sequence",
+    );
+    report.push(Ensured::from_result(
+        "bucket",
+        REPLAYS_BUCKET,
+        replays.ensure().await,
+    ));
+    bar.inc(1);
+    let connection = ConnectionMetrics::default();
+    for (spec, settings) in rooms {
+        let outcome = bus::ensure_stream(
+            &js,
+            &nats,
+            &settings.stream,
+            settings.subject_prefix.clone(),
+        )
+        .await;
+        let stream_ok = outcome.is_ok();
+        report.push(Ensured::from_result("stream", &settings.stream, outcome));
+        bar.inc(1);
+        if stream_ok {
+            let outcome = bus::ensure_consumer(&js, &nats, &settings).await;
+            report.push(Ensured::from_result(
+                "consumer",
+                &settings.durable_name,
+                outcome,
+            ));
+        }
+        bar.inc(1);
+        // A room's buckets are its own business: its `prepare` opens them,
+        // creating the missing ones, exactly as at start-up.
+        let metrics = RoomMetrics::new(&settings.name, &connection);
+        let prepared = match (spec.build)(RoomContext {
+            settings: settings.clone(),
+            jetstream: js.clone(),
+            publisher: Publisher::new(js.clone(), &settings, metrics.clone()),
+            metrics,
+        }) {
+            Ok(room) => room.prepare().await,
+            Err(err) => Err(err),
+        };
+        report.push(Ensured {
+            kind: "room",
+            name: settings.name.clone(),
+            outcome: if prepared.is_ok() {
+                "prepared"
+            } else {
+                "error"
+            }
+            .to_string(),
+            detail: match prepared {
+                Ok(()) => vec!["its key-value buckets and object stores exist".to_string()],
+                Err(err) => vec![err.to_string()],
+            },
+        });
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let failed = report.iter().filter(|r| r.outcome == "error").count();
+    if json {
+        emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+    } else {
+        let mut out = String::new();
+        for line in &report {
+            let text = format!(
+                "{:<8} {:<27} {:<13} {}",
+                line.kind,
+                line.name,
+                line.outcome,
+                line.detail.join("; ")
+            );
+            writeln!(out, "{}", text.trim_end())?;
+        }
+        emit(&out)?;
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} item(s) could not be ensured (see above)");
+    }
+    Ok(())
 }
 
 async fn publish(client: async_nats::Client, args: &PublishArgs) -> anyhow::Result<()> {

@@ -111,6 +111,10 @@ async fn a_dead_letter_is_listed_shown_replayed_and_then_handled() {
     factory.wait_ready().await;
     let (ok, replayed, err) = cli(&nats.url(), &["dlq", "replay", &sequence]);
     assert!(ok, "{err}");
+    assert!(
+        err.is_empty(),
+        "no progress bar when stderr is not a terminal: {err:?}"
+    );
     assert!(replayed.contains("1 dead letter(s) replayed"), "{replayed}");
     let accepted = wait_for(
         &js,

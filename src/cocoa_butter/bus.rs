@@ -63,6 +63,19 @@ fn unavailable(err: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(err.to_string())
 }
 
+/// What making sure of a stream, consumer or bucket found, so the runtime
+/// can log it and `streams ensure` can report it from the same code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provisioned {
+    /// It was there and matches the configuration.
+    Present,
+    /// It was missing and has been created.
+    Created,
+    /// It was there with other settings, each `setting: server → configured`;
+    /// `updated` says whether the server now has the configured ones.
+    Drifted { drift: Vec<String>, updated: bool },
+}
+
 /// Connects without waiting for the server: the client keeps retrying in
 /// the background and the rooms report not-ready until it is connected.
 /// The connection's state and reconnects go to `metrics`.
@@ -120,13 +133,14 @@ fn stream_config(name: &str, subject: String, duplicate_window: Duration) -> str
 }
 
 /// Makes sure `name` exists and captures `subject`. An existing stream with
-/// other storage or subjects is a conflict the runtime refuses to paper over.
+/// other storage or subjects is a conflict the runtime refuses to paper over;
+/// another duplicate window is drift, reported and left as the server has it.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     nats: &NatsConfig,
     name: &str,
     subject: String,
-) -> Result<(), BusError> {
+) -> Result<Provisioned, BusError> {
     match js.get_stream(name).await {
         Ok(mut existing) => {
             let info = existing.info().await.map_err(unavailable)?;
@@ -156,8 +170,15 @@ pub async fn ensure_stream(
                     actual = ?config.duplicate_window,
                     "stream duplicate window differs from nats.duplicate_window; keeping the server's"
                 );
+                return Ok(Provisioned::Drifted {
+                    drift: vec![format!(
+                        "duplicate_window: {:?} → {:?}",
+                        config.duplicate_window, nats.duplicate_window
+                    )],
+                    updated: false,
+                });
             }
-            Ok(())
+            Ok(Provisioned::Present)
         }
         Err(err)
             if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
@@ -175,7 +196,7 @@ pub async fn ensure_stream(
                     reason: err.to_string(),
                 })?;
             tracing::info!(stream = name, "created stream");
-            Ok(())
+            Ok(Provisioned::Created)
         }
         Err(err) => Err(unavailable(err)),
     }
@@ -227,14 +248,29 @@ fn consumer_drift(actual: &consumer::Config, wanted: &consumer::pull::Config) ->
     drift
 }
 
-/// Binds the room's durable consumer: created when missing (with
-/// `provision`), compared with the configuration when present. Drift is
-/// updated on the server with `provision`, and reported either way.
+/// Binds the room's durable consumer, made sure of by [`ensure_consumer`].
 pub async fn bind_consumer(
     js: &jetstream::Context,
     nats: &NatsConfig,
     room: &RoomSettings,
 ) -> Result<consumer::PullConsumer, BusError> {
+    ensure_consumer(js, nats, room).await?;
+    js.get_stream(&room.stream)
+        .await
+        .map_err(unavailable)?
+        .get_consumer(&room.durable_name)
+        .await
+        .map_err(unavailable)
+}
+
+/// Makes sure of the room's durable consumer: created when missing (with
+/// `provision`), compared with the configuration when present. Drift is
+/// updated on the server with `provision`, and reported either way.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    room: &RoomSettings,
+) -> Result<Provisioned, BusError> {
     let stream = js.get_stream(&room.stream).await.map_err(unavailable)?;
     let wanted = consumer_config(room);
     let conflict = |reason: String| BusError::ConsumerConflict {
@@ -253,19 +289,22 @@ pub async fn bind_consumer(
                 ));
             }
             let drift = consumer_drift(&info.config, &wanted);
-            if !drift.is_empty() {
-                if nats.provision {
-                    stream
-                        .update_consumer(wanted.clone())
-                        .await
-                        .map_err(|err| {
-                            conflict(format!("cannot update drifted settings: {err}"))
-                        })?;
-                    tracing::warn!(drift = ?drift, consumer = %room.durable_name, "consumer settings drifted; updated them on the server");
-                } else {
-                    tracing::error!(drift = ?drift, consumer = %room.durable_name, "consumer settings differ from the configuration and nats.provision is false; running with the server's");
-                }
+            if drift.is_empty() {
+                return Ok(Provisioned::Present);
             }
+            if nats.provision {
+                stream
+                    .update_consumer(wanted.clone())
+                    .await
+                    .map_err(|err| conflict(format!("cannot update drifted settings: {err}")))?;
+                tracing::warn!(drift = ?drift, consumer = %room.durable_name, "consumer settings drifted; updated them on the server");
+            } else {
+                tracing::error!(drift = ?drift, consumer = %room.durable_name, "consumer settings differ from the configuration and nats.provision is false; running with the server's");
+            }
+            Ok(Provisioned::Drifted {
+                drift,
+                updated: nats.provision,
+            })
         }
         Err(err)
             if matches!(
@@ -285,13 +324,98 @@ pub async fn bind_consumer(
                 .await
                 .map_err(|err| conflict(err.to_string()))?;
             tracing::info!(consumer = %room.durable_name, stream = %room.stream, "created consumer");
+            Ok(Provisioned::Created)
+        }
+        Err(err) => Err(unavailable(err)),
+    }
+}
+
+/// A room's stream as the server has it, for `streams status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub exists: bool,
+    pub messages: u64,
+    pub bytes: u64,
+    /// When the last message was stored (RFC 3339).
+    pub last_activity: Option<String>,
+}
+
+/// A room's durable consumer as the server has it, for `streams status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConsumerStatus {
+    pub name: String,
+    pub exists: bool,
+    /// Messages not yet delivered.
+    pub pending: u64,
+    /// Delivered, not yet acknowledged.
+    pub ack_pending: u64,
+    /// Delivered more than once, not yet acknowledged.
+    pub redeliveries: u64,
+    /// When the consumer last delivered (RFC 3339).
+    pub last_activity: Option<String>,
+}
+
+fn rfc3339(time: async_nats::datetime::DateTime) -> Option<String> {
+    chrono::DateTime::from_timestamp(time.unix_timestamp(), time.nanosecond())
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Reads the room's stream and consumer without changing either; a missing
+/// one is reported as such, not as an error.
+pub async fn room_status(
+    js: &jetstream::Context,
+    room: &RoomSettings,
+) -> Result<(StreamStatus, ConsumerStatus), BusError> {
+    let mut stream_status = StreamStatus {
+        name: room.stream.clone(),
+        exists: false,
+        messages: 0,
+        bytes: 0,
+        last_activity: None,
+    };
+    let mut consumer_status = ConsumerStatus {
+        name: room.durable_name.clone(),
+        exists: false,
+        pending: 0,
+        ack_pending: 0,
+        redeliveries: 0,
+        last_activity: None,
+    };
+    let mut stream = match js.get_stream(&room.stream).await {
+        Ok(stream) => stream,
+        Err(err)
+            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
+                if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            return Ok((stream_status, consumer_status));
         }
         Err(err) => return Err(unavailable(err)),
+    };
+    let info = stream.info().await.map_err(unavailable)?;
+    stream_status.exists = true;
+    stream_status.messages = info.state.messages;
+    stream_status.bytes = info.state.bytes;
+    if info.state.last_sequence > 0 {
+        stream_status.last_activity = rfc3339(info.state.last_timestamp);
     }
-    stream
-        .get_consumer(&room.durable_name)
-        .await
-        .map_err(unavailable)
+    match stream.consumer_info(&room.durable_name).await {
+        Ok(info) => {
+            consumer_status.exists = true;
+            consumer_status.pending = info.num_pending;
+            consumer_status.ack_pending = info.num_ack_pending as u64;
+            consumer_status.redeliveries = info.num_redelivered as u64;
+            consumer_status.last_activity = info.delivered.last_active.and_then(rfc3339);
+        }
+        Err(err)
+            if matches!(
+                err.kind(),
+                jetstream::context::ConsumerInfoErrorKind::NotFound
+            ) || matches!(err.kind(), jetstream::context::ConsumerInfoErrorKind::JetStream(ref js_err)
+                    if js_err.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) => {}
+        Err(err) => return Err(unavailable(err)),
+    }
+    Ok((stream_status, consumer_status))
 }
 
 /// Publishes a room's outputs as envelopes on its prefix, with ids derived
@@ -520,11 +644,21 @@ impl KvBucket {
 
     /// Opens the bucket unless it is open already.
     pub async fn open(&self) -> Result<(), super::room::RoomError> {
+        self.ensure().await.map(|_| ())
+    }
+
+    /// Opens the bucket, saying whether it had to be created
+    /// ([`Provisioned::Present`] when it was open already).
+    pub async fn ensure(&self) -> Result<Provisioned, super::room::RoomError> {
+        // An atomic, not a Cell: the future must stay Send.
+        let created = AtomicBool::new(false);
+        let created_ref = &created;
         self.store
-            .get_or_try_init(|| async {
+            .get_or_try_init(|| async move {
                 if let Ok(store) = self.js.get_key_value(&self.bucket).await {
                     return Ok(store);
                 }
+                created_ref.store(true, Ordering::Relaxed);
                 self.js
                     .create_key_value(kv::Config {
                         bucket: self.bucket.clone(),
@@ -541,8 +675,12 @@ impl KvBucket {
                         ))
                     })
             })
-            .await
-            .map(|_| ())
+            .await?;
+        Ok(if created.load(Ordering::Relaxed) {
+            Provisioned::Created
+        } else {
+            Provisioned::Present
+        })
     }
 
     /// The open bucket; before `open`, a transient failure (retried).
@@ -658,6 +796,17 @@ impl Kv<'_> {
     pub async fn keys(&self) -> Result<kv::Keys, kv::HistoryError> {
         self.observer
             .observe("keys", self.store.keys(), |_| false)
+            .await
+    }
+
+    /// The key's latest value (if any), then every change to it. Only
+    /// starting the watch is observed: the watch itself lives on.
+    pub async fn watch_with_history(
+        &self,
+        key: impl AsRef<str>,
+    ) -> Result<kv::Watch, kv::WatchError> {
+        self.observer
+            .observe("watch", self.store.watch_with_history(key), |_| false)
             .await
     }
 }

@@ -22,14 +22,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::{FutureExt, StreamExt};
 use opentelemetry::trace::Status;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -37,30 +38,66 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bus::{self, DeadLetter, Publisher};
 use super::config::{NatsConfig, RoomSettings};
+use super::control::Desired;
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
 use super::room::{HandleError, InboundEvent, Room};
 use super::telemetry::{self, propagation};
 
-/// Whether a room can do its work right now; behind /readyz and gRPC health.
+/// Whether a room can do its work right now (behind /readyz and gRPC
+/// health), and what the room reports about itself at run time (`/info`,
+/// `$SRV.STATS`, the admin routes).
 pub struct RoomState {
-    client: async_nats::Client,
+    js: jetstream::Context,
+    nats: NatsConfig,
     bound: AtomicBool,
     /// Servers of the room that failed and are not serving again yet.
     servers_down: AtomicUsize,
+    /// The operator's desired state from `choco_control`, as last seen.
+    desired: watch::Sender<Desired>,
+    /// Whether `desired` has been read from the bucket since start-up: the
+    /// consumer must not pull before it knows whether it is paused.
+    desired_known: AtomicBool,
+    last_error: Mutex<Option<LastError>>,
+    /// The room's dead letters: sampled from the DLQ stream, and counted up
+    /// at once when the room dead-letters, so discovery sees it without a
+    /// JetStream request per `$SRV.STATS`.
+    dead_letters: AtomicU64,
+}
+
+/// The last thing that went wrong in a room, for people.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastError {
+    pub message: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 impl RoomState {
-    pub fn new(client: async_nats::Client) -> Self {
+    pub fn new(js: jetstream::Context, nats: NatsConfig) -> Self {
         RoomState {
-            client,
+            js,
+            nats,
             bound: AtomicBool::new(false),
             servers_down: AtomicUsize::new(0),
+            desired: watch::Sender::new(Desired::default()),
+            desired_known: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            dead_letters: AtomicU64::new(0),
         }
     }
 
+    /// The JetStream context the room's operator routes work with.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn nats_config(&self) -> &NatsConfig {
+        &self.nats
+    }
+
     pub fn nats_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.js.client().connection_state() == async_nats::connection::State::Connected
     }
 
     pub fn consumer_bound(&self) -> bool {
@@ -84,8 +121,80 @@ impl RoomState {
         }
     }
 
+    pub fn paused(&self) -> bool {
+        self.desired.borrow().paused
+    }
+
+    /// The operator's desired state as this process last saw it.
+    pub fn desired(&self) -> Desired {
+        self.desired.borrow().clone()
+    }
+
+    /// Records the desired state read from `choco_control`.
+    pub fn set_desired(&self, desired: Desired) {
+        self.desired.send_replace(desired);
+        self.desired_known.store(true, Ordering::Release);
+    }
+
+    pub fn desired_known(&self) -> bool {
+        self.desired_known.load(Ordering::Acquire)
+    }
+
+    /// Follows changes of the desired state.
+    pub fn watch_desired(&self) -> watch::Receiver<Desired> {
+        self.desired.subscribe()
+    }
+
+    pub fn record_error(&self, message: impl Into<String>) {
+        let error = LastError {
+            message: message.into(),
+            at: chrono::Utc::now().to_rfc3339(),
+        };
+        // A poisoned lock only means a panic mid-write of a diagnostic.
+        match self.last_error.lock() {
+            Ok(mut guard) => *guard = Some(error),
+            Err(poisoned) => *poisoned.into_inner() = Some(error),
+        }
+    }
+
+    pub fn last_error(&self) -> Option<LastError> {
+        match self.last_error.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn dead_letters(&self) -> u64 {
+        self.dead_letters.load(Ordering::Relaxed)
+    }
+
+    pub fn set_dead_letters(&self, count: u64) {
+        self.dead_letters.store(count, Ordering::Relaxed);
+    }
+
     pub fn ready(&self) -> bool {
-        self.nats_connected() && self.consumer_bound() && self.servers_up()
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why the room is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if !self.nats_connected() {
+            return Some("not connected to NATS".into());
+        }
+        if !self.consumer_bound() {
+            return Some("consumer not bound".into());
+        }
+        if !self.servers_up() {
+            return Some("a server of the room is restarting".into());
+        }
+        let desired = self.desired.borrow();
+        if desired.paused {
+            return Some(match &desired.reason {
+                Some(reason) => format!("paused by an operator: {reason}"),
+                None => "paused by an operator".into(),
+            });
+        }
+        None
     }
 }
 
@@ -109,6 +218,8 @@ pub struct Engine {
     pub metrics: RoomMetrics,
     /// Larger envelopes are dead-lettered unread (`limits.max_envelope_bytes`).
     pub max_envelope_bytes: usize,
+    /// Where the engine reports its last error and its dead letters.
+    pub state: Arc<RoomState>,
 }
 
 /// A delivery holding its share of the in-flight bound until dropped.
@@ -499,6 +610,8 @@ impl Engine {
                     retry_in = ?delay,
                     "transient failure; retrying"
                 );
+                self.state
+                    .record_error(format!("{event_type}: transient failure: {detail}"));
                 if let Err(err) = message.ack_with(AckKind::Nak(Some(delay))).await {
                     tracing::warn!(error = %err, "nak failed; the server redelivers after ack_wait");
                 }
@@ -524,6 +637,9 @@ impl Engine {
         match bus::publish_dead_letter(&self.js, &self.nats, letter).await {
             Ok(()) => {
                 tracing::warn!(reason = %reason, detail = %detail, event_type, sequence, "dead-lettered");
+                self.state
+                    .record_error(format!("{event_type}: dead-lettered ({reason}): {detail}"));
+                self.state.dead_letters.fetch_add(1, Ordering::Relaxed);
                 if let Err(err) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(error = %err, "term ack failed; the dead letter is deduplicated on redelivery");
                 }
@@ -536,6 +652,8 @@ impl Engine {
                 // Cannot even dead-letter: hand it back and try again later.
                 let delay = self.retry_delay(delivered);
                 tracing::error!(error = %err, reason = %reason, "dead-lettering failed; retrying");
+                self.state
+                    .record_error(format!("{event_type}: dead-lettering failed: {err}"));
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 self.metrics
                     .finished(event_type, Outcome::Retried, secs(started));

@@ -20,7 +20,7 @@ use super::envelope::EventEnvelope;
 
 /// Header on a replayed message naming the dead letter it came from.
 pub const REPLAYED_FROM: &str = "Choco-Replayed-From";
-const REPLAYS_BUCKET: &str = "choco_dlq_replays";
+pub const REPLAYS_BUCKET: &str = "choco_dlq_replays";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
@@ -30,6 +30,9 @@ pub enum DlqError {
     NotFound(u64),
     #[error("dead letter {sequence} has no {header} header; it cannot be replayed")]
     NotReplayable { sequence: u64, header: &'static str },
+    /// A sequence asked for within one room that is another room's.
+    #[error("no dead letter of {room} at sequence {sequence}")]
+    OtherRoom { sequence: u64, room: String },
 }
 
 fn unavailable(err: impl std::fmt::Display) -> DlqError {
@@ -134,6 +137,46 @@ impl DlqFilter {
         });
         self.reason.as_ref().is_none_or(|r| *r == record.reason) && since_ok
     }
+}
+
+/// One dead letter sent again.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    pub sequence: u64,
+    pub subject: String,
+    /// Its stream sequence as a new message.
+    pub new_sequence: u64,
+}
+
+/// How many dead letters `room` has in the DLQ stream, from the stream's
+/// per-subject counts (`<prefix>.<room>.>`): one JetStream request per page
+/// of event types, without reading any message.
+pub async fn count_for_room(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    room: &str,
+) -> Result<u64, DlqError> {
+    let stream = match js.get_stream(&nats.dlq_stream).await {
+        Ok(stream) => stream,
+        Err(err)
+            if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
+                if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            // No stream yet: nothing was ever dead-lettered.
+            return Ok(0);
+        }
+        Err(err) => return Err(unavailable(err)),
+    };
+    let mut subjects = stream
+        .info_with_subjects(format!("{}.{room}.>", nats.dlq_subject_prefix))
+        .await
+        .map_err(unavailable)?;
+    let mut total = 0u64;
+    while let Some(counted) = subjects.next().await {
+        let (_, count) = counted.map_err(unavailable)?;
+        total = total.saturating_add(count as u64);
+    }
+    Ok(total)
 }
 
 /// The dead-letter stream and the replay records.
@@ -270,6 +313,69 @@ impl DeadLetters {
             .await
             .map_err(unavailable)?;
         Ok(ack.sequence)
+    }
+
+    /// The dead letters an operation names: these sequences (each must be
+    /// of `filter.room` when the filter names one), or, with none, every
+    /// dead letter the filter matches.
+    pub async fn select(
+        &self,
+        sequences: &[u64],
+        filter: &DlqFilter,
+    ) -> Result<Vec<DeadLetterRecord>, DlqError> {
+        if sequences.is_empty() {
+            return self.list(filter).await;
+        }
+        let mut out = Vec::with_capacity(sequences.len());
+        for &sequence in sequences {
+            let record = self.get(sequence).await?;
+            if let Some(room) = &filter.room
+                && record.room != *room
+            {
+                return Err(DlqError::OtherRoom {
+                    sequence,
+                    room: room.clone(),
+                });
+            }
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Replays each record in order, calling `done` after each one (for
+    /// progress); stops at the first failure, the ones before it replayed
+    /// and recorded.
+    pub async fn replay_all(
+        &self,
+        records: &[DeadLetterRecord],
+        mut done: impl FnMut(&Replayed),
+    ) -> Result<Vec<Replayed>, DlqError> {
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            let new_sequence = self.replay(record).await?;
+            let replayed = Replayed {
+                sequence: record.sequence,
+                subject: record.original_subject.clone(),
+                new_sequence,
+            };
+            done(&replayed);
+            out.push(replayed);
+        }
+        Ok(out)
+    }
+
+    /// Deletes each record, calling `done` after each one; stops at the
+    /// first failure.
+    pub async fn purge_all(
+        &self,
+        records: &[DeadLetterRecord],
+        mut done: impl FnMut(u64),
+    ) -> Result<usize, DlqError> {
+        for record in records {
+            self.purge(record.sequence).await?;
+            done(record.sequence);
+        }
+        Ok(records.len())
     }
 
     pub async fn purge(&self, sequence: u64) -> Result<(), DlqError> {

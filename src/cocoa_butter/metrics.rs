@@ -154,6 +154,7 @@ pub struct RoomMetrics {
     duration: Family<OutcomeLabels, LatencyHistogram>,
     pub in_flight: Gauge<i64, AtomicI64>,
     pub ready: Gauge<i64, AtomicI64>,
+    pub paused: Gauge<i64, AtomicI64>,
     pub consumer_pending: Gauge<i64, AtomicI64>,
     pub consumer_ack_pending: Gauge<i64, AtomicI64>,
     pub consumer_redelivered: Gauge<i64, AtomicI64>,
@@ -180,6 +181,7 @@ impl RoomMetrics {
             duration: Family::new_with_constructor(latency_histogram),
             in_flight: Gauge::default(),
             ready: Gauge::default(),
+            paused: Gauge::default(),
             consumer_pending: Gauge::default(),
             consumer_ack_pending: Gauge::default(),
             consumer_redelivered: Gauge::default(),
@@ -236,6 +238,11 @@ impl RoomMetrics {
             "choco_room_ready",
             "1 while the room is connected to NATS and bound to its consumer",
             m.ready.clone(),
+        );
+        registry.register(
+            "choco_room_paused",
+            "1 while an operator has the room paused (it pulls nothing and reports not ready)",
+            m.paused.clone(),
         );
         registry.register(
             "choco_http_server_requests",

@@ -6,10 +6,12 @@
 //! servers and the runtime that starts and supervises rooms. Rooms implement
 //! [`room::Room`] and never reach past this module's public items.
 
+pub mod admin;
 pub mod api;
 pub mod bus;
 pub mod config;
 pub mod consumer;
+pub mod control;
 pub mod dlq;
 pub mod envelope;
 pub mod guard;

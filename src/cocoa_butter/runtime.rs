@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +24,8 @@ use tracing::Instrument;
 use super::bus::{self, BusError, Publisher};
 use super::config::{RoomSettings, ValidatedConfig};
 use super::consumer::{ConsumerError, Engine, RoomState};
+use super::control::{self, Control, ControlError};
+use super::dlq;
 use super::guard::{GuardLayer, Policy};
 use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::room::{RoomContext, RoomError, RoomSpec};
@@ -50,6 +53,8 @@ enum AttemptError {
     Room(#[from] RoomError),
     #[error(transparent)]
     Consumer(#[from] ConsumerError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 /// Finds the spec of every enabled room and runs its settings check.
@@ -126,7 +131,7 @@ pub async fn run(
         let addrs = listeners
             .addrs()
             .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
-        let state = Arc::new(RoomState::new(client.clone()));
+        let state = Arc::new(RoomState::new(js.clone(), nats.clone()));
         states.push(state.clone());
         let grpc = room.clone().grpc_service();
         let info = Arc::new(RoomInfo {
@@ -219,6 +224,7 @@ pub async fn run(
             publisher,
             metrics,
             max_envelope_bytes: config.factory.limits.max_envelope_bytes,
+            state: state.clone(),
         });
         consumers.spawn(supervise(engine, state, intake.clone()).instrument(span));
     }
@@ -300,6 +306,7 @@ async fn supervise(engine: Arc<Engine>, state: Arc<RoomState>, intake: Cancellat
             Err(err) => {
                 let delay = backoff.next_delay();
                 tracing::error!(error = %err, retry_in = ?delay, "room consumer stopped; restarting");
+                state.record_error(format!("consumer stopped: {err}"));
                 tokio::select! {
                     _ = intake.cancelled() => return,
                     _ = tokio::time::sleep(delay) => {}
@@ -318,6 +325,7 @@ async fn attempt(
 ) -> Result<(), AttemptError> {
     let settings = &engine.settings;
     let nats = &engine.nats;
+    let control = Control::new(engine.js.clone());
     let setup = async {
         bus::ensure_stream(
             &engine.js,
@@ -334,6 +342,10 @@ async fn attempt(
         )
         .await?;
         engine.room.prepare().await?;
+        // Read the operator's desired state before the first pull: a room
+        // paused before a restart must not take a single message after it.
+        control.open().await?;
+        state.set_desired(control.get(&settings.name).await?);
         Ok::<_, AttemptError>(bus::bind_consumer(&engine.js, nats, settings).await?)
     };
     // Setting up holds no messages, so a shutdown may abandon it.
@@ -350,33 +362,143 @@ async fn attempt(
         }
     }
     state.set_bound(true);
-    engine.metrics.ready.set(1);
     backoff.reset();
-    tracing::info!(consumer = %settings.durable_name, "consumer bound; room ready");
-    let sampling = intake.child_token();
+    tracing::info!(consumer = %settings.durable_name, "consumer bound");
+    let background = intake.child_token();
     let sampler = tokio::spawn(
-        sample_lag(consumer.clone(), engine.metrics.clone(), sampling.clone())
+        sample_lag(consumer.clone(), engine.clone(), background.clone())
             .instrument(tracing::Span::current()),
     );
-    let consumed = engine.clone().run(consumer, intake.clone()).await;
-    sampling.cancel();
+    let follower = tokio::spawn(
+        follow_control(
+            control,
+            settings.name.clone(),
+            engine.state.clone(),
+            background.clone(),
+        )
+        .instrument(tracing::Span::current()),
+    );
+    let consumed = consume(engine, consumer, intake).await;
+    background.cancel();
     let _ = sampler.await;
+    let _ = follower.await;
+    engine.metrics.paused.set(0);
     consumed?;
     Ok(())
 }
 
-/// How often the consumer's lag is read from the server.
+/// Pulls while the room is not paused, until `intake` is cancelled or the
+/// pull stream fails. A pause stops pulling the way a shutdown does (hand
+/// back what the client buffered, finish what is in flight) but keeps the
+/// consumer bound; a resume opens a new pull stream on it.
+async fn consume(
+    engine: &Arc<Engine>,
+    consumer: jetstream::consumer::PullConsumer,
+    intake: &CancellationToken,
+) -> Result<(), ConsumerError> {
+    let mut desired = engine.state.watch_desired();
+    loop {
+        if desired.borrow_and_update().paused {
+            engine.metrics.ready.set(0);
+            engine.metrics.paused.set(1);
+            tracing::warn!("paused by an operator: not pulling until resumed");
+            tokio::select! {
+                _ = intake.cancelled() => return Ok(()),
+                _ = until_desired(&mut desired, false) => {}
+            }
+            tracing::info!("resumed by an operator: pulling again");
+        }
+        engine.metrics.paused.set(0);
+        engine.metrics.ready.set(1);
+        tracing::info!("room ready");
+        let pulling = intake.child_token();
+        let run = engine.clone().run(consumer.clone(), pulling.clone());
+        tokio::pin!(run);
+        let finished = tokio::select! {
+            result = &mut run => Some(result),
+            _ = until_desired(&mut desired, true) => None,
+        };
+        let result = match finished {
+            Some(result) => result,
+            None => {
+                tracing::info!("pausing: finishing in-flight work");
+                pulling.cancel();
+                run.await
+            }
+        };
+        result?;
+        if intake.is_cancelled() {
+            return Ok(());
+        }
+    }
+}
+
+/// Resolves once the desired state is `paused` (at once if it is already).
+async fn until_desired(desired: &mut tokio::sync::watch::Receiver<control::Desired>, paused: bool) {
+    if desired.wait_for(|d| d.paused == paused).await.is_err() {
+        // The state outlives its engines; without it nothing can change.
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Keeps the room's desired state equal to its `choco_control` entry until
+/// `stop`, watching it again (with backoff) when the watch fails. An entry
+/// that does not parse is logged and ignored: the room keeps the last
+/// state it understood.
+async fn follow_control(
+    control: Control,
+    room: String,
+    state: Arc<RoomState>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let followed = async {
+            let mut watch = control.watch(&room).await?;
+            while let Some(entry) = watch.next().await {
+                let entry = entry.map_err(|err| ControlError::Unavailable(err.to_string()))?;
+                match control::decode(&room, &entry) {
+                    Ok(desired) => state.set_desired(desired),
+                    Err(err) => {
+                        tracing::error!(error = %err, "ignoring a desired state that does not parse")
+                    }
+                }
+            }
+            Ok::<_, ControlError>(())
+        };
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            outcome = followed => outcome,
+        };
+        let delay = backoff.next_delay();
+        match outcome {
+            Ok(()) => tracing::warn!(retry_in = ?delay, "the control watch ended; watching again"),
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in = ?delay, "the control watch failed; watching again")
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// How often the consumer's lag and the room's dead letters are read from
+/// the server.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Copies the consumer's pending, ack-pending and redelivered counts from
-/// the server into the room's gauges until `stop`. A failed read leaves the
-/// last values: the lag of a room that cannot reach NATS is unknown, and
-/// `choco_nats_connected` already says so.
+/// the server into the room's gauges, and the room's dead-letter count into
+/// its state, until `stop`. A failed read leaves the last values: the lag
+/// of a room that cannot reach NATS is unknown, and `choco_nats_connected`
+/// already says so.
 async fn sample_lag(
     consumer: jetstream::consumer::PullConsumer,
-    metrics: RoomMetrics,
+    engine: Arc<Engine>,
     stop: CancellationToken,
 ) {
+    let metrics = &engine.metrics;
     loop {
         match consumer.get_info().await {
             Ok(info) => {
@@ -391,11 +513,32 @@ async fn sample_lag(
             }
             Err(err) => tracing::debug!(error = %err, "cannot read the consumer's lag"),
         }
+        match dlq::count_for_room(&engine.js, &engine.nats, &engine.settings.name).await {
+            Ok(count) => engine.state.set_dead_letters(count),
+            Err(err) => tracing::debug!(error = %err, "cannot count the room's dead letters"),
+        }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
         }
     }
+}
+
+/// What the room says about itself to NATS service discovery: the `data` of
+/// its endpoint in `$SRV.STATS`, and the reply of that endpoint. Built from
+/// what the runtime already keeps (the sampled gauges, the room's state),
+/// because the stats handler runs inside the discovery task and must not
+/// wait on the server.
+pub fn discovery_data(state: &RoomState, metrics: &RoomMetrics) -> serde_json::Value {
+    serde_json::json!({
+        "pending": metrics.consumer_pending.get(),
+        "ack_pending": metrics.consumer_ack_pending.get(),
+        "redeliveries": metrics.consumer_redelivered.get(),
+        "dead_letters": state.dead_letters(),
+        "paused": state.paused(),
+        "ready": state.ready(),
+        "last_error": state.last_error(),
+    })
 }
 
 /// Registers the room with the NATS micro protocol, so `nats micro ls` and
@@ -414,14 +557,36 @@ async fn announce(engine: &Engine) -> Result<async_nats::service::Service, async
     .into_iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    engine
+    let (state, metrics) = (engine.state.clone(), engine.metrics.clone());
+    let service = engine
         .js
         .client()
         .service_builder()
         .description(format!("{} ({})", settings.service, settings.label))
         .metadata(metadata)
+        .stats_handler(move |_endpoint, _stats| discovery_data(&state, &metrics))
         .start(settings.service.clone(), env!("CARGO_PKG_VERSION"))
-        .await
+        .await?;
+    // `$SRV.STATS` reports custom data per endpoint, so the room has one:
+    // `choco.factory.<room>.status` answers with the same data on request.
+    let mut status = service
+        .endpoint_builder()
+        .name("status")
+        .add(format!("choco.factory.{}.status", settings.name))
+        .await?;
+    let (state, metrics) = (engine.state.clone(), engine.metrics.clone());
+    tokio::spawn(
+        async move {
+            while let Some(request) = status.next().await {
+                let body = discovery_data(&state, &metrics).to_string();
+                if let Err(err) = request.respond(Ok(body.into())).await {
+                    tracing::debug!(error = %err, "cannot answer a status request");
+                }
+            }
+        }
+        .instrument(tracing::Span::current()),
+    );
+    Ok(service)
 }
 
 /// Serves one listener until `stop`; if the server fails, reports the room

@@ -20,13 +20,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use super::api;
 use super::config::RoomSettings;
 use super::consumer::RoomState;
 use super::guard::GuardLayer;
 use super::metrics::{self, RoomMetrics};
 use super::room::GrpcService;
 use super::telemetry::{self, requests};
+use super::{admin, api};
 
 /// Descriptors of every contract under `proto/`, for server reflection.
 pub const CHOCO_DESCRIPTOR_SET: &[u8] =
@@ -128,6 +128,7 @@ pub fn http_router(
         .route("/readyz", get(readyz))
         .route("/info", get(info_route))
         .route("/admin/log-filter", get(get_log_filter).put(put_log_filter))
+        .merge(admin::router(&info, &state))
         .with_state(HttpState { info, state });
     // route_layer: the layers see the matched route template. The body
     // limit applies where the room's extractor reads the body (413).
@@ -180,12 +181,15 @@ async fn readyz(State(http): State<HttpState>) -> Response {
     let nats = http.state.nats_connected();
     let consumer = http.state.consumer_bound();
     let servers = http.state.servers_up();
-    let ready = nats && consumer && servers;
+    let reason = http.state.not_ready_reason();
+    let ready = reason.is_none();
     let body = serde_json::json!({
         "ready": ready,
         "nats_connected": nats,
         "consumer_bound": consumer,
         "servers_up": servers,
+        "paused": http.state.paused(),
+        "reason": reason,
     });
     let status = if ready {
         StatusCode::OK
@@ -198,6 +202,7 @@ async fn readyz(State(http): State<HttpState>) -> Response {
 async fn info_route(State(http): State<HttpState>) -> Response {
     let mut body = serde_json::to_value(&*http.info).unwrap_or_default();
     body["ready"] = serde_json::Value::Bool(http.state.ready());
+    admin::add_run_state(&mut body, &http.info.room, &http.state).await;
     axum::Json(body).into_response()
 }
 
