@@ -96,7 +96,18 @@ pub async fn run(
 
     let nats = config.factory.nats.clone();
     let connection_metrics = ConnectionMetrics::default();
-    let client = bus::connect(&nats, &connection_metrics).await?;
+    let client = bus::connect(
+        &nats,
+        &config.nats_auth,
+        &config.nats_tls,
+        &connection_metrics,
+    )
+    .await?;
+    let listener_tls = config.listener_tls.clone();
+    if listener_tls.is_some() {
+        // tonic builds its TLS acceptor from the process-wide provider.
+        super::tls::install_default_provider();
+    }
     let js = jetstream::ContextBuilder::new()
         .timeout(nats.request_timeout)
         .build(client.clone());
@@ -142,6 +153,8 @@ pub async fn run(
                 grpc = %addrs.grpc,
                 metrics = %addrs.metrics,
                 room = %settings.name,
+                tls = listener_tls.is_some(),
+                mutual_tls = listener_tls.as_ref().is_some_and(|tls| tls.mutual()),
                 "room listening"
             );
         });
@@ -152,6 +165,7 @@ pub async fn run(
             metrics.clone(),
             room.clone().http_routes(),
         );
+        let http_tls = listener_tls.clone();
         servers.spawn(
             keep_serving(
                 "http",
@@ -159,7 +173,7 @@ pub async fn run(
                 addrs.http,
                 listeners.http,
                 stop_servers.clone(),
-                move |l, s| servers::serve_http(l, router.clone(), s),
+                move |l, s| servers::serve_http(l, router.clone(), http_tls.clone(), s),
             )
             .instrument(span.clone()),
         );
@@ -167,6 +181,7 @@ pub async fn run(
         let grpc_state = state.clone();
         let mut first_grpc = Some(grpc);
         let observe_grpc = ObserveLayer::new(Protocol::Grpc, &settings.label, metrics.clone());
+        let grpc_tls = listener_tls.clone();
         servers.spawn(
             keep_serving(
                 "grpc",
@@ -178,7 +193,14 @@ pub async fn run(
                     let service = first_grpc
                         .take()
                         .unwrap_or_else(|| grpc_room.clone().grpc_service());
-                    servers::serve_grpc(l, service, grpc_state.clone(), observe_grpc.clone(), s)
+                    servers::serve_grpc(
+                        l,
+                        service,
+                        grpc_state.clone(),
+                        observe_grpc.clone(),
+                        grpc_tls.clone(),
+                        s,
+                    )
                 },
             )
             .instrument(span.clone()),
