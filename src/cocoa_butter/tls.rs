@@ -226,8 +226,10 @@ impl ServerTls {
                     key: keys.key,
                     reason: format!("does not go with {}: {err}", keys.cert),
                 })?;
-        // hyper serves both; a client picks.
-        http.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Only HTTP/1.1 is offered: axum is built without its http2
+        // feature, so whether h2 would be served depends on what other
+        // crates happen to enable in hyper-util. gRPC has its own config.
+        http.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(ServerTls {
             http: Arc::new(http),
             grpc,
