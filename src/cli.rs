@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cocoa_butter::config::{self, CliOverrides, ConfigSources, LogFormat, ValidatedConfig};
 use crate::cocoa_butter::nats_server::{self, ManagedNats};
-use crate::cocoa_butter::{runtime, telemetry};
+use crate::cocoa_butter::{bus, runtime, telemetry};
 use crate::rooms::REGISTRY;
 
 #[derive(Debug, Parser)]
@@ -408,14 +408,35 @@ where
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let url = config.factory.nats.url.clone();
+    let nats = &config.factory.nats;
+    let shown_url = config::redact_url(&nats.url);
     runtime.block_on(async move {
-        let client = async_nats::ConnectOptions::new()
+        let options = bus::connect_options(nats, &config.nats_auth, &config.nats_tls)
+            .await
+            .map_err(|err| ConfigRefused(err.to_string()))?;
+        let client = match options
             .name("choco-factory-cli")
             .connection_timeout(std::time::Duration::from_secs(5))
-            .connect(url.as_str())
+            .connect(nats.url.as_str())
             .await
-            .with_context(|| format!("cannot connect to NATS at {url}"))?;
+        {
+            Ok(client) => client,
+            // Without retries a refused login fails here, at once; say
+            // which keys to look at rather than only the server's words.
+            Err(err) => {
+                let reason = err.to_string();
+                return Err(
+                    match bus::explain_connect_failure(&reason, &config.nats_auth) {
+                        Some(hint) => {
+                            anyhow::anyhow!(
+                                "cannot connect to NATS at {shown_url}: {hint}: {reason}"
+                            )
+                        }
+                        None => anyhow::anyhow!("cannot connect to NATS at {shown_url}: {reason}"),
+                    },
+                );
+            }
+        };
         let result = command(client.clone()).await;
         let _ = client.flush().await;
         result

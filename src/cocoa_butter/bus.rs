@@ -14,7 +14,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use super::config::{NatsConfig, RoomSettings};
+use super::config::{self, NatsAuth, NatsConfig, NatsTls, RoomSettings};
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::{ConnectionMetrics, RoomMetrics, StoreLabels};
 use super::room::Outbound;
@@ -42,6 +42,8 @@ pub mod event_headers {
 pub enum BusError {
     #[error("cannot connect to NATS at {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("{key}: {reason}")]
+    Credentials { key: &'static str, reason: String },
     #[error("stream {stream}: {reason}")]
     StreamConflict { stream: String, reason: String },
     #[error("stream {stream} does not exist and nats.provision is false")]
@@ -76,26 +78,107 @@ pub enum Provisioned {
     Drifted { drift: Vec<String>, updated: bool },
 }
 
+/// The connection options every client of the factory shares: its name,
+/// request timeout, credentials and TLS, all from `[nats]`.
+pub async fn connect_options(
+    nats: &NatsConfig,
+    auth: &NatsAuth,
+    tls: &NatsTls,
+) -> Result<async_nats::ConnectOptions, BusError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(&nats.connection_name)
+        .request_timeout(Some(nats.request_timeout))
+        .require_tls(tls.required);
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &tls.identity {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    options = match auth {
+        NatsAuth::None => options,
+        NatsAuth::CredentialsFile(path) => {
+            options
+                .credentials_file(path)
+                .await
+                .map_err(|err| BusError::Credentials {
+                    key: "nats.credentials_file",
+                    reason: format!("{}: {err}", path.display()),
+                })?
+        }
+        NatsAuth::NKey { seed, .. } => options.nkey(seed.expose().to_string()),
+        NatsAuth::Token { token, .. } => options.token(token.expose().to_string()),
+        NatsAuth::UserPassword { user, password, .. } => {
+            options.user_and_password(user.clone(), password.expose().to_string())
+        }
+    };
+    Ok(options)
+}
+
+/// Why a connection attempt failed, in words an operator can act on.
+/// async-nats reports only the kind of failure (the details of a TLS error
+/// are logged by `async_nats` at debug level), so the hint names the keys.
+pub fn explain_connect_failure(reason: &str, auth: &NatsAuth) -> Option<String> {
+    let reason = reason.to_ascii_lowercase();
+    if reason.contains("authorization violation") {
+        Some(match auth {
+            NatsAuth::None => "NATS requires credentials and none are configured: set \
+                               nats.credentials_file, nats.nkey_seed_file, nats.token_file \
+                               or nats.user with nats.password_file"
+                .to_string(),
+            _ => format!(
+                "NATS refused the credentials from {} (authorization violation)",
+                auth.keys()
+            ),
+        })
+    } else if reason.contains("failed signing nonce") {
+        Some(format!(
+            "cannot sign the server's challenge with the key from {}",
+            auth.keys()
+        ))
+    } else if reason.contains("tls") {
+        Some(
+            "the TLS handshake with NATS failed: check nats.tls.ca_file (does it sign the \
+             server's certificate, for the host in nats.url?), nats.tls.cert_file and \
+             nats.tls.key_file (does the server trust them?), and nats.tls.required; \
+             log.filter async_nats=debug shows the handshake error"
+                .to_string(),
+        )
+    } else {
+        None
+    }
+}
+
 /// Connects without waiting for the server: the client keeps retrying in
 /// the background and the rooms report not-ready until it is connected.
-/// The connection's state and reconnects go to `metrics`.
+/// That holds for refused credentials too (the server's accounts may be
+/// fixed without restarting us), which are logged as errors on every
+/// attempt. The connection's state and reconnects go to `metrics`.
 pub async fn connect(
     nats: &NatsConfig,
+    auth: &NatsAuth,
+    tls: &NatsTls,
     metrics: &ConnectionMetrics,
 ) -> Result<async_nats::Client, BusError> {
     let metrics = metrics.clone();
     let was_connected = Arc::new(AtomicBool::new(false));
-    async_nats::ConnectOptions::new()
-        .name(&nats.connection_name)
+    let auth_for_events = auth.clone();
+    let tls_configured = tls.required || tls.ca_file.is_some() || tls.identity.is_some();
+    // One hint per run of failures, not one per attempt.
+    let hinted = Arc::new(AtomicBool::new(false));
+    connect_options(nats, auth, tls)
+        .await?
         .retry_on_initial_connect()
         .max_reconnects(None)
-        .request_timeout(Some(nats.request_timeout))
         .event_callback(move |event| {
             let metrics = metrics.clone();
             let was_connected = was_connected.clone();
+            let auth = auth_for_events.clone();
+            let hinted = hinted.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
+                        hinted.store(false, Ordering::Release);
                         metrics.connected.set(1);
                         if was_connected.swap(true, Ordering::AcqRel) {
                             metrics.reconnects.inc();
@@ -108,6 +191,38 @@ pub async fn connect(
                         metrics.connected.set(0);
                         tracing::warn!("disconnected from NATS");
                     }
+                    async_nats::Event::ClientError(err) => {
+                        let reason = err.to_string();
+                        match explain_connect_failure(&reason, &auth) {
+                            Some(hint) => tracing::error!(
+                                error = %reason,
+                                "{hint}; the rooms stay not ready and the client keeps retrying"
+                            ),
+                            // async-nats reports a failed TLS handshake
+                            // (a certificate either side rejects) as a
+                            // plain I/O error, like a server that is down.
+                            None if tls_configured && !hinted.swap(true, Ordering::AcqRel) => {
+                                tracing::warn!(
+                                    error = %reason,
+                                    "cannot connect to NATS: the server is unreachable or the TLS \
+                                     handshake failed; check nats.url, nats.tls.ca_file (does it \
+                                     sign the server's certificate, for the host in nats.url?) and \
+                                     nats.tls.cert_file / key_file (does the server trust them?); \
+                                     log.filter async_nats=debug shows the cause"
+                                )
+                            }
+                            None => tracing::info!(event = %reason, "NATS connection event"),
+                        }
+                    }
+                    // The server can also drop an established connection
+                    // for its credentials (a revoked user, an expired JWT).
+                    async_nats::Event::ServerError(err) => {
+                        let reason = err.to_string();
+                        match explain_connect_failure(&reason, &auth) {
+                            Some(hint) => tracing::error!(error = %reason, "{hint}"),
+                            None => tracing::warn!(error = %reason, "NATS server error"),
+                        }
+                    }
                     other => tracing::info!(event = %other, "NATS connection event"),
                 }
             }
@@ -115,7 +230,7 @@ pub async fn connect(
         .connect(nats.url.as_str())
         .await
         .map_err(|err| BusError::Connect {
-            url: nats.url.clone(),
+            url: config::redact_url(&nats.url),
             reason: err.to_string(),
         })
 }

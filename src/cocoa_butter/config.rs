@@ -10,14 +10,18 @@
 //! [`ValidatedConfig`] whose rooms are known, addressed and non-conflicting.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
+
+use super::tls::{self, ServerTls, TlsError};
 
 /// The port table as shipped: compiled in so the binary knows its rooms even
 /// when started from a directory without `rooms.toml`.
@@ -38,6 +42,8 @@ pub enum ConfigError {
     Layers(Box<figment::Error>),
     #[error("{key}: {message}")]
     Invalid { key: String, message: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl ConfigError {
@@ -52,6 +58,83 @@ impl ConfigError {
 impl From<figment::Error> for ConfigError {
     fn from(err: figment::Error) -> Self {
         ConfigError::Layers(Box::new(err))
+    }
+}
+
+/// What `config show`, `Debug` and serialisation print instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// A secret from the configuration (a token, a password, an nkey seed).
+///
+/// A newtype rather than the `secrecy` crate: what is needed is that the
+/// value never reaches a log line, an error or `config show`, which a
+/// redacting `Debug` and `Serialize` give; the value lives as long as the
+/// process anyway (the client keeps its own copy to reconnect), so wiping
+/// it on drop would buy little.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(REDACTED)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    /// Only a string; any other type is refused without quoting it, since
+    /// serde's usual "invalid type: integer `123`" would print the secret.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        const QUOTE: &str =
+            "a secret must be a string (quote it); the value is not shown because it is a secret";
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+                Ok(Secret(v))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+                Err(E::custom(QUOTE))
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+                Err(E::custom(QUOTE))
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+                Err(E::custom(QUOTE))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+                Err(E::custom(QUOTE))
+            }
+            fn visit_char<E: serde::de::Error>(self, v: char) -> Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Secret, E> {
+                Err(E::custom(QUOTE))
+            }
+        }
+        deserializer.deserialize_string(Visitor)
     }
 }
 
@@ -77,6 +160,9 @@ pub struct FactoryConfig {
     /// How long a SIGTERM waits for in-flight work before giving up on it.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// TLS on every room's HTTP and gRPC listeners; off unless a
+    /// certificate is configured. The metrics listener stays plain.
+    pub tls: ListenerTlsConfig,
     pub rooms: BTreeMap<String, RoomConfig>,
 }
 
@@ -91,6 +177,7 @@ impl Default for FactoryConfig {
             limits: LimitsConfig::default(),
             consumer: ConsumerConfig::default(),
             shutdown_grace: Duration::from_secs(20),
+            tls: ListenerTlsConfig::default(),
             rooms: BTreeMap::new(),
         }
     }
@@ -115,6 +202,47 @@ pub struct NatsConfig {
     pub dlq_stream: String,
     /// Dead letters go to `<dlq_subject_prefix>.<room>.<event_type>`.
     pub dlq_subject_prefix: String,
+    // Authentication: at most one way. Secrets may be given inline (or as
+    // `CHOCO_NATS__...` variables) or, preferably, in a file of their own.
+    /// A `.creds` file: a user JWT and its nkey seed (operator mode).
+    pub credentials_file: Option<PathBuf>,
+    /// A user nkey seed (`SU...`).
+    pub nkey_seed: Option<Secret>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub token: Option<Secret>,
+    pub token_file: Option<PathBuf>,
+    /// With `password` or `password_file`.
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub password_file: Option<PathBuf>,
+    pub tls: NatsTlsConfig,
+}
+
+/// TLS of the NATS connection. A server that requires TLS gets it whatever
+/// is set here; these keys say which CA to trust, which client certificate
+/// to present, and whether a server without TLS is refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTlsConfig {
+    /// Refuse a server that does not offer TLS. Unset: required as soon as
+    /// `ca_file` or `cert_file` is set (or the URL is `tls://`).
+    pub required: Option<bool>,
+    /// PEM CA certificate(s) to trust instead of the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS, with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// TLS of the rooms' HTTP and gRPC listeners.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// PEM certificate chain, leaf first; with `key_file` turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA: when set, clients must present a certificate it signed.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -127,6 +255,15 @@ impl Default for NatsConfig {
             request_timeout: Duration::from_secs(5),
             dlq_stream: "choco:dlq".into(),
             dlq_subject_prefix: "choco.dlq".into(),
+            credentials_file: None,
+            nkey_seed: None,
+            nkey_seed_file: None,
+            token: None,
+            token_file: None,
+            user: None,
+            password: None,
+            password_file: None,
+            tls: NatsTlsConfig::default(),
         }
     }
 }
@@ -418,12 +555,62 @@ impl RoomSettings {
     }
 }
 
+/// How the NATS connection authenticates, with secret files read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NatsAuth {
+    #[default]
+    None,
+    /// Checked to hold a user JWT and seed; async-nats reads it again when
+    /// connecting.
+    CredentialsFile(PathBuf),
+    NKey {
+        seed: Secret,
+        from: &'static str,
+    },
+    Token {
+        token: Secret,
+        from: &'static str,
+    },
+    UserPassword {
+        user: String,
+        password: Secret,
+        from: &'static str,
+    },
+}
+
+impl NatsAuth {
+    /// The keys an operator should look at when the server refuses them.
+    pub fn keys(&self) -> String {
+        match self {
+            NatsAuth::None => "no credentials (nats.credentials_file, nats.nkey_seed, \
+                               nats.token or nats.user are all unset)"
+                .into(),
+            NatsAuth::CredentialsFile(_) => "nats.credentials_file".into(),
+            NatsAuth::NKey { from, .. } | NatsAuth::Token { from, .. } => (*from).into(),
+            NatsAuth::UserPassword { from, .. } => format!("nats.user and {from}"),
+        }
+    }
+}
+
+/// TLS of the NATS connection, files checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    pub required: bool,
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
 /// The configuration after every check passed.
 #[derive(Debug, Clone)]
 pub struct ValidatedConfig {
     pub factory: FactoryConfig,
     /// Every room of the port table, enabled or not, ordered by name.
     pub rooms: Vec<RoomSettings>,
+    pub nats_auth: NatsAuth,
+    pub nats_tls: NatsTls,
+    /// `[tls]`, loaded: `None` serves plain HTTP and gRPC.
+    pub listener_tls: Option<Arc<ServerTls>>,
 }
 
 impl ValidatedConfig {
@@ -525,6 +712,45 @@ impl<P: Provider> Provider for Named<P> {
     }
 }
 
+/// The secret keys that may come from the environment, as
+/// (variable after `CHOCO_`, key path).
+const SECRET_ENV: &[(&str, [&str; 2])] = &[
+    ("NATS__NKEY_SEED", ["nats", "nkey_seed"]),
+    ("NATS__TOKEN", ["nats", "token"]),
+    ("NATS__PASSWORD", ["nats", "password"]),
+];
+
+/// `CHOCO_NATS__TOKEN` and the other secret variables, as plain strings.
+struct SecretEnv;
+
+impl Provider for SecretEnv {
+    fn metadata(&self) -> Metadata {
+        // "environment" in the name: `config show` then names the variable.
+        Metadata::named("`CHOCO_` environment variable(s)")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut root = Dict::new();
+        for (var, [section, key]) in SECRET_ENV {
+            let Some(value) = std::env::var_os(format!("CHOCO_{var}")) else {
+                continue;
+            };
+            let Some(value) = value.to_str() else {
+                return Err(figment::Error::from(format!(
+                    "CHOCO_{var}: the value is not valid UTF-8"
+                )));
+            };
+            let entry = root
+                .entry(section.to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, dict) = entry {
+                dict.insert(key.to_string(), Value::from(value.to_string()));
+            }
+        }
+        Ok(Profile::Default.collect(root))
+    }
+}
+
 impl ConfigSources {
     /// Stacks every layer in order. Files that were asked for by name must exist.
     pub fn figment(&self) -> Result<Figment, ConfigError> {
@@ -554,12 +780,15 @@ impl ConfigSources {
             figment = figment.merge(Toml::file_exact(path));
         }
 
-        // CHOCO_CONFIG and CHOCO_ROOMS_FILE name files (read by clap), not keys.
-        figment = figment.merge(
-            Env::prefixed("CHOCO_")
-                .ignore(&["CONFIG", "ROOMS_FILE"])
-                .split("__"),
-        );
+        // CHOCO_CONFIG and CHOCO_ROOMS_FILE name files (read by clap), not
+        // keys. Secrets are taken verbatim by `SecretEnv`: figment would
+        // parse `CHOCO_NATS__TOKEN=0123` as a number (losing the zero) and
+        // `[x]` as an array.
+        let mut ignored = vec!["CONFIG", "ROOMS_FILE"];
+        ignored.extend(SECRET_ENV.iter().map(|(var, _)| *var));
+        figment = figment
+            .merge(Env::prefixed("CHOCO_").ignore(&ignored).split("__"))
+            .merge(SecretEnv);
 
         let cli = &self.cli;
         if let Some(url) = &cli.nats_url {
@@ -614,16 +843,21 @@ pub fn validate(
 ) -> Result<ValidatedConfig, ConfigError> {
     for url in factory.nats.url.split(',') {
         let url = url.trim();
+        // The URL may carry `user:password@`: quote it only redacted.
+        let shown = redact_url(url);
         if url.is_empty() || url.chars().any(char::is_whitespace) {
             return Err(ConfigError::invalid(
                 "nats.url",
                 format!(
-                    "{url:?} is not a server URL (nats://host:port, comma-separated for several)"
+                    "{shown:?} is not a server URL (nats://host:port, comma-separated for several)"
                 ),
             ));
         }
         if let Err(err) = url.parse::<async_nats::ServerAddr>() {
-            return Err(ConfigError::invalid("nats.url", format!("{url:?}: {err}")));
+            return Err(ConfigError::invalid(
+                "nats.url",
+                format!("{shown:?}: {err}"),
+            ));
         }
     }
     check_name("nats.dlq_stream", &factory.nats.dlq_stream)?;
@@ -686,7 +920,239 @@ pub fn validate(
         rooms.push(resolve_room(&factory, name, room)?);
     }
     check_ports(&rooms)?;
-    Ok(ValidatedConfig { factory, rooms })
+    let nats_auth = resolve_nats_auth(&factory.nats)?;
+    let nats_tls = resolve_nats_tls(&factory.nats.tls)?;
+    let listener_tls = resolve_listener_tls(&factory.tls)?;
+    Ok(ValidatedConfig {
+        factory,
+        rooms,
+        nats_auth,
+        nats_tls,
+        listener_tls,
+    })
+}
+
+/// A NATS URL (or a comma-separated list) with any `user:password@` or
+/// `token@` replaced, for messages and `config show`.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let start = url.find("://").map_or(0, |i| i + 3);
+            match url[start..].rfind('@') {
+                Some(at) => format!("{}{REDACTED}{}", &url[..start], &url[start + at..]),
+                None => url.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A secret from its own file. One trailing line break is not part of it:
+/// `echo "$TOKEN" > file` writes one.
+fn read_secret(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable {
+        key,
+        path: path.to_path_buf(),
+        reason: err.to_string(),
+    })?;
+    let value = text
+        .strip_suffix('\n')
+        .map(|line| line.strip_suffix('\r').unwrap_or(line))
+        .unwrap_or(&text);
+    if value.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(Secret::new(value))
+}
+
+/// A secret given inline or in a file, not both; `None` when neither.
+fn inline_or_file(
+    inline_key: &'static str,
+    inline: Option<&Secret>,
+    file_key: &'static str,
+    file: Option<&Path>,
+) -> Result<Option<(Secret, &'static str)>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(ConfigError::invalid(
+            file_key,
+            format!("{inline_key} is set too; give the secret one way"),
+        )),
+        (Some(secret), None) if secret.expose().is_empty() => {
+            Err(ConfigError::invalid(inline_key, "is empty"))
+        }
+        (Some(secret), None) => Ok(Some((secret.clone(), inline_key))),
+        (None, Some(path)) => Ok(Some((read_secret(file_key, path)?, file_key))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// One way to authenticate, its secret read and checked: a bad file is
+/// refused at start rather than by the server at every reconnect.
+fn resolve_nats_auth(nats: &NatsConfig) -> Result<NatsAuth, ConfigError> {
+    let mut ways = Vec::new();
+    if nats.credentials_file.is_some() {
+        ways.push("nats.credentials_file");
+    }
+    if nats.nkey_seed.is_some() {
+        ways.push("nats.nkey_seed");
+    } else if nats.nkey_seed_file.is_some() {
+        ways.push("nats.nkey_seed_file");
+    }
+    if nats.token.is_some() {
+        ways.push("nats.token");
+    } else if nats.token_file.is_some() {
+        ways.push("nats.token_file");
+    }
+    if nats.user.is_some() || nats.password.is_some() || nats.password_file.is_some() {
+        ways.push("nats.user");
+    }
+    if let [first, second, ..] = ways[..] {
+        return Err(ConfigError::invalid(
+            second,
+            format!("{first} is set too; configure one way to authenticate"),
+        ));
+    }
+
+    if let Some(path) = &nats.credentials_file {
+        let key = "nats.credentials_file";
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Unreadable {
+            key,
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        })?;
+        // The parser's message is not passed on: it could quote the file.
+        if async_nats::ConnectOptions::with_credentials(&text).is_err() {
+            return Err(ConfigError::invalid(
+                key,
+                format!(
+                    "{} is not a NATS credentials file (a user JWT and its nkey seed)",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(NatsAuth::CredentialsFile(path.clone()));
+    }
+    if let Some((seed, from)) = inline_or_file(
+        "nats.nkey_seed",
+        nats.nkey_seed.as_ref(),
+        "nats.nkey_seed_file",
+        nats.nkey_seed_file.as_deref(),
+    )? {
+        let is_user = nkeys::KeyPair::from_seed(seed.expose())
+            .is_ok_and(|pair| pair.public_key().starts_with('U'));
+        if !is_user {
+            return Err(ConfigError::invalid(
+                from,
+                "is not a user nkey seed (one starts with SU)",
+            ));
+        }
+        return Ok(NatsAuth::NKey { seed, from });
+    }
+    if let Some((token, from)) = inline_or_file(
+        "nats.token",
+        nats.token.as_ref(),
+        "nats.token_file",
+        nats.token_file.as_deref(),
+    )? {
+        return Ok(NatsAuth::Token { token, from });
+    }
+    let password = inline_or_file(
+        "nats.password",
+        nats.password.as_ref(),
+        "nats.password_file",
+        nats.password_file.as_deref(),
+    )?;
+    match (&nats.user, password) {
+        (None, None) => Ok(NatsAuth::None),
+        (Some(user), _) if user.trim().is_empty() => {
+            Err(ConfigError::invalid("nats.user", "is empty"))
+        }
+        (Some(user), Some((password, from))) => Ok(NatsAuth::UserPassword {
+            user: user.clone(),
+            password,
+            from,
+        }),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "nats.password",
+            "is required with nats.user (or nats.password_file)",
+        )),
+        (None, Some((_, from))) => Err(ConfigError::invalid(
+            "nats.user",
+            format!("is required with {from}"),
+        )),
+    }
+}
+
+fn resolve_nats_tls(tls: &NatsTlsConfig) -> Result<NatsTls, ConfigError> {
+    let identity = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::invalid(
+                "nats.tls.key_file",
+                "is required with nats.tls.cert_file",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "nats.tls.cert_file",
+                "is required with nats.tls.key_file",
+            ));
+        }
+    };
+    tls::check_client_files(
+        tls::Keys {
+            cert: "nats.tls.cert_file",
+            key: "nats.tls.key_file",
+            ca: "nats.tls.ca_file",
+        },
+        tls.ca_file.as_deref(),
+        identity
+            .as_ref()
+            .map(|(cert, key)| (cert.as_path(), key.as_path())),
+    )?;
+    // Trusting a CA or holding a client certificate means TLS is expected:
+    // going on in plain text would send the credentials in the clear.
+    let required = tls
+        .required
+        .unwrap_or(tls.ca_file.is_some() || identity.is_some());
+    Ok(NatsTls {
+        required,
+        ca_file: tls.ca_file.clone(),
+        identity,
+    })
+}
+
+fn resolve_listener_tls(tls: &ListenerTlsConfig) -> Result<Option<Arc<ServerTls>>, ConfigError> {
+    let keys = tls::Keys {
+        cert: "tls.cert_file",
+        key: "tls.key_file",
+        ca: "tls.client_ca_file",
+    };
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => Ok(Some(Arc::new(ServerTls::load(
+            keys,
+            cert,
+            key,
+            tls.client_ca_file.as_deref(),
+        )?))),
+        (None, None) if tls.client_ca_file.is_some() => Err(ConfigError::invalid(
+            "tls.client_ca_file",
+            "needs tls.cert_file and tls.key_file: client certificates are only asked for over TLS",
+        )),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(ConfigError::invalid(
+            "tls.key_file",
+            "is required with tls.cert_file",
+        )),
+        (None, Some(_)) => Err(ConfigError::invalid(
+            "tls.cert_file",
+            "is required with tls.key_file",
+        )),
+    }
 }
 
 fn resolve_room(
@@ -859,6 +1325,27 @@ fn check_subject(key: &str, subject: &str, wildcard_tail: bool) -> Result<(), Co
     Ok(())
 }
 
+/// Whether `config show` must hide the value at this key: any part of the
+/// path that names a secret, so a misspelt key (`nats.pasword`, shown before
+/// it is refused) or a room's own secret setting is hidden too. Keys ending
+/// in `_file` hold paths and are shown.
+pub fn is_secret_key(path: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "pass",
+        "token",
+        "secret",
+        "seed",
+        "credential",
+        "private_key",
+        "api_key",
+        "apikey",
+    ];
+    path.split('.').any(|part| {
+        let part = part.to_ascii_lowercase();
+        !part.ends_with("_file") && WORDS.iter().any(|w| part.contains(w))
+    })
+}
+
 /// One leaf of the merged configuration and the layer it came from.
 #[derive(Debug, Clone, Serialize)]
 pub struct Provenance {
@@ -900,9 +1387,16 @@ fn walk(figment: &Figment, prefix: &str, value: &Value, out: &mut Vec<Provenance
             None => meta.name.to_string(),
         })
         .unwrap_or_else(|| "unknown".into());
-    let value = value
-        .deserialize::<serde_json::Value>()
-        .unwrap_or(serde_json::Value::Null);
+    let unset = matches!(value, Value::Empty(..));
+    let value = if is_secret_key(prefix) && !unset {
+        serde_json::Value::String(REDACTED.into())
+    } else if prefix == "nats.url" {
+        serde_json::Value::String(redact_url(value.as_str().unwrap_or_default()))
+    } else {
+        value
+            .deserialize::<serde_json::Value>()
+            .unwrap_or(serde_json::Value::Null)
+    };
     out.push(Provenance {
         key: prefix.to_string(),
         value,
@@ -1024,5 +1518,156 @@ mod tests {
             .expect("conch");
         assert_eq!(conch.consumer.max_deliver, 7);
         assert_eq!(conch.consumer.batch, 10);
+    }
+
+    fn with_nats(edit: impl FnOnce(&mut NatsConfig)) -> Result<ValidatedConfig, ConfigError> {
+        let mut factory = builtin();
+        edit(&mut factory.nats);
+        validate(factory, None)
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_or_serialisation() {
+        let config = with_nats(|nats| {
+            nats.user = Some("factory".into());
+            nats.password = Some(Secret::new("hunter2-cocoa"));
+        })
+        .expect("valid");
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2-cocoa"), "{debug}");
+        assert!(debug.contains(REDACTED), "{debug}");
+        let json = serde_json::to_string(&config.factory).expect("json");
+        assert!(!json.contains("hunter2-cocoa"), "{json}");
+        assert_eq!(
+            config.nats_auth,
+            NatsAuth::UserPassword {
+                user: "factory".into(),
+                password: Secret::new("hunter2-cocoa"),
+                from: "nats.password",
+            }
+        );
+    }
+
+    #[test]
+    fn a_secret_of_another_type_is_refused_without_quoting_it() {
+        let err = Figment::new()
+            .merge(Serialized::defaults(FactoryConfig::default()))
+            .merge(Toml::string("[nats]\ntoken = 987654321\n"))
+            .extract::<FactoryConfig>()
+            .expect_err("not a string")
+            .to_string();
+        assert!(!err.contains("987654321"), "{err}");
+        assert!(err.contains("quote it"), "{err}");
+    }
+
+    #[test]
+    fn one_way_to_authenticate_and_each_secret_once() {
+        let err = with_nats(|nats| {
+            nats.token = Some(Secret::new("t"));
+            nats.user = Some("u".into());
+        })
+        .expect_err("two ways")
+        .to_string();
+        assert!(err.starts_with("nats.user: nats.token is set too"), "{err}");
+
+        let err = with_nats(|nats| {
+            nats.token = Some(Secret::new("t"));
+            nats.token_file = Some("token".into());
+        })
+        .expect_err("inline and file")
+        .to_string();
+        assert!(
+            err.starts_with("nats.token_file: nats.token is set too"),
+            "{err}"
+        );
+
+        let err = with_nats(|nats| nats.password = Some(Secret::new("p")))
+            .expect_err("no user")
+            .to_string();
+        assert!(err.starts_with("nats.user: is required"), "{err}");
+
+        let err = with_nats(|nats| nats.user = Some("u".into()))
+            .expect_err("no password")
+            .to_string();
+        assert!(err.starts_with("nats.password: is required"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_nkey_seed_is_refused_without_quoting_it() {
+        for seed in ["SUnotaseed", "not even close"] {
+            let err = with_nats(|nats| nats.nkey_seed = Some(Secret::new(seed)))
+                .expect_err(seed)
+                .to_string();
+            assert!(
+                err.starts_with("nats.nkey_seed: is not a user nkey seed"),
+                "{err}"
+            );
+            assert!(!err.contains(seed), "{err}");
+        }
+        // An account seed is a seed, but not one a client logs in with.
+        let account = nkeys::KeyPair::new_account().seed().expect("seed");
+        let err = with_nats(|nats| nats.nkey_seed = Some(Secret::new(account.clone())))
+            .expect_err("account seed")
+            .to_string();
+        assert!(!err.contains(&account), "{err}");
+        let user = nkeys::KeyPair::new_user().seed().expect("seed");
+        let config = with_nats(|nats| nats.nkey_seed = Some(Secret::new(user))).expect("user");
+        assert!(matches!(config.nats_auth, NatsAuth::NKey { .. }));
+    }
+
+    #[test]
+    fn secret_files_lose_one_trailing_line_break() {
+        let dir = std::env::temp_dir().join(format!("choco-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "abc \r\n").expect("write");
+        let config = with_nats(|nats| nats.token_file = Some(file.clone())).expect("valid");
+        assert_eq!(
+            config.nats_auth,
+            NatsAuth::Token {
+                token: Secret::new("abc "),
+                from: "nats.token_file",
+            }
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn tls_keys_come_in_pairs() {
+        let err = with_nats(|nats| nats.tls.cert_file = Some("c.pem".into()))
+            .expect_err("no key")
+            .to_string();
+        assert!(err.starts_with("nats.tls.key_file: is required"), "{err}");
+        let mut factory = builtin();
+        factory.tls.client_ca_file = Some("ca.pem".into());
+        let err = validate(factory, None).expect_err("no cert").to_string();
+        assert!(err.starts_with("tls.client_ca_file: needs"), "{err}");
+    }
+
+    #[test]
+    fn urls_and_secret_keys_are_redacted_for_show() {
+        assert_eq!(
+            redact_url("nats://a:b@h:4222, tls://tok@h2:4222,nats://h3:4222"),
+            "nats://<redacted>@h:4222, tls://<redacted>@h2:4222,nats://h3:4222"
+        );
+        assert_eq!(redact_url("u:p@h:4222"), "<redacted>@h:4222");
+        for secret in [
+            "nats.token",
+            "nats.password",
+            "nats.nkey_seed",
+            "nats.passwrod",
+            "rooms.x.settings.api_key",
+        ] {
+            assert!(is_secret_key(secret), "{secret}");
+        }
+        for shown in [
+            "nats.token_file",
+            "nats.credentials_file",
+            "nats.tls.key_file",
+            "nats.user",
+            "nats.url",
+        ] {
+            assert!(!is_secret_key(shown), "{shown}");
+        }
     }
 }

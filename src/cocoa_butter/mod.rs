@@ -22,6 +22,7 @@ pub mod room;
 pub mod runtime;
 pub mod servers;
 pub mod telemetry;
+pub mod tls;
 
 pub use envelope::{Cause, EventEnvelope};
 pub use room::{

@@ -54,6 +54,9 @@ pub struct ManagedNats {
     data_dir: PathBuf,
     port: u16,
     sync_always: bool,
+    /// Server configuration added to the file the server reads (TLS,
+    /// accounts, authorization), for tests of secured connections.
+    extra_config: String,
     child: Option<Child>,
 }
 
@@ -78,11 +81,26 @@ impl ManagedNats {
         port: u16,
         sync_always: bool,
     ) -> Result<Self, NatsServerError> {
+        Self::start_configured(binary, data_dir, port, sync_always, "").await
+    }
+
+    /// Like [`ManagedNats::start_with`], with `extra_config` (nats-server
+    /// configuration syntax: `tls { ... }`, `authorization { ... }`,
+    /// `operator: ...`) in the server's configuration file. The client port,
+    /// address and JetStream store still come from the command line.
+    pub async fn start_configured(
+        binary: PathBuf,
+        data_dir: &Path,
+        port: u16,
+        sync_always: bool,
+        extra_config: &str,
+    ) -> Result<Self, NatsServerError> {
         let mut server = ManagedNats {
             binary,
             data_dir: data_dir.to_path_buf(),
             port,
             sync_always,
+            extra_config: extra_config.to_string(),
             child: None,
         };
         server.spawn().await?;
@@ -121,10 +139,14 @@ impl ManagedNats {
             self.port.to_string()
         };
         let mut command = Command::new(&self.binary);
-        if self.sync_always {
+        if self.sync_always || !self.extra_config.is_empty() {
             let config = self.data_dir.join("nats-server.conf");
-            std::fs::write(&config, "jetstream {\n  sync_interval: always\n}\n")
-                .map_err(|e| prepare(&config, e))?;
+            let mut text = String::new();
+            if self.sync_always {
+                text.push_str("jetstream {\n  sync_interval: always\n}\n");
+            }
+            text.push_str(&self.extra_config);
+            std::fs::write(&config, text).map_err(|e| prepare(&config, e))?;
             command.arg("--config").arg(&config);
         }
         let child = command

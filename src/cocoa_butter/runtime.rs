@@ -106,7 +106,18 @@ pub async fn run(
 
     let nats = config.factory.nats.clone();
     let connection_metrics = ConnectionMetrics::default();
-    let client = bus::connect(&nats, &connection_metrics).await?;
+    let client = bus::connect(
+        &nats,
+        &config.nats_auth,
+        &config.nats_tls,
+        &connection_metrics,
+    )
+    .await?;
+    let listener_tls = config.listener_tls.clone();
+    if listener_tls.is_some() {
+        // tonic builds its TLS acceptor from the process-wide provider.
+        super::tls::install_default_provider();
+    }
     let js = jetstream::ContextBuilder::new()
         .timeout(nats.request_timeout)
         .build(client.clone());
@@ -152,6 +163,8 @@ pub async fn run(
                 grpc = %addrs.grpc,
                 metrics = %addrs.metrics,
                 room = %settings.name,
+                tls = listener_tls.is_some(),
+                mutual_tls = listener_tls.as_ref().is_some_and(|tls| tls.mutual()),
                 "room listening"
             );
         });
@@ -165,6 +178,7 @@ pub async fn run(
             guard.clone(),
             room.clone().http_routes(),
         );
+        let http_tls = listener_tls.clone();
         servers.spawn(
             keep_serving(
                 "http",
@@ -172,7 +186,7 @@ pub async fn run(
                 addrs.http,
                 listeners.http,
                 stop_servers.clone(),
-                move |l, s| servers::serve_http(l, router.clone(), s),
+                move |l, s| servers::serve_http(l, router.clone(), http_tls.clone(), s),
             )
             .instrument(span.clone()),
         );
@@ -180,6 +194,7 @@ pub async fn run(
         let grpc_state = state.clone();
         let mut first_grpc = Some(grpc);
         let observe_grpc = ObserveLayer::new(Protocol::Grpc, &settings.label, metrics.clone());
+        let grpc_tls = listener_tls.clone();
         servers.spawn(
             keep_serving(
                 "grpc",
@@ -197,6 +212,7 @@ pub async fn run(
                         grpc_state.clone(),
                         observe_grpc.clone(),
                         guard.clone(),
+                        grpc_tls.clone(),
                         s,
                     )
                 },

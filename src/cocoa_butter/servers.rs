@@ -26,6 +26,7 @@ use super::guard::GuardLayer;
 use super::metrics::{self, RoomMetrics};
 use super::room::GrpcService;
 use super::telemetry::{self, requests};
+use super::tls::ServerTls;
 use super::{admin, api};
 
 /// Descriptors of every contract under `proto/`, for server reflection.
@@ -206,15 +207,30 @@ async fn info_route(State(http): State<HttpState>) -> Response {
     axum::Json(body).into_response()
 }
 
+/// Serves `router` on `listener`, over TLS when `tls` is given (then a
+/// plain-text client fails its handshake and gets no answer).
 pub async fn serve_http(
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<ServerTls>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(|err| ServerError::Http(err.to_string()))
+    match tls {
+        Some(tls) => {
+            let listener = tls
+                .listener(listener)
+                .map_err(|err| ServerError::Http(err.to_string()))?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown.cancelled_owned())
+                .await
+        }
+    }
+    .map_err(|err| ServerError::Http(err.to_string()))
 }
 
 pub async fn serve_metrics(
@@ -225,7 +241,9 @@ pub async fn serve_metrics(
     let router = Router::new()
         .route("/metrics", get(metrics_route))
         .with_state(metrics);
-    serve_http(listener, router, shutdown).await
+    // Plain: scrapers sit next to the process, and a Prometheus that
+    // scrapes over TLS would need its own certificate set-up per target.
+    serve_http(listener, router, None, shutdown).await
 }
 
 /// OpenMetrics (with exemplars) when the scraper asks for it, as Prometheus
@@ -264,6 +282,7 @@ pub async fn serve_grpc(
     state: Arc<RoomState>,
     observe: requests::ObserveLayer,
     guard: GuardLayer,
+    tls: Option<Arc<ServerTls>>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -303,7 +322,13 @@ pub async fn serve_grpc(
         .build_v1alpha()
         .map_err(|err| ServerError::Grpc(err.to_string()))?;
 
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls.grpc_config())
+            .map_err(|err| ServerError::Grpc(err.to_string()))?;
+    }
+    builder
         .layer(tower::ServiceBuilder::new().layer(observe).layer(guard))
         .add_routes(service.routes)
         .add_service(health)
