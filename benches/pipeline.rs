@@ -8,7 +8,9 @@
 //! Run: `scripts/bench.sh` (or `cargo bench --bench pipeline`, with
 //! nats-server on PATH or in NATS_SERVER_BIN). Options after `--`:
 //! `--events N` (saturation inputs per room, default 4000), `--latency-events
-//! N` (default 2000), `--json PATH` (default target/bench/pipeline.json).
+//! N` (default 2000), `--json PATH` (default target/bench/pipeline.json),
+//! `--only ROOM`. Set `BENCH_KEEP_METRICS=1` to print each room's metrics
+//! after its runs (what the profile of a slow room starts from).
 //!
 //! How the limit is made the same work: the room's own metrics count, per
 //! event, the key-value and object-store operations it made and the
@@ -91,6 +93,8 @@ struct Options {
     events: usize,
     latency_events: usize,
     json: PathBuf,
+    /// `--only ROOM`: measure one room (to profile it).
+    only: Option<String>,
 }
 
 /// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
@@ -105,6 +109,7 @@ fn options() -> Options {
         events: 4000,
         latency_events: 2000,
         json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/pipeline.json"),
+        only: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -113,6 +118,7 @@ fn options() -> Options {
             "--latency-events" => {
                 options.latency_events = args.next().and_then(|v| v.parse().ok()).unwrap_or(2000)
             }
+            "--only" => options.only = args.next(),
             "--json" => {
                 if let Some(path) = args.next() {
                     options.json = PathBuf::from(path);
@@ -171,6 +177,13 @@ async fn run(options: Options) -> Result<(), Error> {
 
     let mut results = Vec::new();
     for case in ROOMS {
+        if options
+            .only
+            .as_deref()
+            .is_some_and(|only| only != case.name)
+        {
+            continue;
+        }
         eprintln!("== {}", case.name);
         let result = bench_room(&js, &factory, case, &options).await?;
         eprintln!(
@@ -269,6 +282,14 @@ async fn bench_room(
     )
     .await?;
     let after = factory.metrics(case.name).await?;
+    if std::env::var_os("BENCH_KEEP_METRICS").is_some() {
+        let addr = factory.metrics.get(case.name).ok_or("unknown room")?;
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await?
+            .text()
+            .await?;
+        eprintln!("{text}");
+    }
     let work = work_per_event(&before, &after, options.events);
     let outputs_per_event = room_run.outputs as f64 / options.events as f64;
 

@@ -77,8 +77,8 @@ enum Command {
     Publish(PublishArgs),
     /// Follow a subject and print each envelope, payload decoded, one per line.
     Tail(TailArgs),
-    /// Ask every enabled room's /readyz; exit 0 when all are ready, 1 naming
-    /// those that are not (a container HEALTHCHECK).
+    /// Ask every enabled room's /readyz (on its metrics port); exit 0 when
+    /// all are ready, 1 naming those that are not (a container HEALTHCHECK).
     Health(HealthArgs),
 }
 
@@ -377,7 +377,7 @@ fn health(config: &ValidatedConfig, timeout: std::time::Duration) -> anyhow::Res
     let rooms: Vec<_> = config.enabled_rooms().collect();
     let results =
         runtime.block_on(futures::future::join_all(rooms.iter().map(|room| {
-            crate::cocoa_butter::servers::probe_ready(room.http_addr, timeout)
+            crate::cocoa_butter::servers::probe_ready(room.metrics_addr, timeout)
         })));
     let mut out = String::new();
     let mut failed = Vec::new();

@@ -220,6 +220,7 @@ pub async fn run(
             .instrument(span.clone()),
         );
         let server_metrics = metrics.clone();
+        let metrics_state = state.clone();
         servers.spawn(
             keep_serving(
                 "metrics",
@@ -227,7 +228,9 @@ pub async fn run(
                 addrs.metrics,
                 listeners.metrics,
                 stop_servers.clone(),
-                move |l, s| servers::serve_metrics(l, server_metrics.clone(), s),
+                move |l, s| {
+                    servers::serve_metrics(l, server_metrics.clone(), metrics_state.clone(), s)
+                },
             )
             .instrument(span.clone()),
         );

@@ -179,17 +179,23 @@ async fn healthz() -> impl IntoResponse {
 }
 
 async fn readyz(State(http): State<HttpState>) -> Response {
-    let nats = http.state.nats_connected();
-    let consumer = http.state.consumer_bound();
-    let servers = http.state.servers_up();
-    let reason = http.state.not_ready_reason();
+    readiness(&http.state)
+}
+
+/// `/readyz` of both the HTTP and the metrics port: 200 when ready, 503
+/// with the reason otherwise.
+fn readiness(state: &RoomState) -> Response {
+    let nats = state.nats_connected();
+    let consumer = state.consumer_bound();
+    let servers = state.servers_up();
+    let reason = state.not_ready_reason();
     let ready = reason.is_none();
     let body = serde_json::json!({
         "ready": ready,
         "nats_connected": nats,
         "consumer_bound": consumer,
         "servers_up": servers,
-        "paused": http.state.paused(),
+        "paused": state.paused(),
         "reason": reason,
     });
     let status = if ready {
@@ -233,14 +239,25 @@ pub async fn serve_http(
     .map_err(|err| ServerError::Http(err.to_string()))
 }
 
+/// The operations port: `/metrics`, and `/readyz` again, so probes that
+/// sit next to the process (`choco-factory health`, the container's health
+/// check) need neither the API's TLS nor its tokens.
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: RoomMetrics,
+    state: Arc<RoomState>,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let router = Router::new()
         .route("/metrics", get(metrics_route))
-        .with_state(metrics);
+        .with_state(metrics)
+        .route(
+            "/readyz",
+            get(move || {
+                let state = state.clone();
+                async move { readiness(&state) }
+            }),
+        );
     // Plain: scrapers sit next to the process, and a Prometheus that
     // scrapes over TLS would need its own certificate set-up per target.
     serve_http(listener, router, None, shutdown).await
@@ -353,9 +370,9 @@ pub enum ProbeError {
     NotReady(SocketAddr, u16),
 }
 
-/// Asks a room's `/readyz`, the way a container runtime's health check or
-/// a load balancer would. A room bound to every interface is asked on
-/// loopback.
+/// Asks a room's `/readyz` on its metrics port (plain HTTP and open even
+/// when the API has TLS and tokens), the way a container runtime's health
+/// check would. A room bound to every interface is asked on loopback.
 pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
     let mut target = addr;
     if target.ip().is_unspecified() {
