@@ -476,7 +476,10 @@ impl Engine {
                     .position(|job| job.event.stream_sequence == wait.sequence)
                 {
                     if let Some(job) = queue.remove(pos) {
-                        awaiting = self.process(job).await;
+                        // Boxed: inline, processing (handler, publish, store
+                        // spans) made the lane future ~12 KiB, copied into
+                        // every spawned lane task; boxed it is ~2 KiB.
+                        awaiting = Box::pin(self.process(job)).await;
                     }
                     continue;
                 }
@@ -516,7 +519,7 @@ impl Engine {
                     }
                 }
             };
-            awaiting = self.process(job).await;
+            awaiting = Box::pin(self.process(job)).await;
         }
     }
 
