@@ -584,8 +584,9 @@ impl Engine {
 }
 
 /// The runtime's part of validation: the envelope, its event type against
-/// the subject, and that the payload is JSON at all.
-fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
+/// the subject, and that the payload is JSON at all. Public for the fuzz
+/// targets (`fuzz/`).
+pub fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
     let envelope = EventEnvelope::decode(body)
         .map_err(|err| HandleError::permanent(err.reason(), err.to_string()))?;
     if envelope.event_type != event_type {
