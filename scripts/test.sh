@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Sets up and runs the whole test suite: formatting, lints, unit and
-# integration tests (each integration test starts its own nats-server).
+# integration tests (each integration test starts its own nats-server),
+# then a short schemathesis run over every room's HTTP API
+# (scripts/api-fuzz.sh, under a minute).
+# CHOCO_LONG_TESTS=1 adds the cargo-fuzz targets (scripts/fuzz.sh, 20 s
+# each; their first, instrumented build takes about 13 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_SERVER_BIN="$(scripts/setup.sh)"
@@ -9,9 +13,18 @@ echo "== nats-server: ${NATS_SERVER_BIN} ($("${NATS_SERVER_BIN}" --version))"
 echo "== hadolint Dockerfile"
 PY_SCRIPTS="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 "$(command -v hadolint || echo "${PY_SCRIPTS}/hadolint")" Dockerfile
-echo "== cargo fmt --check"
+echo "== cargo fmt --check (and the fuzz crate's)"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --locked --all-targets
+echo "== API fuzzing: schemathesis against every room (scripts/api-fuzz.sh)"
+scripts/api-fuzz.sh
+if [ "${CHOCO_LONG_TESTS:-}" = "1" ]; then
+  echo "== fuzzing: every cargo-fuzz target (scripts/fuzz.sh)"
+  scripts/fuzz.sh
+else
+  echo "== fuzzing skipped (CHOCO_LONG_TESTS=1 runs scripts/fuzz.sh)"
+fi

@@ -604,7 +604,12 @@ impl Publisher {
             };
             let mut headers = HeaderMap::new();
             headers.insert(event_headers::EVENT_TYPE, event_type.as_str());
-            headers.insert(event_headers::CORRELATION_ID, cause.correlation_id.as_str());
+            // Made header-safe: a correlation id comes from an input (or an
+            // API caller), and a raw CR or LF would make the client panic.
+            headers.insert(
+                event_headers::CORRELATION_ID,
+                header_safe(&cause.correlation_id),
+            );
             span.in_scope(propagation::outgoing)
                 .write_nats(&mut headers);
             // `headers` replaces the whole map: it must come before the id.
@@ -866,20 +871,51 @@ pub struct Kv<'a> {
     observer: StoreObserver<'a>,
 }
 
+/// Whether a key (or an object name's subject token) is short enough to
+/// put on the wire; see [`super::keys::MAX_KEY_BYTES`].
+fn key_fits(token_len: usize) -> bool {
+    token_len <= super::keys::MAX_KEY_BYTES
+}
+
+fn key_too_long(len: usize) -> String {
+    format!(
+        "a key of {len} bytes is longer than the {} the stores accept",
+        super::keys::MAX_KEY_BYTES
+    )
+}
+
+/// Keys longer than `MAX_KEY_BYTES` never reach NATS (its server would
+/// drop the whole connection): writes are refused as invalid keys, reads
+/// find nothing, since no such key can have been written.
 impl Kv<'_> {
     pub async fn entry(&self, key: impl Into<String>) -> Result<Option<kv::Entry>, kv::EntryError> {
+        let key = key.into();
+        if !key_fits(key.len()) {
+            return Ok(None);
+        }
         self.observer
             .observe("entry", self.store.entry(key), |_| false)
             .await
     }
 
     pub async fn get(&self, key: impl Into<String>) -> Result<Option<Bytes>, kv::EntryError> {
+        let key = key.into();
+        if !key_fits(key.len()) {
+            return Ok(None);
+        }
         self.observer
             .observe("get", self.store.get(key), |_| false)
             .await
     }
 
     pub async fn put(&self, key: impl AsRef<str>, value: Bytes) -> Result<u64, kv::PutError> {
+        let len = key.as_ref().len();
+        if !key_fits(len) {
+            return Err(kv::PutError::with_source(
+                kv::PutErrorKind::InvalidKey,
+                key_too_long(len),
+            ));
+        }
         self.observer
             .observe("put", self.store.put(key, value), |_| false)
             .await
@@ -887,6 +923,13 @@ impl Kv<'_> {
 
     /// Writes `key` only if it has no value yet.
     pub async fn create(&self, key: impl AsRef<str>, value: Bytes) -> Result<u64, kv::CreateError> {
+        let len = key.as_ref().len();
+        if !key_fits(len) {
+            return Err(kv::CreateError::with_source(
+                kv::CreateErrorKind::InvalidKey,
+                key_too_long(len),
+            ));
+        }
         self.observer
             .observe("create", self.store.create(key, value), |err| {
                 err.kind() == kv::CreateErrorKind::AlreadyExists
@@ -901,6 +944,13 @@ impl Kv<'_> {
         value: Bytes,
         revision: u64,
     ) -> Result<u64, kv::UpdateError> {
+        let len = key.as_ref().len();
+        if !key_fits(len) {
+            return Err(kv::UpdateError::with_source(
+                kv::UpdateErrorKind::InvalidKey,
+                key_too_long(len),
+            ));
+        }
         self.observer
             .observe("update", self.store.update(key, value, revision), |err| {
                 err.kind() == kv::UpdateErrorKind::WrongLastRevision
@@ -1002,11 +1052,23 @@ pub struct Objects<'a> {
     observer: StoreObserver<'a>,
 }
 
+/// The length of an object name's subject token: the name in base64.
+fn object_token_len(name: &str) -> usize {
+    name.len().div_ceil(3) * 4
+}
+
+/// Names whose token is longer than `MAX_KEY_BYTES` never reach NATS, as
+/// with [`Kv`]: writes are refused, reads find nothing.
 impl Objects<'_> {
     pub async fn info(
         &self,
         name: &str,
     ) -> Result<object_store::ObjectInfo, object_store::InfoError> {
+        if !key_fits(object_token_len(name)) {
+            return Err(object_store::InfoError::new(
+                object_store::InfoErrorKind::NotFound,
+            ));
+        }
         self.observer
             .observe("info", self.store.info(name), |_| false)
             .await
@@ -1014,6 +1076,11 @@ impl Objects<'_> {
 
     /// Opens an object for reading (the read itself is the caller's).
     pub async fn get(&self, name: &str) -> Result<object_store::Object, object_store::GetError> {
+        if !key_fits(object_token_len(name)) {
+            return Err(object_store::GetError::new(
+                object_store::GetErrorKind::NotFound,
+            ));
+        }
         self.observer
             .observe("get", self.store.get(name), |_| false)
             .await
@@ -1024,6 +1091,13 @@ impl Objects<'_> {
         metadata: object_store::ObjectMetadata,
         data: &mut (impl tokio::io::AsyncRead + Unpin),
     ) -> Result<object_store::ObjectInfo, object_store::PutError> {
+        let len = object_token_len(&metadata.name);
+        if !key_fits(len) {
+            return Err(object_store::PutError::with_source(
+                object_store::PutErrorKind::InvalidName,
+                key_too_long(len),
+            ));
+        }
         self.observer
             .observe("put", self.store.put(metadata, data), |_| false)
             .await

@@ -433,6 +433,13 @@ pub struct ConsumerConfig {
     pub retry_base: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// Longest one `Room::handle` call may take. On expiry the handler is
+    /// cancelled and the delivery counts as a transient failure (nak with
+    /// backoff), dead-lettered as `handler_timeout` on the last delivery.
+    /// The ack deadline is not extended while a handler runs, so keep this
+    /// below `ack_wait`: past it the server redelivers the message anyway.
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -446,6 +453,7 @@ impl Default for ConsumerConfig {
             heartbeat: Duration::from_secs(5),
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
+            handler_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -466,6 +474,8 @@ pub struct ConsumerOverrides {
     pub retry_base: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub retry_max: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub handler_timeout: Option<Duration>,
 }
 
 impl ConsumerOverrides {
@@ -479,6 +489,7 @@ impl ConsumerOverrides {
             heartbeat: self.heartbeat.unwrap_or(base.heartbeat),
             retry_base: self.retry_base.unwrap_or(base.retry_base),
             retry_max: self.retry_max.unwrap_or(base.retry_max),
+            handler_timeout: self.handler_timeout.unwrap_or(base.handler_timeout),
         }
     }
 }
@@ -1263,6 +1274,7 @@ fn check_consumer(key: &str, consumer: &ConsumerConfig) -> Result<(), ConfigErro
     positive("max_ack_pending", consumer.max_ack_pending > 0)?;
     positive("ack_wait", !consumer.ack_wait.is_zero())?;
     positive("heartbeat", !consumer.heartbeat.is_zero())?;
+    positive("handler_timeout", !consumer.handler_timeout.is_zero())?;
     if consumer.heartbeat * 2 >= consumer.ack_wait {
         return Err(ConfigError::invalid(
             format!("{key}.heartbeat"),
@@ -1669,5 +1681,36 @@ mod tests {
         ] {
             assert!(!is_secret_key(shown), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_zero_handler_timeout_is_refused_and_rooms_may_override_it() {
+        let mut factory = builtin();
+        factory.consumer.handler_timeout = Duration::ZERO;
+        let err = validate(factory, None).expect_err("zero").to_string();
+        assert!(err.starts_with("consumer.handler_timeout"), "{err}");
+
+        let mut factory = builtin();
+        let conch = factory.rooms.get_mut("conch").expect("conch");
+        conch.consumer.handler_timeout = Some(Duration::ZERO);
+        let err = validate(factory, None).expect_err("zero").to_string();
+        assert!(
+            err.starts_with("rooms.conch.consumer.handler_timeout"),
+            "{err}"
+        );
+
+        let mut factory = builtin();
+        let conch = factory.rooms.get_mut("conch").expect("conch");
+        conch.consumer.handler_timeout = Some(Duration::from_secs(5));
+        let config = validate(factory, None).expect("valid");
+        let timeout = |name: &str| {
+            config
+                .rooms
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.consumer.handler_timeout)
+        };
+        assert_eq!(timeout("conch"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("mould"), Some(Duration::from_secs(30)));
     }
 }

@@ -19,6 +19,10 @@
 //! lane holds them (keeping them alive with in-progress acks) until the
 //! nak'd message comes back, or until its delay plus one ack-wait has passed
 //! (then another replica has it).
+//!
+//! Every handler call has a deadline (`consumer.handler_timeout`): one that
+//! has not returned by then is cancelled and retried like a transient
+//! failure, and dead-lettered as `handler_timeout` on its last delivery.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -535,9 +539,9 @@ impl Engine {
 
     async fn settle(&self, job: Job) -> Option<AwaitRedelivery> {
         let handler_span = telemetry::handler_span(&self.settings.service, &job.event_type);
+        let deadline = self.settings.consumer.handler_timeout;
         let handled = AssertUnwindSafe(
-            self.room
-                .handle(&job.event)
+            tokio::time::timeout(deadline, self.room.handle(&job.event))
                 .instrument(handler_span.clone()),
         )
         .catch_unwind()
@@ -548,8 +552,9 @@ impl Engine {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(HandleError::permanent("handler_panic", what))
-        });
+            Ok(Err(HandleError::permanent("handler_panic", what)))
+        })
+        .unwrap_or_else(|_elapsed| Err(self.timed_out(&job.event)));
         if let Err(err) = &handled {
             handler_span.set_status(Status::error(err.to_string()));
         }
@@ -583,6 +588,24 @@ impl Engine {
                 )
                 .await
             }
+        }
+    }
+
+    /// A handler that outlived `consumer.handler_timeout`. Its future has
+    /// been dropped, which cancels it at its current await point (a handler
+    /// blocking its thread cannot be cancelled; rooms run CPU work off the
+    /// async workers with bounds of their own). A hang may be momentary (a
+    /// dependency that stopped answering), so it is retried like a transient
+    /// failure; on the last delivery it is dead-lettered as `handler_timeout`
+    /// rather than the generic `max_deliveries_exceeded`, so that a hanging
+    /// handler is told apart from a failing dependency.
+    fn timed_out(&self, event: &InboundEvent) -> HandleError {
+        let deadline = self.settings.consumer.handler_timeout;
+        let detail = format!("the handler did not finish within {deadline:?}");
+        if event.delivered >= self.settings.consumer.max_deliver {
+            HandleError::permanent("handler_timeout", detail)
+        } else {
+            HandleError::transient(format!("handler_timeout: {detail}"))
         }
     }
 
@@ -682,8 +705,9 @@ impl Engine {
 }
 
 /// The runtime's part of validation: the envelope, its event type against
-/// the subject, and that the payload is JSON at all.
-fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
+/// the subject, and that the payload is JSON at all. Public for the fuzz
+/// targets (`fuzz/`).
+pub fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
     let envelope = EventEnvelope::decode(body)
         .map_err(|err| HandleError::permanent(err.reason(), err.to_string()))?;
     if envelope.event_type != event_type {

@@ -262,6 +262,41 @@ mod tests {
         assert_eq!(err.reason(), "malformed_envelope");
     }
 
+    /// 10,000 levels of nesting, wherever they are, neither overflow the
+    /// stack nor pass: run on a thread with a 256 KiB stack, far less than
+    /// a runtime worker's, so any recursion per level would show.
+    #[test]
+    fn deep_nesting_is_refused_without_deep_recursion() {
+        let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
+        let checked = std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                // As the whole body: refused at its first token.
+                let whole = EventEnvelope::decode(deep.as_bytes()).expect_err("an array");
+                // In an unknown field: skipped iteratively, so tolerated.
+                let mut body = sample().encode();
+                body.pop();
+                body.extend_from_slice(format!(r#","extra":{deep}}}"#).as_bytes());
+                let tolerated = EventEnvelope::decode(&body).is_ok();
+                // As any JSON value (what a payload field typed Value is):
+                // serde_json's recursion limit (128) refuses it.
+                let value = serde_json::from_str::<serde_json::Value>(&deep)
+                    .expect_err("too deep")
+                    .to_string();
+                (whole.reason(), tolerated, value)
+            })
+            .expect("thread")
+            .join()
+            .expect("no stack overflow");
+        assert_eq!(checked.0, "malformed_envelope");
+        assert!(checked.1, "an unknown field is skipped, however deep");
+        assert!(
+            checked.2.contains("recursion limit exceeded"),
+            "{}",
+            checked.2
+        );
+    }
+
     #[test]
     fn output_ids_are_deterministic_v7() {
         let cause = Cause::of(&sample());

@@ -12,7 +12,7 @@
 
 mod api;
 pub use api::pb;
-mod sync;
+pub mod sync;
 
 use std::sync::Arc;
 

@@ -19,6 +19,21 @@ pub const CONFLICT_RESOLVED: &str = "conflict.resolved";
 /// Longest accepted document id and property name.
 const MAX_ID_LEN: usize = 512;
 
+/// How deeply a property's value may nest (arrays and objects). The value
+/// is stored six levels down in the document's record (a receipt's output
+/// payload), and the record must parse back under serde_json's recursion
+/// limit of 128, or every later write to the document would fail.
+pub const MAX_VALUE_DEPTH: usize = 64;
+
+/// Levels of arrays and objects in `value` (a scalar is 0).
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// The payload of `coordination.property_sync.requested`, and the body of
 /// the synchronous APIs.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -62,6 +77,12 @@ impl SyncRequest {
                     message: format!("must be at most {MAX_ID_LEN} bytes"),
                 });
             }
+        }
+        if depth(&self.value) > MAX_VALUE_DEPTH {
+            return Err(FieldError {
+                field: "value",
+                message: format!("must not nest deeper than {MAX_VALUE_DEPTH} levels"),
+            });
         }
         Ok(())
     }
@@ -312,6 +333,35 @@ mod tests {
             author_id: author.into(),
             updated_at: at.parse().expect("time"),
             request_id: None,
+        }
+    }
+
+    /// Every request that passes `validate` leaves a record the room can
+    /// read back before its next write (found by fuzz/conch_payload).
+    #[test]
+    fn a_valid_request_leaves_a_record_that_reads_back() {
+        let deepest = MAX_VALUE_DEPTH;
+        let nested = |depth: usize| -> SyncRequest {
+            let text = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+            let body = format!(
+                r#"{{"document_id":"d","property":"p","value":{text},"base_revision":0,"author_id":"a","updated_at":"2026-01-01T00:00:00Z"}}"#
+            );
+            serde_json::from_str(&body).expect("parses")
+        };
+        assert!(nested(deepest).validate().is_ok());
+        assert_eq!(nested(deepest + 1).validate().expect_err("too deep").field, "value");
+        // Numbers: what is stored reads back as the same number.
+        let big: SyncRequest = serde_json::from_str(
+            r#"{"document_id":"d","property":"p","value":[22222222222222575150, 0.1, 1e308],"base_revision":0,"author_id":"a","updated_at":"2026-01-01T00:00:00Z"}"#,
+        )
+        .expect("parses");
+        for request in [nested(deepest), big] {
+            let mut record = DocumentRecord::default();
+            record.apply("e1", &request, Policy::Union, 8);
+            record.apply("e2", &request, Policy::Union, 8);
+            let stored = serde_json::to_vec(&record).expect("serializes");
+            let back: DocumentRecord = serde_json::from_slice(&stored).expect("reads back");
+            assert_eq!(back, record);
         }
     }
 

@@ -27,6 +27,7 @@ use render::{Format, Limits, RenderError, Renderer};
 
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
+use crate::cocoa_butter::keys::MAX_ID_BYTES;
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
     bus::ObjectBucket,
@@ -202,6 +203,13 @@ impl Mould {
             return Err(HydrateError::Invalid {
                 field: "document_id",
                 message: "must not be empty".into(),
+            });
+        }
+        // The document id names the artifact in the object store.
+        if request.document_id.len() > MAX_ID_BYTES {
+            return Err(HydrateError::Invalid {
+                field: "document_id",
+                message: format!("must be at most {MAX_ID_BYTES} bytes"),
             });
         }
         let Some(format) = Format::parse(&request.format) else {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::cocoa_butter::HandleError;
+use crate::cocoa_butter::keys::MAX_ID_BYTES;
 
 /// The federation manifest file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +130,15 @@ impl Gate {
                     message: format!("{field} must not be empty"),
                 });
             }
+            // The block id becomes a key of the blocks bucket.
+            if value.len() > MAX_ID_BYTES {
+                return Err(Rejection {
+                    step: "2 (payload parses)",
+                    reason: "payload_invalid",
+                    field,
+                    message: format!("{field} must be at most {MAX_ID_BYTES} bytes"),
+                });
+            }
         }
         let Some(command) = self.manifest.commands.get(&block.command_slug) else {
             return Err(Rejection {
@@ -200,6 +210,16 @@ mod tests {
     fn rejects_in_step_order() {
         assert_eq!(gate().check(&block("nope", 9)).expect_err("slug").reason, "unknown_command_slug");
         assert_eq!(gate().check(&block("weave", 2)).expect_err("ver").reason, "schema_version_too_new");
+    }
+
+    #[test]
+    fn refuses_ids_too_long_to_be_keys() {
+        let mut long = block("weave", 1);
+        long.block_id = "b".repeat(MAX_ID_BYTES + 1);
+        let rejection = gate().check(&long).expect_err("too long");
+        assert_eq!((rejection.reason, rejection.field), ("payload_invalid", "blockId"));
+        long.block_id = "b".repeat(MAX_ID_BYTES);
+        assert!(gate().check(&long).is_ok());
     }
 
     #[test]

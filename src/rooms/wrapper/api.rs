@@ -13,8 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tonic::{Request, Status};
 
-use super::extract::tag_key;
-use super::{FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper};
+use super::{FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper, check_tag};
 use crate::cocoa_butter::api::{
     bad_request, handle_error_grpc, handle_error_http, invalid_argument,
 };
@@ -99,8 +98,8 @@ async fn register_tag_http(State(wrapper): State<Arc<Wrapper>>, body: Bytes) -> 
         Ok(tag) => tag,
         Err(err) => return err.into_response(),
     };
-    if tag_key(&tag.tag).is_empty() {
-        return bad_request("tag", "tag: must not be empty");
+    if let Err(err) = check_tag(&tag) {
+        return bad_request(err.field, &err.to_string());
     }
     match wrapper.register_tag(tag).await {
         Ok(tag) => axum::Json(tag).into_response(),
@@ -193,15 +192,16 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
 
     async fn register_tag(&self, request: Request<pb::Tag>) -> Result<tonic::Response<pb::Tag>, Status> {
         let tag = request.into_inner();
-        if tag_key(&tag.tag).is_empty() {
-            return Err(invalid_argument("tag", "must not be empty"));
+        let record = TagRecord {
+            tag: tag.tag,
+            aliases: tag.aliases,
+        };
+        if let Err(err) = check_tag(&record) {
+            return Err(invalid_argument(err.field, &err.message));
         }
         let stored = self
             .wrapper
-            .register_tag(TagRecord {
-                tag: tag.tag,
-                aliases: tag.aliases,
-            })
+            .register_tag(record)
             .await
             .map_err(handle_error_grpc)?;
         Ok(tonic::Response::new(pb::Tag {

@@ -28,7 +28,7 @@ use extract::{RepoLink, extract, github_slug, tag_key};
 use crate::cocoa_butter::bus::Kv;
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
-use crate::cocoa_butter::keys::{id_from_kv_key, kv_key};
+use crate::cocoa_butter::keys::{MAX_ID_BYTES, id_from_kv_key, kv_key};
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
     bus::KvBucket,
@@ -181,6 +181,34 @@ pub struct Wrapper {
     documents: KvBucket,
 }
 
+/// A field that names something in the index (and so becomes part of a
+/// key) must be present and at most `MAX_ID_BYTES` long.
+fn check_name(field: &'static str, value: &str) -> Result<(), FieldError> {
+    let message = if value.trim().is_empty() {
+        "must not be empty".to_string()
+    } else if value.len() > MAX_ID_BYTES {
+        format!("must be at most {MAX_ID_BYTES} bytes")
+    } else {
+        return Ok(());
+    };
+    Err(FieldError { field, message })
+}
+
+/// A tag to register: a name with a letter or digit, names of bounded length.
+fn check_tag(record: &TagRecord) -> Result<(), FieldError> {
+    if tag_key(&record.tag).is_empty() {
+        return Err(FieldError {
+            field: "tag",
+            message: "must not be empty".into(),
+        });
+    }
+    check_name("tag", &record.tag)?;
+    record
+        .aliases
+        .iter()
+        .try_for_each(|alias| check_name("aliases", alias))
+}
+
 fn doc_key(repo: &str, path: &str) -> String {
     format!("d.{}.{}", kv_key(repo), kv_key(path))
 }
@@ -279,12 +307,7 @@ impl Wrapper {
     /// Adds or replaces one document of the index; its repo becomes known.
     pub async fn register_document(&self, mut document: IndexedDocument) -> Result<IndexedDocument, FieldErrorOr> {
         for (field, value) in [("repo", &document.repo), ("path", &document.path)] {
-            if value.trim().is_empty() {
-                return Err(FieldErrorOr::Field(FieldError {
-                    field,
-                    message: "must not be empty".into(),
-                }));
-            }
+            check_name(field, value).map_err(FieldErrorOr::Field)?;
         }
         document.path = document.path.trim_start_matches('/').to_string();
         document.anchors = document.anchors.iter().map(|a| github_slug(a)).collect();
@@ -321,12 +344,7 @@ impl Wrapper {
     /// Resolves tags and verifies links: the path of the event and the APIs.
     pub async fn resolve(&self, request: &ResolveRequest) -> Result<Resolution, FieldErrorOr> {
         for (field, value) in [("document_id", &request.document_id), ("repo", &request.repo), ("path", &request.path)] {
-            if value.trim().is_empty() {
-                return Err(FieldErrorOr::Field(FieldError {
-                    field,
-                    message: "must not be empty".into(),
-                }));
-            }
+            check_name(field, value).map_err(FieldErrorOr::Field)?;
         }
         let extracted = extract(&request.content, &request.repo, &request.path);
         let tags = self.resolve_tags(&extracted.tags).await?;
@@ -536,9 +554,7 @@ impl Room for Wrapper {
             }
             TAG_REGISTERED => {
                 let tag: TagRecord = event.payload()?;
-                if tag_key(&tag.tag).is_empty() {
-                    return Err(HandleError::permanent("payload_invalid", "tag: must not be empty"));
-                }
+                check_tag(&tag).map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))?;
                 self.register_tag(tag).await?;
                 Ok(Vec::new())
             }

@@ -1,0 +1,92 @@
+//! The OpenAPI descriptions under docs/openapi/ (what scripts/api-fuzz.sh
+//! fuzzes) describe exactly the HTTP routes the code serves: every route
+//! registered with `.route(...)` in a room's api.rs or in the core's
+//! servers.rs is in its spec with the same methods, and nothing else is.
+
+use std::collections::BTreeSet;
+
+use serde_yaml_ng::Value;
+
+const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
+
+/// `(path, method)` of every `.route("<path>", <method>(..).<method>(..))`
+/// line in `source`, with axum's `{*rest}` written as OpenAPI's `{rest}`.
+fn routes_in_source(source: &str, skip: &[&str]) -> BTreeSet<(String, String)> {
+    let mut routes = BTreeSet::new();
+    for line in source.lines() {
+        let Some(rest) = line.trim().strip_prefix(".route(\"") else {
+            continue;
+        };
+        let (path, handlers) = rest.split_once('"').expect("a quoted path");
+        if skip.contains(&path) {
+            continue;
+        }
+        let path = path.replace("{*", "{");
+        let mut found = false;
+        for method in METHODS {
+            let called = format!("{method}(");
+            let mut search = handlers;
+            while let Some(at) = search.find(&called) {
+                let before = search[..at].chars().last();
+                if before.is_none_or(|c| !c.is_alphanumeric() && c != '_') {
+                    routes.insert((path.clone(), method.to_string()));
+                    found = true;
+                }
+                search = &search[at + called.len()..];
+            }
+        }
+        assert!(found, "no method found on the route line {line:?}");
+    }
+    routes
+}
+
+fn routes_in_spec(file: &str) -> BTreeSet<(String, String)> {
+    let path = format!("{}/docs/openapi/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("the spec exists");
+    let spec: Value = serde_yaml_ng::from_str(&text).expect("the spec is YAML");
+    assert_eq!(
+        spec["openapi"].as_str().map(|v| v.starts_with("3.")),
+        Some(true),
+        "{file}: OpenAPI 3"
+    );
+    let paths = spec["paths"].as_mapping().expect("paths");
+    let mut routes = BTreeSet::new();
+    for (path, item) in paths {
+        let path = path.as_str().expect("a path");
+        for (method, operation) in item.as_mapping().expect("path item") {
+            let method = method.as_str().expect("a method");
+            if METHODS.contains(&method) {
+                assert!(
+                    operation["responses"]
+                        .as_mapping()
+                        .is_some_and(|r| !r.is_empty()),
+                    "{file}: {method} {path} documents its responses"
+                );
+                routes.insert((path.to_string(), method.to_string()));
+            }
+        }
+    }
+    routes
+}
+
+fn source(file: &str) -> String {
+    std::fs::read_to_string(format!("{}/src/{file}", env!("CARGO_MANIFEST_DIR")))
+        .expect("the source exists")
+}
+
+#[test]
+fn the_core_spec_describes_the_core_routes() {
+    // /metrics is served on the metrics port, not the room's HTTP port.
+    let code = routes_in_source(&source("cocoa_butter/servers.rs"), &["/metrics"]);
+    assert!(code.len() >= 5, "{code:?}");
+    assert_eq!(routes_in_spec("core.yaml"), code);
+}
+
+#[test]
+fn each_room_spec_describes_the_rooms_routes() {
+    for room in ["conch", "winnower", "mould", "wrapper"] {
+        let code = routes_in_source(&source(&format!("rooms/{room}/api.rs")), &[]);
+        assert!(!code.is_empty(), "{room}");
+        assert_eq!(routes_in_spec(&format!("{room}.yaml")), code, "{room}");
+    }
+}
