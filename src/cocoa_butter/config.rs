@@ -21,6 +21,7 @@ use figment::value::{Dict, Map, Value};
 use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
+use super::guard::jwt::Verifier;
 use super::tls::{self, ServerTls, TlsError};
 
 /// The port table as shipped: compiled in so the binary knows its rooms even
@@ -622,6 +623,8 @@ pub struct ValidatedConfig {
     pub nats_tls: NatsTls,
     /// `[tls]`, loaded: `None` serves plain HTTP and gRPC.
     pub listener_tls: Option<Arc<ServerTls>>,
+    /// `[auth]`, its keys loaded: `None` requires no token.
+    pub token_verifier: Option<Arc<Verifier>>,
 }
 
 impl ValidatedConfig {
@@ -665,11 +668,12 @@ fn check_limits(limits: &LimitsConfig) -> Result<(), ConfigError> {
 
 /// Issuer and audience are what stop a token minted for another service
 /// from being accepted here, so they are required once tokens are; the
-/// keys themselves are loaded (and refused) here too, so `config check`
-/// catches an unreadable or malformed key.
-fn check_auth(auth: &AuthConfig) -> Result<(), ConfigError> {
+/// keys themselves are loaded (and refused) here, once, so `config check`
+/// catches an unreadable or malformed key and the runtime uses what was
+/// checked.
+fn resolve_auth(auth: &AuthConfig) -> Result<Option<Arc<Verifier>>, ConfigError> {
     if !auth.enabled() {
-        return Ok(());
+        return Ok(None);
     }
     for (key, value) in [
         ("auth.issuer", &auth.issuer),
@@ -682,7 +686,7 @@ fn check_auth(auth: &AuthConfig) -> Result<(), ConfigError> {
             ));
         }
     }
-    super::guard::jwt::Verifier::load(auth).map(|_| ())
+    Ok(Verifier::load(auth)?.map(Arc::new))
 }
 
 /// Command-line values that sit on top of every other layer.
@@ -888,7 +892,7 @@ pub fn validate(
     }
 
     check_limits(&factory.limits)?;
-    check_auth(&factory.auth)?;
+    let token_verifier = resolve_auth(&factory.auth)?;
 
     // Every room must come from the port table: a layer that names a room the
     // table does not know leaves it without a label or a domain.
@@ -940,6 +944,7 @@ pub fn validate(
         nats_auth,
         nats_tls,
         listener_tls,
+        token_verifier,
     })
 }
 

@@ -92,10 +92,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RuntimeError> {
     let selected = check_rooms(&config, registry)?;
-    let policy = Arc::new(
-        Policy::load(&config.factory.auth, &config.factory.limits)
-            .map_err(|err| RuntimeError::Refused(err.to_string()))?,
-    );
+    let policy = Arc::new(Policy::new(
+        config.token_verifier.clone(),
+        &config.factory.auth,
+        &config.factory.limits,
+    ));
 
     // Bind every port before connecting or spawning anything.
     let mut bound = Vec::with_capacity(selected.len());

@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, 
 use tokio::sync::Semaphore;
 
 use super::api;
-use super::config::{AuthConfig, ConfigError, LimitsConfig};
+use super::config::{AuthConfig, LimitsConfig};
 use super::telemetry::requests::Protocol;
 use jwt::{AuthError, Verifier};
 
@@ -76,7 +76,7 @@ impl Access {
 /// The process-wide rules: the token verifier and scopes, and the limits.
 #[derive(Debug)]
 pub struct Policy {
-    verifier: Option<Verifier>,
+    verifier: Option<Arc<Verifier>>,
     read_scope: Option<String>,
     write_scope: Option<String>,
     admin_scope: Option<String>,
@@ -84,9 +84,10 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn load(auth: &AuthConfig, limits: &LimitsConfig) -> Result<Policy, ConfigError> {
-        Ok(Policy {
-            verifier: Verifier::load(auth)?,
+    /// `verifier` is the one `config::validate` loaded from `[auth]`.
+    pub fn new(verifier: Option<Arc<Verifier>>, auth: &AuthConfig, limits: &LimitsConfig) -> Self {
+        Policy {
+            verifier,
             read_scope: auth.read_scope.clone(),
             write_scope: auth.write_scope.clone(),
             admin_scope: auth
@@ -94,11 +95,7 @@ impl Policy {
                 .clone()
                 .or_else(|| auth.write_scope.clone()),
             limits: limits.clone(),
-        })
-    }
-
-    pub fn limits(&self) -> &LimitsConfig {
-        &self.limits
+        }
     }
 
     fn scope_for(&self, access: Access) -> Option<&str> {
