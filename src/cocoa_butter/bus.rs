@@ -884,6 +884,22 @@ fn key_too_long(len: usize) -> String {
     )
 }
 
+/// Refuses a write whose key does not fit, as the store's own error of
+/// `kind` (each write has its error type).
+fn writable_key<K>(key: &str, kind: K) -> Result<(), async_nats::error::Error<K>>
+where
+    K: Clone + std::fmt::Debug + std::fmt::Display + PartialEq,
+{
+    if key_fits(key.len()) {
+        Ok(())
+    } else {
+        Err(async_nats::error::Error::with_source(
+            kind,
+            key_too_long(key.len()),
+        ))
+    }
+}
+
 /// Keys longer than `MAX_KEY_BYTES` never reach NATS (its server would
 /// drop the whole connection): writes are refused as invalid keys, reads
 /// find nothing, since no such key can have been written.
@@ -909,13 +925,7 @@ impl Kv<'_> {
     }
 
     pub async fn put(&self, key: impl AsRef<str>, value: Bytes) -> Result<u64, kv::PutError> {
-        let len = key.as_ref().len();
-        if !key_fits(len) {
-            return Err(kv::PutError::with_source(
-                kv::PutErrorKind::InvalidKey,
-                key_too_long(len),
-            ));
-        }
+        writable_key(key.as_ref(), kv::PutErrorKind::InvalidKey)?;
         self.observer
             .observe("put", self.store.put(key, value), |_| false)
             .await
@@ -923,13 +933,7 @@ impl Kv<'_> {
 
     /// Writes `key` only if it has no value yet.
     pub async fn create(&self, key: impl AsRef<str>, value: Bytes) -> Result<u64, kv::CreateError> {
-        let len = key.as_ref().len();
-        if !key_fits(len) {
-            return Err(kv::CreateError::with_source(
-                kv::CreateErrorKind::InvalidKey,
-                key_too_long(len),
-            ));
-        }
+        writable_key(key.as_ref(), kv::CreateErrorKind::InvalidKey)?;
         self.observer
             .observe("create", self.store.create(key, value), |err| {
                 err.kind() == kv::CreateErrorKind::AlreadyExists
@@ -944,13 +948,7 @@ impl Kv<'_> {
         value: Bytes,
         revision: u64,
     ) -> Result<u64, kv::UpdateError> {
-        let len = key.as_ref().len();
-        if !key_fits(len) {
-            return Err(kv::UpdateError::with_source(
-                kv::UpdateErrorKind::InvalidKey,
-                key_too_long(len),
-            ));
-        }
+        writable_key(key.as_ref(), kv::UpdateErrorKind::InvalidKey)?;
         self.observer
             .observe("update", self.store.update(key, value, revision), |err| {
                 err.kind() == kv::UpdateErrorKind::WrongLastRevision
