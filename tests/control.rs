@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use choco_factory::cocoa_butter::EventEnvelope;
@@ -13,20 +12,6 @@ use common::*;
 use serde_json::{Value, json};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-fn cli(nats_url: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(BIN)
-        .args(args)
-        .env("CHOCO_NATS__URL", nats_url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 async fn get_json(url: &str) -> (u16, Value) {
     let response = reqwest::get(url).await.expect("request");

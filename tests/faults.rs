@@ -74,12 +74,7 @@ async fn nats_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled() {
         wait_for(&js, COORDINATION, COMPLETED, 50, Duration::from_secs(30)).await;
     }
     nats.server.kill().await;
-    wait_until(Duration::from_secs(15), || async {
-        reqwest::get(factory.url("/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
+    factory.wait_not_ready().await;
     nats.server.restart().await.expect("same port, same store");
     factory.wait_ready().await;
 

@@ -2,25 +2,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-
-fn cli(nats_url: &str, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(BIN)
-        .args(args)
-        .env("CHOCO_NATS__URL", nats_url)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
 
 /// A smartblock with an unknown slug is dead-lettered; the operator lists
 /// and shows it; once the manifest learns the slug, a replay gets it

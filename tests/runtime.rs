@@ -160,12 +160,7 @@ async fn readiness_follows_the_nats_connection() {
 
     // The server dies: not ready. It comes back on the same store: ready again.
     nats.server.kill().await;
-    wait_until(Duration::from_secs(10), || async {
-        reqwest::get(factory.url("/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
+    factory.wait_not_ready().await;
     nats.server.restart().await.expect("restart");
     factory.wait_ready().await;
 
@@ -556,12 +551,7 @@ async fn the_health_command_follows_readiness() {
     assert!(String::from_utf8_lossy(&ready.stdout).contains("conch: ready"));
 
     nats.server.kill().await;
-    wait_until(Duration::from_secs(10), || async {
-        reqwest::get(factory.url("/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 503)
-    })
-    .await;
+    factory.wait_not_ready().await;
     let not_ready = health(env).await;
     assert_eq!(not_ready.status.code(), Some(1), "{not_ready:?}");
     assert!(String::from_utf8_lossy(&not_ready.stdout).contains("conch:"));

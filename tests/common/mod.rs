@@ -165,6 +165,16 @@ impl Factory {
         .await;
     }
 
+    /// Waits until `/readyz` says 503 (NATS gone, paused, ...).
+    pub async fn wait_not_ready(&self) {
+        wait_until(Duration::from_secs(15), || async {
+            reqwest::get(self.url("/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 503)
+        })
+        .await;
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = self.child.id().expect("running") as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
@@ -186,6 +196,22 @@ impl Factory {
             .cloned()
             .collect()
     }
+}
+
+/// Runs an operator command of the binary against `nats_url`:
+/// (success, stdout, stderr).
+pub fn cli(nats_url: &str, args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(BIN)
+        .args(args)
+        .env("CHOCO_NATS__URL", nats_url)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 pub async fn wait_until<F, Fut>(limit: Duration, mut check: F)
