@@ -428,6 +428,40 @@ async fn read_from(
     Ok(out)
 }
 
+/// The sequence the next message stored in `stream` will get.
+async fn next_sequence(js: &jetstream::Context, stream: &str) -> Result<u64, Error> {
+    Ok(js
+        .get_stream(stream)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .last_sequence
+        + 1)
+}
+
+/// `events` over the span from the first input's stream time to the last
+/// output's: how both the room and the bare loop are timed.
+fn events_per_s(
+    messages: &[(String, i128, String, usize)],
+    events: usize,
+    is_input: impl Fn(&str) -> bool,
+) -> f64 {
+    let first = messages
+        .iter()
+        .filter(|m| is_input(&m.0))
+        .map(|m| m.1)
+        .min()
+        .unwrap_or_default();
+    let last = messages
+        .iter()
+        .filter(|m| !is_input(&m.0))
+        .map(|m| m.1)
+        .max()
+        .unwrap_or(first);
+    events as f64 / ((last - first) as f64 / 1e9)
+}
+
 struct SaturationRun {
     events_per_s: f64,
     outputs: usize,
@@ -443,14 +477,7 @@ async fn saturate(
     phase: &str,
     events: usize,
 ) -> Result<SaturationRun, Error> {
-    let start = js
-        .get_stream(stream)
-        .await?
-        .get_info()
-        .await?
-        .state
-        .last_sequence
-        + 1;
+    let start = next_sequence(js, stream).await?;
     let envelopes = (0..events).map(|i| input(case, phase, i)).collect();
     publish_all(js, subject, envelopes).await?;
     drained(js, stream, durable).await?;
@@ -466,12 +493,9 @@ async fn saturate(
         )
         .into());
     }
-    let first = inputs.iter().map(|m| m.1).min().unwrap_or_default();
-    let last = outputs.iter().map(|m| m.1).max().unwrap_or_default();
-    let span = (last - first) as f64 / 1e9;
     let mean_output_bytes = outputs.iter().map(|m| m.3).sum::<usize>() / outputs.len().max(1);
     Ok(SaturationRun {
-        events_per_s: inputs.len() as f64 / span,
+        events_per_s: events_per_s(&messages, inputs.len(), |s| s == subject),
         outputs: outputs.len(),
         mean_output_bytes,
     })
@@ -488,14 +512,7 @@ async fn paced(
     rate: f64,
     events: usize,
 ) -> Result<Vec<f64>, Error> {
-    let start = js
-        .get_stream(stream)
-        .await?
-        .get_info()
-        .await?
-        .state
-        .last_sequence
-        + 1;
+    let start = next_sequence(js, stream).await?;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -739,71 +756,8 @@ async fn limit_run(
         tasks.spawn(async move {
             let _permit = permit;
             let key = format!("doc-{index}");
-            // Exactly n per event on average: this event's share of a
-            // fractional count.
-            let times =
-                |n: f64| ((n * (index + 1) as f64).floor() - (n * index as f64).floor()) as usize;
-            let mut revision = None;
-            for (op, n) in work.iter() {
-                for _ in 0..times(*n) {
-                    match op {
-                        Op::Kv { bucket, operation } => {
-                            let Some((store, value)) = kv_stores.get(bucket) else {
-                                continue;
-                            };
-                            match operation.as_str() {
-                                "entry" | "get" => {
-                                    revision = store.entry(key.clone()).await?.map(|e| e.revision);
-                                }
-                                "create" => {
-                                    revision =
-                                        Some(store.create(&key, value.clone().into()).await?);
-                                }
-                                "update" => {
-                                    let r = match revision {
-                                        Some(r) => {
-                                            store.update(&key, value.clone().into(), r).await?
-                                        }
-                                        None => store.put(&key, value.clone().into()).await?,
-                                    };
-                                    revision = Some(r);
-                                }
-                                "keys" => {
-                                    let _: Vec<String> = store.keys().await?.try_collect().await?;
-                                }
-                                _ => {
-                                    revision = Some(store.put(&key, value.clone().into()).await?);
-                                }
-                            }
-                        }
-                        Op::Object { bucket, operation } => {
-                            let Some((store, bytes)) = object_stores.get(bucket) else {
-                                continue;
-                            };
-                            match operation.as_str() {
-                                "put" => {
-                                    store.put(key.as_str(), &mut bytes.as_slice()).await?;
-                                }
-                                "get" => {
-                                    if let Ok(mut object) = store.get(&key).await {
-                                        let mut sink = Vec::new();
-                                        tokio::io::AsyncReadExt::read_to_end(
-                                            &mut object,
-                                            &mut sink,
-                                        )
-                                        .await?;
-                                    }
-                                }
-                                _ => {
-                                    let _ = store.info(&key).await;
-                                }
-                            }
-                        }
-                        Op::Publish => {}
-                    }
-                }
-            }
-            let publishes = times(outputs_per_event);
+            replay_store_work(&work, &kv_stores, &object_stores, &key, index).await?;
+            let publishes = share(outputs_per_event, index);
             let mut acks = Vec::with_capacity(publishes);
             for n in 0..publishes {
                 let message = jetstream::message::PublishMessage::build()
@@ -829,21 +783,83 @@ async fn limit_run(
     drained(js, &stream_name, &name).await?;
 
     let messages = read_from(js, &stream_name, 1).await?;
-    let first = messages
-        .iter()
-        .filter(|m| m.0 == input_subject)
-        .map(|m| m.1)
-        .min()
-        .unwrap_or_default();
-    let last = messages
-        .iter()
-        .filter(|m| m.0 != input_subject)
-        .map(|m| m.1)
-        .max()
-        .unwrap_or(first);
-    let events_per_s = events as f64 / ((last - first) as f64 / 1e9);
+    let rate = events_per_s(&messages, events, |s| s == input_subject);
     js.delete_stream(&stream_name).await?;
-    Ok(events_per_s)
+    Ok(rate)
+}
+
+type KvStores = BTreeMap<String, (kv::Store, Vec<u8>)>;
+type ObjectStores = BTreeMap<String, (object_store::ObjectStore, Vec<u8>)>;
+
+/// Event `index`'s share of an operation done `n` times per event on
+/// average, so that fractional counts come out exact over the run.
+fn share(n: f64, index: usize) -> usize {
+    ((n * (index + 1) as f64).floor() - (n * index as f64).floor()) as usize
+}
+
+/// The key-value and object-store calls of one event, in the room's mix.
+async fn replay_store_work(
+    work: &[(Op, f64)],
+    kv_stores: &KvStores,
+    object_stores: &ObjectStores,
+    key: &str,
+    index: usize,
+) -> Result<(), Error> {
+    let mut revision = None;
+    for (op, n) in work.iter() {
+        for _ in 0..share(*n, index) {
+            match op {
+                Op::Kv { bucket, operation } => {
+                    let Some((store, value)) = kv_stores.get(bucket) else {
+                        continue;
+                    };
+                    match operation.as_str() {
+                        "entry" | "get" => {
+                            revision = store.entry(key).await?.map(|e| e.revision);
+                        }
+                        "create" => {
+                            revision = Some(store.create(&key, value.clone().into()).await?);
+                        }
+                        "update" => {
+                            let r = match revision {
+                                Some(r) => store.update(&key, value.clone().into(), r).await?,
+                                None => store.put(&key, value.clone().into()).await?,
+                            };
+                            revision = Some(r);
+                        }
+                        "keys" => {
+                            let _: Vec<String> = store.keys().await?.try_collect().await?;
+                        }
+                        _ => {
+                            revision = Some(store.put(&key, value.clone().into()).await?);
+                        }
+                    }
+                }
+                Op::Object { bucket, operation } => {
+                    let Some((store, bytes)) = object_stores.get(bucket) else {
+                        continue;
+                    };
+                    match operation.as_str() {
+                        "put" => {
+                            store.put(key, &mut bytes.as_slice()).await?;
+                        }
+                        "get" => {
+                            if let Ok(mut object) = store.get(&key).await {
+                                let mut sink = Vec::new();
+                                tokio::io::AsyncReadExt::read_to_end(&mut object, &mut sink)
+                                    .await?;
+                            }
+                        }
+                        _ => {
+                            let _ = store.info(&key).await;
+                        }
+                    }
+                }
+                Op::Publish => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The release binary with all four rooms, on free ports.
