@@ -17,6 +17,12 @@ pub const MAX_KEY_BYTES: usize = 2048;
 /// one key stay under [`MAX_KEY_BYTES`]. Longer ids are `payload_invalid`.
 pub const MAX_ID_BYTES: usize = 512;
 
+/// Why `id` cannot become a key (`"must be at most 512 bytes"`), for a
+/// room's `payload_invalid` / 400 naming the field; `None` when it can.
+pub fn id_too_long(id: &str) -> Option<String> {
+    (id.len() > MAX_ID_BYTES).then(|| format!("must be at most {MAX_ID_BYTES} bytes"))
+}
+
 /// JetStream key-value keys allow `[-/_=.a-zA-Z0-9]`. Ids made of letters,
 /// digits, `-` and `_` are used as they are (readable with `nats kv get`);
 /// anything else is base64url-encoded behind a `=`, which a plain id cannot

@@ -11,13 +11,12 @@ use serde_json::{Value, json};
 
 use crate::cocoa_butter::Outbound;
 use crate::cocoa_butter::envelope::rfc3339;
+use crate::cocoa_butter::keys::id_too_long;
 
 pub const COMPLETED: &str = "property_sync.completed";
 pub const CONFLICT_DETECTED: &str = "conflict.detected";
 pub const CONFLICT_RESOLVED: &str = "conflict.resolved";
 
-/// Longest accepted document id and property name.
-const MAX_ID_LEN: usize = 512;
 
 /// How deeply a property's value may nest (arrays and objects). The value
 /// is stored six levels down in the document's record (a receipt's output
@@ -71,11 +70,9 @@ impl SyncRequest {
                     message: "must not be empty".into(),
                 });
             }
-            if value.len() > MAX_ID_LEN {
-                return Err(FieldError {
-                    field,
-                    message: format!("must be at most {MAX_ID_LEN} bytes"),
-                });
+            // Both become parts of keys.
+            if let Some(message) = id_too_long(value) {
+                return Err(FieldError { field, message });
             }
         }
         if depth(&self.value) > MAX_VALUE_DEPTH {

@@ -27,7 +27,7 @@ use render::{Format, Limits, RenderError, Renderer};
 
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
-use crate::cocoa_butter::keys::MAX_ID_BYTES;
+use crate::cocoa_butter::keys::id_too_long;
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
     bus::ObjectBucket,
@@ -206,10 +206,10 @@ impl Mould {
             });
         }
         // The document id names the artifact in the object store.
-        if request.document_id.len() > MAX_ID_BYTES {
+        if let Some(message) = id_too_long(&request.document_id) {
             return Err(HydrateError::Invalid {
                 field: "document_id",
-                message: format!("must be at most {MAX_ID_BYTES} bytes"),
+                message,
             });
         }
         let Some(format) = Format::parse(&request.format) else {

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::cocoa_butter::HandleError;
-use crate::cocoa_butter::keys::MAX_ID_BYTES;
+use crate::cocoa_butter::keys::id_too_long;
 
 /// The federation manifest file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,12 +131,12 @@ impl Gate {
                 });
             }
             // The block id becomes a key of the blocks bucket.
-            if value.len() > MAX_ID_BYTES {
+            if let Some(message) = id_too_long(value) {
                 return Err(Rejection {
                     step: "2 (payload parses)",
                     reason: "payload_invalid",
                     field,
-                    message: format!("{field} must be at most {MAX_ID_BYTES} bytes"),
+                    message: format!("{field} {message}"),
                 });
             }
         }
@@ -177,6 +177,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cocoa_butter::keys::MAX_ID_BYTES;
 
     fn gate() -> Gate {
         let manifest: Manifest =

@@ -28,7 +28,7 @@ use extract::{RepoLink, extract, github_slug, tag_key};
 use crate::cocoa_butter::bus::Kv;
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
-use crate::cocoa_butter::keys::{MAX_ID_BYTES, id_from_kv_key, kv_key};
+use crate::cocoa_butter::keys::{id_from_kv_key, id_too_long, kv_key};
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
     bus::KvBucket,
@@ -186,8 +186,8 @@ pub struct Wrapper {
 fn check_name(field: &'static str, value: &str) -> Result<(), FieldError> {
     let message = if value.trim().is_empty() {
         "must not be empty".to_string()
-    } else if value.len() > MAX_ID_BYTES {
-        format!("must be at most {MAX_ID_BYTES} bytes")
+    } else if let Some(message) = id_too_long(value) {
+        message
     } else {
         return Ok(());
     };
