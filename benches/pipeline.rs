@@ -5,7 +5,7 @@
 //! half its saturation rate; the binary's resident set idle and saturated;
 //! and how long the four rooms take to be ready.
 //!
-//! Run: `scripts/bench.sh` (or `cargo bench --bench pipeline`, with
+//! Run: `scripts/bench.sh pipeline` (or `cargo bench --bench pipeline`, with
 //! nats-server on PATH or in NATS_SERVER_BIN). Options after `--`:
 //! `--events N` (saturation inputs per room, default 4000), `--latency-events
 //! N` (default 2000), `--json PATH` (default target/bench/pipeline.json),

@@ -321,6 +321,9 @@ async fn accept_loop(
             },
             Some(_) = handshakes.join_next() => continue,
         };
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let accepted = accepted.clone();
         handshakes.spawn(async move {
