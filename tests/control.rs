@@ -465,3 +465,60 @@ async fn streams_are_ensured_and_shown() {
     }
     assert!(table.contains("choco-conch"), "{table}");
 }
+
+/// Switching a room to `consumer.ordering = "pinned"` on a server whose
+/// consumer exists is drift that `streams ensure` puts right (the server
+/// accepts the new priority policy), and switching back likewise.
+#[tokio::test]
+async fn a_change_of_ordering_is_drift_put_right_on_the_server() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let (ok, out, err) = cli(&nats.url(), &["streams", "ensure"]);
+    assert!(ok, "{out}{err}");
+
+    let ensure = |ordering: &str| {
+        let output = std::process::Command::new(BIN)
+            .args(["streams", "ensure", "--json"])
+            .env("CHOCO_NATS__URL", nats.url())
+            .env("CHOCO_ROOMS__CONCH__CONSUMER__ORDERING", ordering)
+            .output()
+            .expect("run");
+        let report: Vec<Value> = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|_| panic!("json: {}", String::from_utf8_lossy(&output.stderr)));
+        report
+            .into_iter()
+            .find(|r| r["name"] == "choco-conch")
+            .expect("the conch's consumer in the report")
+    };
+    let policy = || async {
+        js.get_stream("choco:events:coordination")
+            .await
+            .expect("stream")
+            .consumer_info("choco-conch")
+            .await
+            .expect("consumer")
+            .config
+            .priority_policy
+            .clone()
+    };
+
+    let pinned = ensure("pinned");
+    assert_eq!(pinned["outcome"], "drift updated", "{pinned}");
+    assert!(
+        pinned["detail"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|line| line.as_str().is_some_and(|l| l.starts_with("priority:")))),
+        "{pinned}"
+    );
+    assert_eq!(
+        policy().await,
+        async_nats::jetstream::consumer::PriorityPolicy::PinnedClient
+    );
+    assert_eq!(ensure("pinned")["outcome"], "ok");
+
+    assert_eq!(ensure("per_process")["outcome"], "drift updated");
+    assert_eq!(
+        policy().await,
+        async_nats::jetstream::consumer::PriorityPolicy::None
+    );
+}

@@ -14,7 +14,9 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use super::config::{self, NatsAuth, NatsConfig, NatsTls, RoomSettings};
+use super::config::{
+    self, ConsumerConfig, NatsAuth, NatsConfig, NatsTls, ReplicaOrdering, RoomSettings,
+};
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::{ConnectionMetrics, RoomMetrics, StoreLabels};
 use super::room::Outbound;
@@ -328,7 +330,23 @@ pub fn consumer_config(room: &RoomSettings) -> consumer::pull::Config {
         ack_wait: room.consumer.ack_wait,
         max_deliver: room.consumer.max_deliver,
         max_ack_pending: room.consumer.max_ack_pending,
-        ..Default::default()
+        ..pinning(&room.consumer)
+    }
+}
+
+/// The priority group pinned consumers are pulled through; one per consumer.
+pub const PINNED_GROUP: &str = "replicas";
+
+/// The priority-group part of a consumer's configuration.
+fn pinning(consumer: &ConsumerConfig) -> consumer::pull::Config {
+    match consumer.ordering {
+        ReplicaOrdering::PerProcess => consumer::pull::Config::default(),
+        ReplicaOrdering::Pinned => consumer::pull::Config {
+            priority_policy: consumer::PriorityPolicy::PinnedClient,
+            priority_groups: vec![PINNED_GROUP.to_string()],
+            priority_timeout: consumer.pinned_ttl,
+            ..Default::default()
+        },
     }
 }
 
@@ -358,6 +376,23 @@ fn consumer_drift(actual: &consumer::Config, wanted: &consumer::pull::Config) ->
         drift.push(format!(
             "max_ack_pending: {} → {}",
             actual.max_ack_pending, wanted.max_ack_pending
+        ));
+    }
+    if actual.priority_policy != wanted.priority_policy
+        || actual.priority_groups != wanted.priority_groups
+    {
+        drift.push(format!(
+            "priority: {:?} {:?} → {:?} {:?}",
+            actual.priority_policy,
+            actual.priority_groups,
+            wanted.priority_policy,
+            wanted.priority_groups
+        ));
+    }
+    if actual.priority_timeout != wanted.priority_timeout {
+        drift.push(format!(
+            "priority_timeout: {:?} → {:?}",
+            actual.priority_timeout, wanted.priority_timeout
         ));
     }
     drift

@@ -441,6 +441,32 @@ pub struct ConsumerConfig {
     /// below `ack_wait`: past it the server redelivers the message anyway.
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
+    /// What replicas of the room sharing its consumer keep in order.
+    pub ordering: ReplicaOrdering,
+    /// With `ordering = "pinned"`: how long the server keeps the pin of a
+    /// replica that stopped pulling before it hands the stream to another
+    /// (the fail-over time). At least four heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub pinned_ttl: Duration,
+}
+
+/// The order guarantee of a room's consumer when several replicas of the
+/// binary run the room (see docs/ARCHITECTURE.md, "Ordering across
+/// replicas").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaOrdering {
+    /// Replicas share the consumer and split its messages: throughput grows
+    /// with replicas; events of one aggregate are in stream order within a
+    /// replica, not across replicas.
+    #[default]
+    PerProcess,
+    /// A JetStream priority group with a pinned client: the server delivers
+    /// to one replica at a time and moves the pin to a standby when that
+    /// replica stops pulling for `pinned_ttl`. Stream order (and so
+    /// per-aggregate order) holds across replicas; throughput is one
+    /// replica's.
+    Pinned,
 }
 
 impl Default for ConsumerConfig {
@@ -455,6 +481,8 @@ impl Default for ConsumerConfig {
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),
+            ordering: ReplicaOrdering::PerProcess,
+            pinned_ttl: Duration::from_secs(20),
         }
     }
 }
@@ -477,6 +505,9 @@ pub struct ConsumerOverrides {
     pub retry_max: Option<Duration>,
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Option<Duration>,
+    pub ordering: Option<ReplicaOrdering>,
+    #[serde(with = "humantime_serde")]
+    pub pinned_ttl: Option<Duration>,
 }
 
 impl ConsumerOverrides {
@@ -491,6 +522,8 @@ impl ConsumerOverrides {
             retry_base: self.retry_base.unwrap_or(base.retry_base),
             retry_max: self.retry_max.unwrap_or(base.retry_max),
             handler_timeout: self.handler_timeout.unwrap_or(base.handler_timeout),
+            ordering: self.ordering.unwrap_or(base.ordering),
+            pinned_ttl: self.pinned_ttl.unwrap_or(base.pinned_ttl),
         }
     }
 }
@@ -1286,7 +1319,28 @@ fn check_consumer(key: &str, consumer: &ConsumerConfig) -> Result<(), ConfigErro
             "must be less than half of ack_wait",
         ));
     }
+    // A pinned replica keeps its pin by always having a pull waiting; its
+    // pulls expire after at most half the ttl and two heartbeats must fit.
+    if consumer.ordering == ReplicaOrdering::Pinned && consumer.pinned_ttl < consumer.heartbeat * 4
+    {
+        return Err(ConfigError::invalid(
+            format!("{key}.pinned_ttl"),
+            "must be at least four times the heartbeat",
+        ));
+    }
     Ok(())
+}
+
+impl ConsumerConfig {
+    /// How long one pull request waits on the server. Pinned: at most half
+    /// the pin's ttl, so a live replica never lets its pin lapse between
+    /// pulls.
+    pub fn pull_expiry(&self) -> Duration {
+        match self.ordering {
+            ReplicaOrdering::PerProcess => self.heartbeat * 6,
+            ReplicaOrdering::Pinned => (self.heartbeat * 6).min(self.pinned_ttl / 2),
+        }
+    }
 }
 
 fn is_token(s: &str) -> bool {
@@ -1686,6 +1740,37 @@ mod tests {
         ] {
             assert!(!is_secret_key(shown), "{shown}");
         }
+    }
+
+    #[test]
+    fn pinned_ordering_is_per_room_and_its_ttl_must_outlast_four_heartbeats() {
+        let mut factory = builtin();
+        let conch = factory.rooms.get_mut("conch").expect("conch");
+        conch.consumer.ordering = Some(ReplicaOrdering::Pinned);
+        conch.consumer.pinned_ttl = Some(Duration::from_secs(8));
+        conch.consumer.heartbeat = Some(Duration::from_secs(2));
+        let config = validate(factory, None).expect("valid");
+        for room in &config.rooms {
+            let wanted = if room.name == "conch" {
+                ReplicaOrdering::Pinned
+            } else {
+                ReplicaOrdering::PerProcess
+            };
+            assert_eq!(room.consumer.ordering, wanted, "{}", room.name);
+        }
+        let conch = config
+            .rooms
+            .iter()
+            .find(|r| r.name == "conch")
+            .expect("conch");
+        // Pulls expire within half the ttl, so a live replica keeps its pin.
+        assert_eq!(conch.consumer.pull_expiry(), Duration::from_secs(4));
+
+        let mut factory = builtin();
+        factory.consumer.ordering = ReplicaOrdering::Pinned;
+        factory.consumer.pinned_ttl = Duration::from_secs(19);
+        let err = validate(factory, None).expect_err("short ttl").to_string();
+        assert!(err.starts_with("consumer.pinned_ttl"), "{err}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bus::{self, DeadLetter, Publisher};
-use super::config::{NatsConfig, RoomSettings};
+use super::config::{NatsConfig, ReplicaOrdering, RoomSettings};
 use super::control::Desired;
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
@@ -268,11 +268,17 @@ impl Engine {
         intake: CancellationToken,
     ) -> Result<(), ConsumerError> {
         let cfg = &self.settings.consumer;
-        let mut messages = consumer
+        let mut pull = consumer
             .stream()
             .max_messages_per_batch(cfg.batch)
             .heartbeat(cfg.heartbeat)
-            .expires(cfg.heartbeat * 6)
+            .expires(cfg.pull_expiry());
+        if cfg.ordering == ReplicaOrdering::Pinned {
+            // A standby replica's pulls wait here until the pinned one's
+            // pin lapses; async-nats keeps and renews the pin id.
+            pull = pull.group(bus::PINNED_GROUP);
+        }
+        let mut messages = pull
             .messages()
             .await
             .map_err(|err| ConsumerError::Open(err.to_string()))?;
