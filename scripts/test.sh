@@ -4,7 +4,9 @@
 # then a short schemathesis run over every room's HTTP API
 # (scripts/api-fuzz.sh, under a minute).
 # CHOCO_LONG_TESTS=1 adds the cargo-fuzz targets (scripts/fuzz.sh, 20 s
-# each; their first, instrumented build takes about 13 minutes).
+# each; their first, instrumented build takes about 13 minutes) and a
+# two-minute soak of the four rooms (tests/soak.rs; scripts/soak.sh runs
+# the long one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NATS_SERVER_BIN="$(scripts/setup.sh)"
@@ -25,6 +27,8 @@ scripts/api-fuzz.sh
 if [ "${CHOCO_LONG_TESTS:-}" = "1" ]; then
   echo "== fuzzing: every cargo-fuzz target (scripts/fuzz.sh)"
   scripts/fuzz.sh
+  echo "== soak: four rooms at a steady load for two minutes (tests/soak.rs)"
+  SOAK_SECONDS="${SOAK_SECONDS:-120}" cargo test --locked --test soak -- --ignored --nocapture
 else
-  echo "== fuzzing skipped (CHOCO_LONG_TESTS=1 runs scripts/fuzz.sh)"
+  echo "== fuzzing and soak skipped (CHOCO_LONG_TESTS=1 runs them)"
 fi

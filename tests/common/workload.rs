@@ -1,0 +1,56 @@
+//! The rooms as a load drives them: the input each room is fed and its
+//! payload. Shared by `benches/pipeline.rs` (through `#[path]`) and the
+//! soak test, so both push the same documents through the rooms.
+
+use serde_json::{Value, json};
+
+/// One room as a load drives it.
+pub struct RoomCase {
+    pub name: &'static str,
+    pub domain: &'static str,
+    /// The input it is fed, `<action>` under its domain.
+    pub action: &'static str,
+    /// The input payload for the document `doc` (the envelope's aggregate).
+    pub payload: fn(&str) -> Value,
+}
+
+pub const ROOMS: &[RoomCase] = &[
+    RoomCase {
+        name: "winnower",
+        domain: "refinement",
+        action: "requested",
+        payload: |doc| {
+            json!({"document_id": doc, "title": "Release notes",
+                "content": format!("# Release notes {doc}\n\nThe conch now resolves conflicts per property, and editors see the winning value within a second.\n"),
+                "content_type": "text/markdown"})
+        },
+    },
+    RoomCase {
+        name: "conch",
+        domain: "coordination",
+        action: "property_sync.requested",
+        payload: |doc| {
+            json!({"document_id": doc, "property": "title", "value": format!("Golden ticket {doc}"),
+                "base_revision": 0, "author_id": "ann", "updated_at": "2026-03-01T10:00:00Z"})
+        },
+    },
+    RoomCase {
+        name: "mould",
+        domain: "hydration",
+        action: "requested",
+        payload: |doc| {
+            json!({"document_id": doc, "format": "html",
+                "source": "# {{ title }}\n\nThe factory floor, section by section.\n\n/invention b1\n",
+                "data": {"title": format!("Document {doc}"), "blocks": {"b1": {"title": "Cocoa jet"}}}})
+        },
+    },
+    RoomCase {
+        name: "wrapper",
+        domain: "resolution",
+        action: "requested",
+        payload: |doc| {
+            json!({"document_id": doc, "repo": "hq", "path": format!("notes/{doc}.md"),
+                "content": "Tagged #golden_ticket, see [setup](repo://vault/setup.md#install).\n"})
+        },
+    },
+];
