@@ -7,10 +7,12 @@
 //!
 //! Run: `scripts/bench.sh pipeline` (or `cargo bench --bench pipeline`, with
 //! nats-server on PATH or in NATS_SERVER_BIN). Options after `--`:
-//! `--events N` (saturation inputs per room, default 4000), `--latency-events
+//! `--events N` (saturation inputs per room and round, default 10000),
+//! `--rounds N` (default 3; each rate is the median), `--latency-events
 //! N` (default 2000), `--json PATH` (default target/bench/pipeline.json),
 //! `--only ROOM`. Set `BENCH_KEEP_METRICS=1` to print each room's metrics
-//! after its runs (what the profile of a slow room starts from).
+//! after its runs (what the profile of a slow room starts from), and
+//! `BENCH_FACTORY_LOG=PATH` to keep the binary's log lines.
 //!
 //! How the limit is made the same work: the room's own metrics count, per
 //! event, the key-value and object-store operations it made and the
@@ -21,6 +23,13 @@
 //! both is measured the same way: from the stream timestamp of the first
 //! input to that of the last output, inputs published concurrently by the
 //! same publisher.
+//!
+//! A room's consumer reads its whole prefix, so the outputs it publishes
+//! come back to it and are acknowledged untouched (it must see every
+//! message on its prefix to dead-letter unknown event types). The loop is
+//! run twice: reading only its inputs (the bus's bare limit) and reading
+//! its prefix as a room does ("with echoes"), so the table separates what
+//! the subject layout costs from what the runtime's own code costs.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -45,6 +54,8 @@ use workload::{ROOMS, RoomCase};
 
 struct Options {
     events: usize,
+    /// Saturation rounds per room; rates are their medians.
+    rounds: usize,
     latency_events: usize,
     json: PathBuf,
     /// `--only ROOM`: measure one room (to profile it).
@@ -60,7 +71,8 @@ fn smoke_test() -> bool {
 
 fn options() -> Options {
     let mut options = Options {
-        events: 4000,
+        events: 10000,
+        rounds: 3,
         latency_events: 2000,
         json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/pipeline.json"),
         only: None,
@@ -68,7 +80,12 @@ fn options() -> Options {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--events" => options.events = args.next().and_then(|v| v.parse().ok()).unwrap_or(4000),
+            "--events" => {
+                options.events = args.next().and_then(|v| v.parse().ok()).unwrap_or(10000)
+            }
+            "--rounds" => {
+                options.rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1)
+            }
             "--latency-events" => {
                 options.latency_events = args.next().and_then(|v| v.parse().ok()).unwrap_or(2000)
             }
@@ -84,6 +101,7 @@ fn options() -> Options {
     }
     if smoke_test() {
         options.events = 50;
+        options.rounds = 1;
         options.latency_events = 20;
         options.json = std::env::temp_dir().join("choco-pipeline-smoke.json");
     }
@@ -106,6 +124,10 @@ struct RoomResult {
     limit_events_per_s: f64,
     room_events_per_s: f64,
     ratio: f64,
+    /// The bare loop when it also receives and acks its own outputs, as a
+    /// room does (its consumer reads its whole prefix).
+    limit_with_echoes_events_per_s: f64,
+    ratio_with_echoes: f64,
     offered_rate: f64,
     latency_p50_ms: f64,
     latency_p99_ms: f64,
@@ -158,16 +180,18 @@ async fn run(options: Options) -> Result<(), Error> {
     let machine = machine();
     println!();
     println!(
-        "| room | limit events/s | room events/s | room/limit | p50 ms | p99 ms | p99.9 ms | at events/s |"
+        "| room | limit events/s | limit with echoes | room events/s | room/limit | room/limit with echoes | p50 ms | p99 ms | p99.9 ms | at events/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
+            "| {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} |",
             r.room,
             r.limit_events_per_s,
+            r.limit_with_echoes_events_per_s,
             r.room_events_per_s,
             r.ratio,
+            r.ratio_with_echoes,
             r.latency_p50_ms,
             r.latency_p99_ms,
             r.latency_p999_ms,
@@ -185,6 +209,7 @@ async fn run(options: Options) -> Result<(), Error> {
         "machine": machine,
         "git_sha": option_env!("BUILD_GIT_SHA"),
         "events_per_room": options.events,
+        "rounds": options.rounds,
         "latency_events_per_room": options.latency_events,
         "ready_ms": ready_ms,
         "idle_rss_mib": idle_rss as f64 / 1024.0,
@@ -223,35 +248,54 @@ async fn bench_room(
     let subject = format!("choco.events.{}.{}", case.domain, case.action);
     let durable = format!("choco-{}", case.name);
 
-    // 1. The room at saturation, its work counted by its own metrics.
-    let before = factory.metrics(case.name).await?;
-    let room_run = saturate(
-        js,
-        &stream_name,
-        &subject,
-        &durable,
-        case,
-        "sat",
-        options.events,
-    )
-    .await?;
-    let after = factory.metrics(case.name).await?;
-    if std::env::var_os("BENCH_KEEP_METRICS").is_some() {
-        let addr = factory.metrics.get(case.name).ok_or("unknown room")?;
-        let text = reqwest::get(format!("http://{addr}/metrics"))
-            .await?
-            .text()
-            .await?;
-        eprintln!("{text}");
+    // 1. and 2., in rounds: the room at saturation (its work counted by
+    // its own metrics in the first round), then the bare loop doing that
+    // work, without and with echoes. Each rate is the median of the
+    // rounds, so a burst of load from elsewhere on the machine moves one
+    // round, not the figure.
+    let mut work = Vec::new();
+    let mut room_run = None;
+    let (mut room_rates, mut limit_rates, mut echo_rates) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..options.rounds {
+        let before = factory.metrics(case.name).await?;
+        let run = saturate(
+            js,
+            &stream_name,
+            &subject,
+            &durable,
+            case,
+            &format!("sat{round}"),
+            options.events,
+        )
+        .await?;
+        let after = factory.metrics(case.name).await?;
+        if round == 0 {
+            if std::env::var_os("BENCH_KEEP_METRICS").is_some() {
+                let addr = factory.metrics.get(case.name).ok_or("unknown room")?;
+                let text = reqwest::get(format!("http://{addr}/metrics"))
+                    .await?
+                    .text()
+                    .await?;
+                eprintln!("{text}");
+            }
+            work = work_per_event(&before, &after, options.events);
+        }
+        room_rates.push(run.events_per_s);
+        limit_rates.push(limit_run(js, case, &work, &run, options.events, false).await?);
+        echo_rates.push(limit_run(js, case, &work, &run, options.events, true).await?);
+        eprintln!(
+            "  round {round}: room {:.0}/s, limit {:.0}/s, limit with echoes {:.0}/s",
+            room_rates[round], limit_rates[round], echo_rates[round]
+        );
+        room_run.get_or_insert(run);
     }
-    let work = work_per_event(&before, &after, options.events);
+    let room_run = room_run.ok_or("no rounds")?;
     let outputs_per_event = room_run.outputs as f64 / options.events as f64;
-
-    // 2. The bare loop doing that work.
-    let limit = limit_run(js, case, &work, &room_run, options.events).await?;
+    let (room_rate, limit, limit_with_echoes) =
+        (median(room_rates), median(limit_rates), median(echo_rates));
 
     // 3. Latency at half the room's saturation rate.
-    let rate = room_run.events_per_s / 2.0;
+    let rate = room_rate / 2.0;
     let latencies = paced(
         js,
         &stream_name,
@@ -268,8 +312,10 @@ async fn bench_room(
         events: options.events,
         outputs_per_event,
         limit_events_per_s: limit,
-        room_events_per_s: room_run.events_per_s,
-        ratio: room_run.events_per_s / limit,
+        room_events_per_s: room_rate,
+        ratio: room_rate / limit,
+        limit_with_echoes_events_per_s: limit_with_echoes,
+        ratio_with_echoes: room_rate / limit_with_echoes,
         offered_rate: rate,
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),
@@ -279,6 +325,11 @@ async fn bench_room(
             .map(|(op, count)| (op.label(), *count))
             .collect(),
     })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn percentile(sorted_ms: &[f64], q: f64) -> f64 {
@@ -580,12 +631,16 @@ fn parse_counts(text: &str) -> Counts {
 }
 
 /// The bare loop: the room's NATS work per event and nothing else.
+/// The bare loop's rate. With `echoes`, its consumer filters on the whole
+/// prefix, as a room's does, so its own outputs come back to it and are
+/// acknowledged untouched, as a room does with its outputs.
 async fn limit_run(
     js: &jetstream::Context,
     case: &RoomCase,
     work: &[(Op, f64)],
     room: &SaturationRun,
     events: usize,
+    echoes: bool,
 ) -> Result<f64, Error> {
     let name = format!("bench_limit_{}", case.name);
     let stream_name = format!("bench:limit:{}", case.name);
@@ -610,7 +665,11 @@ async fn limit_run(
     stream
         .create_consumer(pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: input_subject.clone(),
+            filter_subject: if echoes {
+                format!("{subject_base}.>")
+            } else {
+                input_subject.clone()
+            },
             ack_policy: jetstream::consumer::AckPolicy::Explicit,
             ..Default::default()
         })
@@ -692,12 +751,28 @@ async fn limit_run(
     };
     let mut tasks = tokio::task::JoinSet::new();
     let mut handled = 0;
-    while handled < events {
+    let out_subject = format!("{subject_base}.out");
+    let expected_echoes = if echoes {
+        (0..events).map(|i| share(outputs_per_event, i)).sum()
+    } else {
+        0
+    };
+    let mut echoed = 0;
+    while handled < events || echoed < expected_echoes {
         let Some(message) = messages.next().await else {
             break;
         };
         let message = message?;
         let permit = in_flight.clone().acquire_owned().await?;
+        if message.subject.as_str() == out_subject {
+            echoed += 1;
+            tasks.spawn(async move {
+                let _permit = permit;
+                message.ack().await?;
+                Ok::<_, Error>(())
+            });
+            continue;
+        }
         let (js, work, kv_stores, object_stores, output) = (
             js.clone(),
             work.clone(),
@@ -706,7 +781,7 @@ async fn limit_run(
             output.clone(),
         );
         let index = handled;
-        let out_subject = format!("{subject_base}.out");
+        let out_subject = out_subject.clone();
         tasks.spawn(async move {
             let _permit = permit;
             let key = format!("doc-{index}");
@@ -843,8 +918,13 @@ impl Factory {
             .env("CHOCO_NATS__URL", nats_url)
             .env("CHOCO_LOG__FORMAT", "json")
             .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::null());
+            .kill_on_drop(true);
+        // BENCH_FACTORY_LOG=path keeps the binary's warnings and errors
+        // (a stall in a run shows there as a rebind).
+        match std::env::var_os("BENCH_FACTORY_LOG") {
+            Some(path) => command.stdout(std::fs::File::create(path)?),
+            None => command.stdout(std::process::Stdio::null()),
+        };
         let mut http = BTreeMap::new();
         let mut metrics = BTreeMap::new();
         for case in ROOMS {
