@@ -502,6 +502,39 @@ async fn without_tracing_the_trace_headers_pass_through_and_correlation_links_th
     );
 }
 
+/// With the log filter at `warn` (as production often runs), the room's
+/// spans are not recorded, yet a warning still names its room.
+#[tokio::test]
+async fn warnings_name_their_room_when_the_filter_hides_info_spans() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let mut env = conch_env(&nats.url());
+    // The runtime's own info lines stay on: the harness waits for "room
+    // listening" (which, too, must name its room).
+    env.push((
+        "CHOCO_LOG__FILTER".into(),
+        "warn,choco_factory::cocoa_butter::runtime=info".into(),
+    ));
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    publish_raw(
+        &js,
+        "choco.events.coordination.no_such_action",
+        "warn-filter-1",
+        b"{}".to_vec(),
+    )
+    .await;
+    wait_until(WAIT, || async {
+        !factory.logs_containing("\"dead-lettered\"").is_empty()
+    })
+    .await;
+    let line: Value =
+        serde_json::from_str(&factory.logs_containing("\"dead-lettered\"")[0]).expect("JSON line");
+    assert_eq!(line["level"], "WARN");
+    assert_eq!(line["reason"], "unknown_event_type");
+    assert_eq!(line["factory.room"], "Fudge Room", "{line}");
+}
+
 async fn scrape(factory: &Factory, accept: Option<&str>) -> (String, String) {
     let mut request = reqwest::Client::new().get(format!("http://{}/metrics", factory.metrics));
     if let Some(accept) = accept {

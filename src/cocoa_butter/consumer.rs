@@ -372,6 +372,13 @@ impl Engine {
             sequence,
             &incoming,
         );
+        // A log filter above `info` disables the message span; the task then
+        // runs in the room's span, so its warnings still name the room.
+        let span = if span.is_disabled() {
+            tracing::Span::current()
+        } else {
+            span
+        };
         if let Some(id) = message
             .headers
             .as_ref()

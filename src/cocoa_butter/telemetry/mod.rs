@@ -220,7 +220,9 @@ const ROOM_SPAN: &str = "room";
 
 /// The span a room's tasks run in; its field is on every line they log.
 pub fn room_span(room: &RoomSettings) -> tracing::Span {
-    tracing::info_span!("room", factory.room = %room.label)
+    // At ERROR level so that no log filter disables it: an info span would
+    // vanish under `warn`, and with it the room's name on every warning.
+    tracing::error_span!("room", factory.room = %room.label)
 }
 
 /// The trace id of the current span, for exemplars; `None` when tracing is
