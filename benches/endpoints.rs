@@ -86,49 +86,40 @@ impl Endpoint {
     }
 }
 
+/// Options after `--` (`scripts/bench.sh endpoints --seconds 5`).
+#[derive(clap::Parser)]
 struct Options {
+    /// Closed-loop clients, each on its own connection.
+    #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Rounds of bare then room (alternating who goes first).
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Length of one side of a round.
+    #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/endpoints.json"))]
     json: PathBuf,
-}
-
-/// `cargo bench` passes `--bench`; under `cargo test --all-targets` one
-/// short smoke pass checks that the bench still works.
-fn smoke_test() -> bool {
-    !std::env::args().any(|arg| arg == "--bench")
+    /// Passed by `cargo bench`; without it (`cargo test --all-targets`) one
+    /// short smoke pass checks that the bench still works.
+    #[arg(long, hide = true)]
+    bench: bool,
+    /// Run as the bare server (the bench starts itself again with this).
+    #[arg(long, hide = true)]
+    bare_server: bool,
 }
 
 fn options() -> Options {
-    let mut options = Options {
-        connections: 16,
-        rounds: 3,
-        seconds: 3.0,
-        json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/endpoints.json"),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().and_then(|v| v.parse::<f64>().ok());
-        match arg.as_str() {
-            "--connections" => options.connections = value().map_or(16, |v| v as usize),
-            "--rounds" => options.rounds = value().map_or(3, |v| v as usize),
-            "--seconds" => options.seconds = value().unwrap_or(3.0),
-            "--json" => {
-                if let Some(path) = args.next() {
-                    options.json = PathBuf::from(path);
-                }
-            }
-            _ => {}
-        }
-    }
-    if smoke_test() {
+    let mut options = <Options as clap::Parser>::parse();
+    if !options.bench {
         options.connections = 4;
         options.rounds = 1;
         options.seconds = 0.3;
         options.json = std::env::temp_dir().join("choco-endpoints-smoke.json");
     }
-    options.connections = options.connections.max(1);
     options.rounds = options.rounds.max(1);
+    options.connections = options.connections.max(1);
     options
 }
 
@@ -136,11 +127,11 @@ fn main() -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let mut args = std::env::args().skip(1);
-    if args.next().as_deref() == Some("--bare-server") {
+    let options = options();
+    if options.bare_server {
         return runtime.block_on(bare_server());
     }
-    runtime.block_on(run(options()))
+    runtime.block_on(run(options))
 }
 
 /// One room's ports, the same shape for the binary and the bare server.

@@ -52,59 +52,40 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 mod workload;
 use workload::{ROOMS, RoomCase};
 
+/// Options after `--` (`scripts/bench.sh pipeline --only conch`).
+#[derive(clap::Parser)]
 struct Options {
+    /// Saturation inputs per room and round.
+    #[arg(long, default_value_t = 10_000)]
     events: usize,
-    /// Saturation rounds per room; rates are their medians.
+    /// Saturation rounds per room; each rate is their median.
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Inputs per room for the latency run.
+    #[arg(long, default_value_t = 2_000)]
     latency_events: usize,
+    /// Where the JSON report goes.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/target/bench/pipeline.json"))]
     json: PathBuf,
-    /// `--only ROOM`: measure one room (to profile it).
+    /// Measure one room (to profile it).
+    #[arg(long)]
     only: Option<String>,
-}
-
-/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this
-/// binary without it, and then one small smoke pass checks that the bench
-/// still works, without writing figures anyone would quote.
-fn smoke_test() -> bool {
-    !std::env::args().any(|arg| arg == "--bench")
+    /// Passed by `cargo bench`. Without it (`cargo test --all-targets`) one
+    /// small smoke pass checks that the bench still works, writing no
+    /// figures anyone would quote.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn options() -> Options {
-    let mut options = Options {
-        events: 10000,
-        rounds: 3,
-        latency_events: 2000,
-        json: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench/pipeline.json"),
-        only: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--events" => {
-                options.events = args.next().and_then(|v| v.parse().ok()).unwrap_or(10000)
-            }
-            "--rounds" => {
-                options.rounds = args.next().and_then(|v| v.parse().ok()).unwrap_or(3).max(1)
-            }
-            "--latency-events" => {
-                options.latency_events = args.next().and_then(|v| v.parse().ok()).unwrap_or(2000)
-            }
-            "--only" => options.only = args.next(),
-            "--json" => {
-                if let Some(path) = args.next() {
-                    options.json = PathBuf::from(path);
-                }
-            }
-            // cargo bench passes --bench; nothing else is ours.
-            _ => {}
-        }
-    }
-    if smoke_test() {
+    let mut options = <Options as clap::Parser>::parse();
+    if !options.bench {
         options.events = 50;
         options.rounds = 1;
         options.latency_events = 20;
         options.json = std::env::temp_dir().join("choco-pipeline-smoke.json");
     }
+    options.rounds = options.rounds.max(1);
     options
 }
 
