@@ -217,6 +217,18 @@ async fn pinned_replicas_keep_per_aggregate_order_and_fail_over() {
         "one replica holds the pin and handles everything: {a} + {b}"
     );
 
+    // The standby waited with its pulls open: idle heartbeats kept coming
+    // to it, so it never took its wait for a stalled stream.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let standby_logs = if a > 0.0 { &second } else { &first };
+    assert!(
+        standby_logs
+            .logs_containing("room consumer stopped")
+            .is_empty(),
+        "the standby rebinds: {:?}",
+        standby_logs.logs_containing("room consumer stopped")
+    );
+
     // Kill the pinned replica. The server drops its pin once it has not
     // pulled for the ttl (its last pull has expired by then: pulls of a
     // pinned consumer expire within half the ttl), and pins the standby's
