@@ -30,6 +30,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use bytes::Bytes;
 use choco_factory::cocoa_butter::bus::Publisher;
 use choco_factory::cocoa_butter::config::{CliOverrides, ConfigSources};
@@ -105,6 +106,10 @@ struct Options {
     /// short smoke pass checks that the bench still works.
     #[arg(long, hide = true)]
     bench: bool,
+    /// What `cargo test <filter> -- --nocapture` passes to every test
+    /// binary; a bench has no tests to filter, so it ignores them.
+    #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    _test_harness_args: Vec<String>,
     /// Run as the bare server (the bench starts itself again with this).
     #[arg(long, hide = true)]
     bare_server: bool,
@@ -220,7 +225,13 @@ async fn bare_server() -> Result<(), Error> {
             metrics,
         })?;
         room.prepare().await?;
-        let http = tokio::net::TcpListener::bind(settings.http_addr).await?;
+        // TCP_NODELAY as on the runtime's listeners, so the sides differ
+        // only in the runtime's layers.
+        let http = tokio::net::TcpListener::bind(settings.http_addr)
+            .await?
+            .tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
         let router = room.clone().http_routes();
         servers.spawn(async move { axum::serve(http, router).await.map_err(Error::from) });
         let grpc = room.grpc_service();

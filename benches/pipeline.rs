@@ -75,6 +75,10 @@ struct Options {
     /// figures anyone would quote.
     #[arg(long, hide = true)]
     bench: bool,
+    /// What `cargo test <filter> -- --nocapture` passes to every test
+    /// binary; a bench has no tests to filter, so it ignores them.
+    #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    _test_harness_args: Vec<String>,
 }
 
 fn options() -> Options {

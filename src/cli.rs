@@ -794,7 +794,8 @@ async fn streams_ensure(
         report.push(Ensured::from_result("stream", &settings.stream, outcome));
         bar.inc(1);
         if stream_ok {
-            let outcome = bus::ensure_consumer(&js, &nats, &settings).await;
+            let outcome =
+                bus::ensure_consumer(&js, &nats, &settings, bus::OrderingChange::Apply).await;
             report.push(Ensured::from_result(
                 "consumer",
                 &settings.durable_name,

@@ -521,4 +521,24 @@ async fn a_change_of_ordering_is_drift_put_right_on_the_server() {
         policy().await,
         async_nats::jetstream::consumer::PriorityPolicy::None
     );
+
+    // A replica started with the other ordering does not switch the
+    // consumer under the replicas already running: it follows the server
+    // and says so.
+    let mut env = conch_env(&nats.url());
+    env.push(("CHOCO_CONSUMER__ORDERING".into(), "pinned".into()));
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    assert_eq!(
+        policy().await,
+        async_nats::jetstream::consumer::PriorityPolicy::None
+    );
+    assert!(
+        !factory
+            .logs_containing("differs from the configuration")
+            .is_empty(),
+        "the replica warns that it follows the server's ordering"
+    );
+    publish(&js, REQUESTED, &write("doc-follow", "title")).await;
+    wait_for(&js, COORDINATION, COMPLETED, 1, Duration::from_secs(20)).await;
 }

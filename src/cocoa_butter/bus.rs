@@ -329,7 +329,17 @@ pub fn consumer_config(room: &RoomSettings) -> consumer::pull::Config {
         deliver_policy: consumer::DeliverPolicy::All,
         ack_wait: room.consumer.ack_wait,
         max_deliver: room.consumer.max_deliver,
-        max_ack_pending: room.consumer.max_ack_pending,
+        max_ack_pending: match room.consumer.ordering {
+            ReplicaOrdering::PerProcess => room.consumer.max_ack_pending,
+            // One replica receives at a time, so the server-side bound can
+            // be the replica's own: then a delivered message always finds a
+            // slot soon, and the replica never stops polling its pulls
+            // (which would let its pin lapse) for want of one.
+            ReplicaOrdering::Pinned => room
+                .consumer
+                .max_ack_pending
+                .min(i64::try_from(room.consumer.max_in_flight).unwrap_or(i64::MAX)),
+        },
         ..pinning(&room.consumer)
     }
 }
@@ -398,13 +408,25 @@ fn consumer_drift(actual: &consumer::Config, wanted: &consumer::pull::Config) ->
     drift
 }
 
+/// Whether [`ensure_consumer`] may switch a consumer between the two
+/// orderings. Only an operator's `streams ensure` does: a runtime switching
+/// it at start would fight the replicas still running the other ordering
+/// (their pulls fail against the new policy, they rebind and switch back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderingChange {
+    Apply,
+    /// Keep the server's ordering and follow it; warn that it differs.
+    Follow,
+}
+
 /// Binds the room's durable consumer, made sure of by [`ensure_consumer`].
+/// The consumer keeps the ordering it has on the server.
 pub async fn bind_consumer(
     js: &jetstream::Context,
     nats: &NatsConfig,
     room: &RoomSettings,
 ) -> Result<consumer::PullConsumer, BusError> {
-    ensure_consumer(js, nats, room).await?;
+    ensure_consumer(js, nats, room, OrderingChange::Follow).await?;
     js.get_stream(&room.stream)
         .await
         .map_err(unavailable)?
@@ -420,9 +442,10 @@ pub async fn ensure_consumer(
     js: &jetstream::Context,
     nats: &NatsConfig,
     room: &RoomSettings,
+    ordering: OrderingChange,
 ) -> Result<Provisioned, BusError> {
     let stream = js.get_stream(&room.stream).await.map_err(unavailable)?;
-    let wanted = consumer_config(room);
+    let mut wanted = consumer_config(room);
     let conflict = |reason: String| BusError::ConsumerConflict {
         stream: room.stream.clone(),
         consumer: room.durable_name.clone(),
@@ -437,6 +460,26 @@ pub async fn ensure_consumer(
                 return Err(conflict(
                     "is a push consumer; the room needs a pull consumer".into(),
                 ));
+            }
+            let server_pinned =
+                info.config.priority_policy == consumer::PriorityPolicy::PinnedClient;
+            let configured_pinned = room.consumer.ordering == ReplicaOrdering::Pinned;
+            if ordering == OrderingChange::Follow && server_pinned != configured_pinned {
+                tracing::warn!(
+                    consumer = %room.durable_name,
+                    server = if server_pinned { "pinned" } else { "per_process" },
+                    configured = ?room.consumer.ordering,
+                    "the consumer's ordering on the server differs from the configuration; \
+                     following the server's until `choco-factory streams ensure` switches it"
+                );
+                let mut effective = room.clone();
+                effective.consumer.ordering = if server_pinned {
+                    ReplicaOrdering::Pinned
+                } else {
+                    ReplicaOrdering::PerProcess
+                };
+                effective.consumer.pinned_ttl = info.config.priority_timeout;
+                wanted = consumer_config(&effective);
             }
             let drift = consumer_drift(&info.config, &wanted);
             if drift.is_empty() {

@@ -422,7 +422,8 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     /// Deliveries before a message that keeps failing transiently is dead-lettered.
     pub max_deliver: i64,
-    /// Upper bound on messages held by the room at once (queued or handling).
+    /// Upper bound on messages held by the room at once (queued or
+    /// handling), plus the one just pulled while it waits for a slot.
     pub max_in_flight: usize,
     /// Server-side bound on unacknowledged messages across all replicas.
     pub max_ack_pending: i64,
@@ -441,7 +442,9 @@ pub struct ConsumerConfig {
     /// below `ack_wait`: past it the server redelivers the message anyway.
     #[serde(with = "humantime_serde")]
     pub handler_timeout: Duration,
-    /// What replicas of the room sharing its consumer keep in order.
+    /// What replicas of the room sharing its consumer keep in order. Set
+    /// on the server by `streams ensure` (or when the consumer is created);
+    /// a running replica follows the server's.
     pub ordering: ReplicaOrdering,
     /// With `ordering = "pinned"`: how long the server keeps the pin of a
     /// replica that stopped pulling before it hands the stream to another
@@ -1313,7 +1316,7 @@ fn check_consumer(key: &str, consumer: &ConsumerConfig) -> Result<(), ConfigErro
     positive("ack_wait", !consumer.ack_wait.is_zero())?;
     positive("heartbeat", !consumer.heartbeat.is_zero())?;
     positive("handler_timeout", !consumer.handler_timeout.is_zero())?;
-    if consumer.heartbeat * 2 >= consumer.ack_wait {
+    if consumer.heartbeat.saturating_mul(2) >= consumer.ack_wait {
         return Err(ConfigError::invalid(
             format!("{key}.heartbeat"),
             "must be less than half of ack_wait",
@@ -1321,7 +1324,8 @@ fn check_consumer(key: &str, consumer: &ConsumerConfig) -> Result<(), ConfigErro
     }
     // A pinned replica keeps its pin by always having a pull waiting; its
     // pulls expire after at most half the ttl and two heartbeats must fit.
-    if consumer.ordering == ReplicaOrdering::Pinned && consumer.pinned_ttl < consumer.heartbeat * 4
+    if consumer.ordering == ReplicaOrdering::Pinned
+        && consumer.pinned_ttl < consumer.heartbeat.saturating_mul(4)
     {
         return Err(ConfigError::invalid(
             format!("{key}.pinned_ttl"),
@@ -1332,13 +1336,16 @@ fn check_consumer(key: &str, consumer: &ConsumerConfig) -> Result<(), ConfigErro
 }
 
 impl ConsumerConfig {
-    /// How long one pull request waits on the server. Pinned: at most half
-    /// the pin's ttl, so a live replica never lets its pin lapse between
-    /// pulls.
-    pub fn pull_expiry(&self) -> Duration {
-        match self.ordering {
-            ReplicaOrdering::PerProcess => self.heartbeat * 6,
-            ReplicaOrdering::Pinned => (self.heartbeat * 6).min(self.pinned_ttl / 2),
+    /// How long one pull request waits on the server. On a pinned consumer
+    /// (`pinned_ttl` as the server has it; zero is the server's default of
+    /// two minutes): at most half the ttl, so a replica that keeps polling
+    /// renews its pin before it lapses; never below two heartbeats.
+    pub fn pull_expiry(&self, pinned_ttl: Option<Duration>) -> Duration {
+        let idle = self.heartbeat.saturating_mul(6);
+        match pinned_ttl {
+            None => idle,
+            Some(ttl) if ttl.is_zero() => idle.min(Duration::from_secs(60)),
+            Some(ttl) => idle.min(ttl / 2).max(self.heartbeat.saturating_mul(2)),
         }
     }
 }
@@ -1764,7 +1771,11 @@ mod tests {
             .find(|r| r.name == "conch")
             .expect("conch");
         // Pulls expire within half the ttl, so a live replica keeps its pin.
-        assert_eq!(conch.consumer.pull_expiry(), Duration::from_secs(4));
+        assert_eq!(
+            conch.consumer.pull_expiry(Some(conch.consumer.pinned_ttl)),
+            Duration::from_secs(4)
+        );
+        assert_eq!(conch.consumer.pull_expiry(None), Duration::from_secs(12));
 
         let mut factory = builtin();
         factory.consumer.ordering = ReplicaOrdering::Pinned;

@@ -41,7 +41,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::bus::{self, DeadLetter, Publisher};
-use super::config::{NatsConfig, ReplicaOrdering, RoomSettings};
+use super::config::{NatsConfig, RoomSettings};
 use super::control::Desired;
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
@@ -258,6 +258,14 @@ struct AwaitRedelivery {
 
 type LaneMap = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>>;
 
+/// Returns a message that was delivered but never started, so a replica
+/// (or this process after a restart) gets it now rather than after ack_wait.
+async fn hand_back(message: jetstream::Message) {
+    if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
+        tracing::debug!(error = %err, "handing back a message failed; it returns after ack_wait");
+    }
+}
+
 impl Engine {
     /// Pulls and dispatches until `intake` is cancelled (then drains what it
     /// holds and returns Ok) or the pull stream fails (then drains and
@@ -268,12 +276,18 @@ impl Engine {
         intake: CancellationToken,
     ) -> Result<(), ConsumerError> {
         let cfg = &self.settings.consumer;
+        // Pull as the consumer on the server is set up (which is the
+        // configured ordering unless an operator has yet to switch it).
+        let server = &consumer.cached_info().config;
+        let pinned_ttl = (server.priority_policy
+            == async_nats::jetstream::consumer::PriorityPolicy::PinnedClient)
+            .then_some(server.priority_timeout);
         let mut pull = consumer
             .stream()
             .max_messages_per_batch(cfg.batch)
             .heartbeat(cfg.heartbeat)
-            .expires(cfg.pull_expiry());
-        if cfg.ordering == ReplicaOrdering::Pinned {
+            .expires(cfg.pull_expiry(pinned_ttl));
+        if pinned_ttl.is_some() {
             // A standby replica's pulls wait here until the pinned one's
             // pin lapses; async-nats keeps and renews the pin id.
             pull = pull.group(bus::PINNED_GROUP);
@@ -287,37 +301,46 @@ impl Engine {
         let lanes: LaneMap = Arc::default();
         let tasks = TaskTracker::new();
         let result = loop {
-            let permit = tokio::select! {
-                _ = intake.cancelled() => break Ok(()),
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break Ok(()),
-                },
-            };
             let next = tokio::select! {
                 _ = intake.cancelled() => break Ok(()),
                 next = messages.next() => next,
             };
-            match next {
-                Some(Ok(message)) => {
-                    self.metrics.in_flight.inc();
-                    let slot = Slot {
-                        _permit: permit,
-                        metrics: self.metrics.clone(),
-                    };
-                    self.dispatch(message, slot, &lanes, &tasks, &intake);
-                }
+            let message = match next {
+                Some(Ok(message)) => message,
                 Some(Err(err)) => break Err(ConsumerError::Stream(err.to_string())),
                 None => break Err(ConsumerError::Ended),
-            }
+            };
+            // The slot is taken once a message is here, not before polling:
+            // so the pull stream is polled, and keeps its pulls open (and a
+            // pinned replica its pin), while every slot is busy. At most
+            // this one message waits for a slot; with `pinned` the server
+            // bounds unacked messages by `max_in_flight`, so the wait is
+            // short.
+            let permit = tokio::select! {
+                _ = intake.cancelled() => {
+                    hand_back(message).await;
+                    break Ok(());
+                }
+                permit = slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        hand_back(message).await;
+                        break Ok(());
+                    }
+                },
+            };
+            self.metrics.in_flight.inc();
+            let slot = Slot {
+                _permit: permit,
+                metrics: self.metrics.clone(),
+            };
+            self.dispatch(message, slot, &lanes, &tasks, &intake);
         };
         // Stop pulling. Messages the client already buffered were delivered
         // to us but never started: hand them back at once so a replica (or
         // our restart) takes them now rather than after ack_wait.
         while let Some(Some(Ok(message))) = messages.next().now_or_never() {
-            if let Err(err) = message.ack_with(AckKind::Nak(None)).await {
-                tracing::debug!(error = %err, "handing back a buffered message failed; it returns after ack_wait");
-            }
+            hand_back(message).await;
         }
         drop(messages);
         tasks.close();
