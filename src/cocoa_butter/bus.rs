@@ -419,6 +419,22 @@ pub enum OrderingChange {
     Follow,
 }
 
+/// A server before 2.11 accepts a consumer with a priority policy and
+/// silently drops it: pinned ordering would then hold nothing.
+fn kept_priority(
+    consumer: &consumer::Consumer<consumer::pull::Config>,
+    wanted: &consumer::pull::Config,
+) -> Result<(), String> {
+    if consumer.cached_info().config.priority_policy == wanted.priority_policy {
+        Ok(())
+    } else {
+        Err(format!(
+            "the server did not keep the priority policy {:?} (consumer.ordering = \"pinned\" needs nats-server 2.11 or later)",
+            wanted.priority_policy
+        ))
+    }
+}
+
 /// Binds the room's durable consumer, made sure of by [`ensure_consumer`].
 /// The consumer keeps the ordering it has on the server.
 pub async fn bind_consumer(
@@ -489,7 +505,8 @@ pub async fn ensure_consumer(
                 stream
                     .update_consumer(wanted.clone())
                     .await
-                    .map_err(|err| conflict(format!("cannot update drifted settings: {err}")))?;
+                    .map_err(|err| conflict(format!("cannot update drifted settings: {err}")))
+                    .and_then(|updated| kept_priority(&updated, &wanted).map_err(conflict))?;
                 tracing::warn!(drift = ?drift, consumer = %room.durable_name, "consumer settings drifted; updated them on the server");
             } else {
                 tracing::error!(drift = ?drift, consumer = %room.durable_name, "consumer settings differ from the configuration and nats.provision is false; running with the server's");
@@ -513,9 +530,10 @@ pub async fn ensure_consumer(
                 });
             }
             stream
-                .create_consumer(wanted)
+                .create_consumer(wanted.clone())
                 .await
-                .map_err(|err| conflict(err.to_string()))?;
+                .map_err(|err| conflict(err.to_string()))
+                .and_then(|created| kept_priority(&created, &wanted).map_err(conflict))?;
             tracing::info!(consumer = %room.durable_name, stream = %room.stream, "created consumer");
             Ok(Provisioned::Created)
         }
