@@ -50,7 +50,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 // The rooms and their inputs, shared with the soak test.
 #[path = "../tests/common/workload.rs"]
 mod workload;
-use workload::{ROOMS, RoomCase};
+use workload::{ROOMS, RoomCase, median};
 
 /// Options after `--` (`scripts/bench.sh pipeline --only conch`).
 #[derive(clap::Parser)]
@@ -276,8 +276,11 @@ async fn bench_room(
     }
     let room_run = room_run.ok_or("no rounds")?;
     let outputs_per_event = room_run.outputs as f64 / options.events as f64;
-    let (room_rate, limit, limit_with_echoes) =
-        (median(room_rates), median(limit_rates), median(echo_rates));
+    let (room_rate, limit, limit_with_echoes) = (
+        median(&room_rates),
+        median(&limit_rates),
+        median(&echo_rates),
+    );
 
     // 3. Latency at half the room's saturation rate.
     let rate = room_rate / 2.0;
@@ -310,11 +313,6 @@ async fn bench_room(
             .map(|(op, count)| (op.label(), *count))
             .collect(),
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn percentile(sorted_ms: &[f64], q: f64) -> f64 {
@@ -963,12 +961,7 @@ impl Factory {
 
     fn rss_kib(&self, field: &str) -> Result<u64, Error> {
         let pid = self.child.id().ok_or("exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(&format!("{field}:")))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .ok_or_else(|| format!("no {field} in /proc/{pid}/status").into())
+        Ok(workload::resident_kib(pid, field)?)
     }
 
     async fn stop(&mut self) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::message::PublishMessage;
 use choco_factory::cocoa_butter::EventEnvelope;
-use common::workload::{ROOMS, RoomCase};
+use common::workload::{ROOMS, RoomCase, median, resident_kib};
 use common::*;
 use futures::future::try_join_all;
 use std::future::IntoFuture;
@@ -33,19 +33,7 @@ fn setting(name: &str, default: u64) -> u64 {
 }
 
 fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .expect("VmRSS")
-        / 1024.0
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted[sorted.len() / 2]
+    resident_kib(pid, "VmRSS").expect("resident set") as f64 / 1024.0
 }
 
 /// Input `i` of a room; its correlation id, which the outputs carry, names it.

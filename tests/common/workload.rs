@@ -1,6 +1,7 @@
 //! The rooms as a load drives them: the input each room is fed and its
-//! payload. Shared by `benches/pipeline.rs` (through `#[path]`) and the
-//! soak test, so both push the same documents through the rooms.
+//! payload, and what a load run reads off the process. Shared by
+//! `benches/pipeline.rs` (through `#[path]`) and the soak test, so both push
+//! the same documents through the rooms and measure them the same way.
 
 use serde_json::{Value, json};
 
@@ -54,3 +55,22 @@ pub const ROOMS: &[RoomCase] = &[
         },
     },
 ];
+
+/// A `kB` field of `/proc/<pid>/status` (`VmRSS`: resident set now,
+/// `VmHWM`: its peak), in KiB.
+pub fn resident_kib(pid: u32, field: &str) -> Result<u64, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|err| format!("/proc/{pid}/status: {err}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// The middle value (the upper one of an even count); 0 when empty.
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
