@@ -593,7 +593,7 @@ pub async fn room_status(
         redeliveries: 0,
         last_activity: None,
     };
-    let mut stream = match js.get_stream(&room.stream).await {
+    let stream = match js.get_stream(&room.stream).await {
         Ok(stream) => stream,
         Err(err)
             if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
@@ -603,7 +603,8 @@ pub async fn room_status(
         }
         Err(err) => return Err(unavailable(err)),
     };
-    let info = stream.info().await.map_err(unavailable)?;
+    // `get_stream` has just fetched the stream's info.
+    let info = stream.cached_info().clone();
     stream_status.exists = true;
     stream_status.messages = info.state.messages;
     stream_status.bytes = info.state.bytes;

@@ -59,9 +59,6 @@ pub struct RoomState {
     servers_down: AtomicUsize,
     /// The operator's desired state from `choco_control`, as last seen.
     desired: watch::Sender<Desired>,
-    /// Whether `desired` has been read from the bucket since start-up: the
-    /// consumer must not pull before it knows whether it is paused.
-    desired_known: AtomicBool,
     last_error: Mutex<Option<LastError>>,
     /// The room's dead letters: sampled from the DLQ stream, and counted up
     /// at once when the room dead-letters, so discovery sees it without a
@@ -85,7 +82,6 @@ impl RoomState {
             bound: AtomicBool::new(false),
             servers_down: AtomicUsize::new(0),
             desired: watch::Sender::new(Desired::default()),
-            desired_known: AtomicBool::new(false),
             last_error: Mutex::new(None),
             dead_letters: AtomicU64::new(0),
         }
@@ -137,11 +133,6 @@ impl RoomState {
     /// Records the desired state read from `choco_control`.
     pub fn set_desired(&self, desired: Desired) {
         self.desired.send_replace(desired);
-        self.desired_known.store(true, Ordering::Release);
-    }
-
-    pub fn desired_known(&self) -> bool {
-        self.desired_known.load(Ordering::Acquire)
     }
 
     /// Follows changes of the desired state.
@@ -381,7 +372,7 @@ impl Engine {
                     tracing::warn!(error = %err, "ack of an own output failed; it will be redelivered and skipped again");
                 }
                 engine.metrics.finished(&event_type, Outcome::Skipped, secs(started));
-            });
+            }.in_current_span());
             return;
         }
 
@@ -395,13 +386,6 @@ impl Engine {
             sequence,
             &incoming,
         );
-        // A log filter above `info` disables the message span; the task then
-        // runs in the room's span, so its warnings still name the room.
-        let span = if span.is_disabled() {
-            tracing::Span::current()
-        } else {
-            span
-        };
         if let Some(id) = message
             .headers
             .as_ref()

@@ -246,7 +246,7 @@ pub async fn run(
             max_envelope_bytes: config.factory.limits.max_envelope_bytes,
             state: state.clone(),
         });
-        consumers.spawn(supervise(engine, state, intake.clone()).instrument(span));
+        consumers.spawn(supervise(engine, intake.clone()).instrument(span));
     }
     consumers.close();
     servers.close();
@@ -312,13 +312,14 @@ async fn notify_systemd(states: Vec<Arc<RoomState>>, shutdown: CancellationToken
 
 /// Keeps one room's consumer running: provisions, binds, consumes; after a
 /// failure, marks the room not ready and tries again with backoff.
-async fn supervise(engine: Arc<Engine>, state: Arc<RoomState>, intake: CancellationToken) {
+async fn supervise(engine: Arc<Engine>, intake: CancellationToken) {
+    let state = &engine.state;
     let mut backoff = Backoff::default();
     // NATS service discovery (`$SRV.PING|INFO|STATS`), started once the
     // room first binds and kept for the life of the process.
     let mut discovery: Option<async_nats::service::Service> = None;
     loop {
-        let attempt = attempt(&engine, &state, &intake, &mut backoff, &mut discovery).await;
+        let attempt = attempt(&engine, &intake, &mut backoff, &mut discovery).await;
         state.set_bound(false);
         engine.metrics.ready.set(0);
         match attempt {
@@ -338,13 +339,13 @@ async fn supervise(engine: Arc<Engine>, state: Arc<RoomState>, intake: Cancellat
 
 async fn attempt(
     engine: &Arc<Engine>,
-    state: &RoomState,
     intake: &CancellationToken,
     backoff: &mut Backoff,
     discovery: &mut Option<async_nats::service::Service>,
 ) -> Result<(), AttemptError> {
     let settings = &engine.settings;
     let nats = &engine.nats;
+    let state = &engine.state;
     let control = Control::new(engine.js.clone());
     let setup = async {
         bus::ensure_stream(
@@ -549,7 +550,7 @@ async fn sample_lag(
 /// what the runtime already keeps (the sampled gauges, the room's state),
 /// because the stats handler runs inside the discovery task and must not
 /// wait on the server.
-pub fn discovery_data(state: &RoomState, metrics: &RoomMetrics) -> serde_json::Value {
+fn discovery_data(state: &RoomState, metrics: &RoomMetrics) -> serde_json::Value {
     serde_json::json!({
         "pending": metrics.consumer_pending.get(),
         "ack_pending": metrics.consumer_ack_pending.get(),

@@ -270,6 +270,11 @@ pub fn message_span(
         correlation_id = tracing::field::Empty,
         aggregate_id = tracing::field::Empty,
     );
+    if span.is_disabled() {
+        // A log filter above `info` turns this span off; the message's work
+        // then runs in the room's span, so its warnings still name the room.
+        return tracing::Span::current();
+    }
     if tracing_enabled() {
         span.record("otel.name", format!("process {subject}"));
         propagation::continue_trace(&span, incoming);
