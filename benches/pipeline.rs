@@ -472,11 +472,13 @@ async fn saturate(
     let messages = read_from(js, stream, start).await?;
     let (inputs, outputs): (Vec<_>, Vec<_>) =
         messages.iter().partition(|(s, ..)| s.as_str() == subject);
-    if outputs.is_empty() {
+    if outputs.len() != inputs.len() * case.outputs {
         return Err(format!(
-            "{}: no outputs for {} inputs; are they dead-lettered? (choco-factory dlq list --room {})",
+            "{}: {} outputs for {} inputs, {} expected; are some dead-lettered? (choco-factory dlq list --room {})",
             case.name,
+            outputs.len(),
             inputs.len(),
+            inputs.len() * case.outputs,
             case.name
         )
         .into());

@@ -454,6 +454,9 @@ request_timeout = "500ms"
         .expect_err("busy");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_ne!(get(&factory, "/healthz", None).await.status(), 429);
+    assert_eq!(get(&factory, "/healthz", None).await.status(), 200);
+    // Readiness is outside the limits too (503 is fair: NATS is frozen).
+    assert_ne!(get(&factory, "/readyz", None).await.status(), 429);
     // The hung ones time out.
     for request in hanging {
         let response = request.await.expect("join");

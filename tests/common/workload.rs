@@ -13,6 +13,8 @@ pub struct RoomCase {
     pub action: &'static str,
     /// The input payload for the document `doc` (the envelope's aggregate).
     pub payload: fn(&str) -> Value,
+    /// Outputs the room publishes for each such input.
+    pub outputs: usize,
 }
 
 pub const ROOMS: &[RoomCase] = &[
@@ -25,6 +27,7 @@ pub const ROOMS: &[RoomCase] = &[
                 "content": format!("# Release notes {doc}\n\nThe conch now resolves conflicts per property, and editors see the winning value within a second.\n"),
                 "content_type": "text/markdown"})
         },
+        outputs: 1,
     },
     RoomCase {
         name: "conch",
@@ -34,6 +37,7 @@ pub const ROOMS: &[RoomCase] = &[
             json!({"document_id": doc, "property": "title", "value": format!("Golden ticket {doc}"),
                 "base_revision": 0, "author_id": "ann", "updated_at": "2026-03-01T10:00:00Z"})
         },
+        outputs: 1,
     },
     RoomCase {
         name: "mould",
@@ -44,6 +48,7 @@ pub const ROOMS: &[RoomCase] = &[
                 "source": "# {{ title }}\n\nThe factory floor, section by section.\n\n/invention b1\n",
                 "data": {"title": format!("Document {doc}"), "blocks": {"b1": {"title": "Cocoa jet"}}}})
         },
+        outputs: 1,
     },
     RoomCase {
         name: "wrapper",
@@ -53,6 +58,7 @@ pub const ROOMS: &[RoomCase] = &[
             json!({"document_id": doc, "repo": "hq", "path": format!("notes/{doc}.md"),
                 "content": "Tagged #golden_ticket, see [setup](repo://vault/setup.md#install).\n"})
         },
+        outputs: 3,
     },
 ];
 
