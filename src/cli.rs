@@ -750,9 +750,9 @@ async fn streams_ensure(
     config: &ValidatedConfig,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::cocoa_butter::bus::{self, KvBucket, Publisher};
+    use crate::cocoa_butter::bus::{self, Publisher};
     use crate::cocoa_butter::control::{CONTROL_BUCKET, Control};
-    use crate::cocoa_butter::dlq::REPLAYS_BUCKET;
+    use crate::cocoa_butter::dlq;
     use crate::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
     use crate::cocoa_butter::room::RoomContext;
     // The operator asked for it: create and update even where the rooms
@@ -763,21 +763,16 @@ async fn streams_ensure(
     let rooms: Vec<_> = runtime::check_rooms(config, REGISTRY)?;
     let bar = progress(3 + rooms.len() * 3, "ensuring");
     let mut report = Vec::new();
-    let dlq_subject = format!("{}.>", nats.dlq_subject_prefix);
-    let outcome = bus::ensure_stream(&js, &nats, &nats.dlq_stream, dlq_subject).await;
+    let outcome = dlq::ensure_stream(&js, &nats).await;
     report.push(Ensured::from_result("stream", &nats.dlq_stream, outcome));
     bar.inc(1);
     let outcome = Control::new(js.clone()).open().await;
     report.push(Ensured::from_result("bucket", CONTROL_BUCKET, outcome));
     bar.inc(1);
-    let replays = KvBucket::new(
-        js.clone(),
-        REPLAYS_BUCKET,
-        "dead letters replayed, by sequence",
-    );
+    let replays = dlq::replays_bucket(js.clone());
     report.push(Ensured::from_result(
         "bucket",
-        REPLAYS_BUCKET,
+        replays.name(),
         replays.ensure().await,
     ));
     bar.inc(1);

@@ -442,10 +442,8 @@ pub async fn bind_consumer(
     nats: &NatsConfig,
     room: &RoomSettings,
 ) -> Result<consumer::PullConsumer, BusError> {
-    ensure_consumer(js, nats, room, OrderingChange::Follow).await?;
-    js.get_stream(&room.stream)
-        .await
-        .map_err(unavailable)?
+    let (_, stream) = provision_consumer(js, nats, room, OrderingChange::Follow).await?;
+    stream
         .get_consumer(&room.durable_name)
         .await
         .map_err(unavailable)
@@ -460,6 +458,17 @@ pub async fn ensure_consumer(
     room: &RoomSettings,
     ordering: OrderingChange,
 ) -> Result<Provisioned, BusError> {
+    Ok(provision_consumer(js, nats, room, ordering).await?.0)
+}
+
+/// [`ensure_consumer`], also handing back the stream it looked up, so that
+/// binding does not ask the server for it again.
+async fn provision_consumer(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    room: &RoomSettings,
+    ordering: OrderingChange,
+) -> Result<(Provisioned, jetstream::stream::Stream), BusError> {
     let stream = js.get_stream(&room.stream).await.map_err(unavailable)?;
     let mut wanted = consumer_config(room);
     let conflict = |reason: String| BusError::ConsumerConflict {
@@ -499,7 +508,7 @@ pub async fn ensure_consumer(
             }
             let drift = consumer_drift(&info.config, &wanted);
             if drift.is_empty() {
-                return Ok(Provisioned::Present);
+                return Ok((Provisioned::Present, stream));
             }
             if nats.provision {
                 stream
@@ -511,10 +520,13 @@ pub async fn ensure_consumer(
             } else {
                 tracing::error!(drift = ?drift, consumer = %room.durable_name, "consumer settings differ from the configuration and nats.provision is false; running with the server's");
             }
-            Ok(Provisioned::Drifted {
-                drift,
-                updated: nats.provision,
-            })
+            Ok((
+                Provisioned::Drifted {
+                    drift,
+                    updated: nats.provision,
+                },
+                stream,
+            ))
         }
         Err(err)
             if matches!(
@@ -535,7 +547,7 @@ pub async fn ensure_consumer(
                 .map_err(|err| conflict(err.to_string()))
                 .and_then(|created| kept_priority(&created, &wanted).map_err(conflict))?;
             tracing::info!(consumer = %room.durable_name, stream = %room.stream, "created consumer");
-            Ok(Provisioned::Created)
+            Ok((Provisioned::Created, stream))
         }
         Err(err) => Err(unavailable(err)),
     }
@@ -857,6 +869,10 @@ impl KvBucket {
             metrics: None,
             store: tokio::sync::OnceCell::new(),
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.bucket
     }
 
     /// Opens the bucket unless it is open already.

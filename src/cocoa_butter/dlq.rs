@@ -20,7 +20,7 @@ use super::envelope::EventEnvelope;
 
 /// Header on a replayed message naming the dead letter it came from.
 pub const REPLAYED_FROM: &str = "Choco-Replayed-From";
-pub const REPLAYS_BUCKET: &str = "choco_dlq_replays";
+const REPLAYS_BUCKET: &str = "choco_dlq_replays";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
@@ -179,6 +179,22 @@ pub async fn count_for_room(
     Ok(total)
 }
 
+/// Makes sure of the dead-letter stream (`nats.dlq_stream`, subjects
+/// `<dlq_subject_prefix>.>`), as every room and `streams ensure` need it.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+) -> Result<super::bus::Provisioned, super::bus::BusError> {
+    let subjects = format!("{}.>", nats.dlq_subject_prefix);
+    super::bus::ensure_stream(js, nats, &nats.dlq_stream, subjects).await
+}
+
+/// The key-value bucket of replay records (which dead letters were
+/// replayed, by sequence).
+pub fn replays_bucket(js: jetstream::Context) -> KvBucket {
+    KvBucket::new(js, REPLAYS_BUCKET, "dead letters replayed, by sequence")
+}
+
 /// The dead-letter stream and the replay records.
 pub struct DeadLetters {
     js: jetstream::Context,
@@ -188,11 +204,7 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub async fn open(js: jetstream::Context, nats: NatsConfig) -> Result<Self, DlqError> {
-        let replays = KvBucket::new(
-            js.clone(),
-            REPLAYS_BUCKET,
-            "dead letters replayed, by sequence",
-        );
+        let replays = replays_bucket(js.clone());
         replays.open().await.map_err(unavailable)?;
         Ok(DeadLetters { js, nats, replays })
     }

@@ -355,13 +355,7 @@ async fn attempt(
             settings.subject_prefix.clone(),
         )
         .await?;
-        bus::ensure_stream(
-            &engine.js,
-            nats,
-            &nats.dlq_stream,
-            format!("{}.>", nats.dlq_subject_prefix),
-        )
-        .await?;
+        dlq::ensure_stream(&engine.js, nats).await?;
         engine.room.prepare().await?;
         // Read the operator's desired state before the first pull: a room
         // paused before a restart must not take a single message after it.
