@@ -6,7 +6,7 @@
 //! key ES256, an Ed25519 key EdDSA), so a token cannot pick a weaker one by
 //! its header: `alg` only selects among keys of that kind.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
@@ -66,7 +66,9 @@ pub struct Verifier {
     keys: Vec<VerifyingKey>,
     issuer: String,
     audience: String,
-    leeway_seconds: u64,
+    /// The checks for each algorithm a key has, built once: they depend on
+    /// the configuration only, not on the token.
+    validations: HashMap<Algorithm, Validation>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -161,12 +163,33 @@ impl Verifier {
                 ));
             }
         }
-        Ok(Some(Verifier {
+        Ok(Some(Verifier::new(
             keys,
-            issuer: config.issuer.clone().unwrap_or_default(),
-            audience: config.audience.clone().unwrap_or_default(),
-            leeway_seconds: config.leeway.as_secs(),
-        }))
+            config.issuer.clone().unwrap_or_default(),
+            config.audience.clone().unwrap_or_default(),
+            config.leeway.as_secs(),
+        )))
+    }
+
+    fn new(keys: Vec<VerifyingKey>, issuer: String, audience: String, leeway_seconds: u64) -> Self {
+        let mut validations = HashMap::new();
+        for key in &keys {
+            validations.entry(key.algorithm).or_insert_with(|| {
+                let mut validation = Validation::new(key.algorithm);
+                validation.set_issuer(&[&issuer]);
+                validation.set_audience(&[&audience]);
+                validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+                validation.leeway = leeway_seconds;
+                validation.validate_nbf = true;
+                validation
+            });
+        }
+        Verifier {
+            keys,
+            issuer,
+            audience,
+            validations,
+        }
     }
 
     /// Verifies `token` and returns its bearer.
@@ -180,17 +203,13 @@ impl Verifier {
                     _ => true,
                 }
         });
-        let mut validation = Validation::new(header.alg);
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.leeway = self.leeway_seconds;
-        validation.validate_nbf = true;
-
         let mut tried = false;
         for key in candidates {
             tried = true;
-            match jsonwebtoken::decode::<Value>(token, &key.key, &validation) {
+            let Some(validation) = self.validations.get(&key.algorithm) else {
+                continue;
+            };
+            match jsonwebtoken::decode::<Value>(token, &key.key, validation) {
                 Ok(data) => return Ok(principal(&data.claims)),
                 // Another key of the same kind may have signed it (rotation).
                 Err(err) if matches!(err.kind(), ErrorKind::InvalidSignature) => continue,
@@ -277,16 +296,16 @@ mod tests {
     const SECRET: &[u8] = b"a-shared-secret-of-at-least-32-bytes!";
 
     fn verifier() -> Verifier {
-        Verifier {
-            keys: vec![VerifyingKey {
+        Verifier::new(
+            vec![VerifyingKey {
                 kid: None,
                 algorithm: Algorithm::HS256,
                 key: DecodingKey::from_secret(SECRET),
             }],
-            issuer: "choco-auth".into(),
-            audience: "choco-factory".into(),
-            leeway_seconds: 0,
-        }
+            "choco-auth".into(),
+            "choco-factory".into(),
+            0,
+        )
     }
 
     fn token(claims: Value, secret: &[u8]) -> String {
