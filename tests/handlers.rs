@@ -39,6 +39,9 @@ static HANGING: AtomicUsize = AtomicUsize::new(0);
 static HANDLED_WHILE_HANGING: AtomicUsize = AtomicUsize::new(0);
 /// Handler calls per input `n`.
 static CALLS: Mutex<BTreeMap<u64, u32>> = Mutex::new(BTreeMap::new());
+/// How many calls input 1000 (hanging, aggregate `hang-0`) had had when
+/// input 3001 (same aggregate, queued behind it) was handled.
+static HANG_0_CALLS_BEFORE_3001: Mutex<Option<u32>> = Mutex::new(None);
 
 struct Hanging;
 
@@ -92,13 +95,22 @@ impl Room for Probe {
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
         let work: Work = event.payload()?;
-        *CALLS.lock().expect("calls").entry(work.n).or_default() += 1;
+        {
+            let mut calls = CALLS.lock().expect("calls");
+            *calls.entry(work.n).or_default() += 1;
+            if work.n == 3001 {
+                *HANG_0_CALLS_BEFORE_3001.lock().expect("order") =
+                    Some(calls.get(&1000).copied().unwrap_or(0));
+            }
+        }
         match work.mode.as_str() {
             "panic" => panic!("poisoned input {}", work.n),
             "hang" => hang().await,
             "hang_once" if event.delivered == 1 => hang().await,
             _ => {
-                if HANGING.load(Ordering::SeqCst) > 0 {
+                // Only the healthy inputs count (n < 1000; 3000 and 3001 wait
+                // on purpose).
+                if work.n < 1000 && HANGING.load(Ordering::SeqCst) > 0 {
                     HANDLED_WHILE_HANGING.fetch_add(1, Ordering::SeqCst);
                 }
             }
@@ -315,6 +327,11 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
         assert_eq!(calls[&(2000 + i)], 1, "panic {i}: not retried");
     }
     assert_eq!(calls[&3000], 2, "hung once, then handled on the redelivery");
+    assert_eq!(
+        *HANG_0_CALLS_BEFORE_3001.lock().expect("order"),
+        Some(MAX_DELIVER as u32),
+        "3001 waited behind every delivery of the hanging input of its aggregate"
+    );
     let slow_once = outputs_after
         .iter()
         .find(|m| m.payload()["n"] == 3000)
