@@ -121,6 +121,17 @@ async fn a_paused_room_pulls_nothing_across_a_restart_until_resumed() {
     assert_eq!(body["paused"], true, "{body}");
     publish(&js, REQUESTED, &write("doc-paused", "summary")).await;
     exactly(&js, COORDINATION, COMPLETED, 1).await;
+    // Not merely slow: the server still holds both inputs, none delivered.
+    let consumer = js
+        .get_stream(COORDINATION)
+        .await
+        .expect("stream")
+        .consumer_info("choco-conch")
+        .await
+        .expect("consumer")
+        .clone();
+    assert_eq!(consumer.num_ack_pending, 0, "nothing in hand while paused");
+    assert!(consumer.num_pending >= 2, "both inputs wait: {consumer:?}");
 
     let (status, resumed) = post_json(&factory.url("/admin/resume"), None).await;
     assert_eq!(status, 200, "{resumed}");
