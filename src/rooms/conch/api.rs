@@ -26,15 +26,15 @@ pub mod pb {
     tonic::include_proto!("choco.factory.conch.v1");
 }
 
-
 pub fn http_routes(conch: Arc<Conch>) -> Router {
     Router::new()
         .route("/v1/properties/sync", post(sync_http))
-        .route("/v1/documents/{document_id}/properties", get(properties_http))
+        .route(
+            "/v1/documents/{document_id}/properties",
+            get(properties_http),
+        )
         .with_state(conch)
 }
-
-
 
 async fn sync_http(State(conch): State<Arc<Conch>>, headers: HeaderMap, body: Bytes) -> Response {
     let request: SyncRequest = match decode_json(&body) {
@@ -80,15 +80,15 @@ async fn properties_http(
 pub fn grpc_service(conch: Arc<Conch>) -> GrpcService {
     GrpcService {
         name: "choco.factory.conch.v1.Conch",
-        routes: tonic::service::Routes::new(pb::conch_server::ConchServer::new(ConchGrpc { conch })),
+        routes: tonic::service::Routes::new(pb::conch_server::ConchServer::new(ConchGrpc {
+            conch,
+        })),
     }
 }
 
 struct ConchGrpc {
     conch: Arc<Conch>,
 }
-
-
 
 #[tonic::async_trait]
 impl pb::conch_server::Conch for ConchGrpc {
@@ -128,7 +128,10 @@ impl pb::conch_server::Conch for ConchGrpc {
                 sync::Outcome::ConflictResolved => pb::SyncOutcome::ConflictResolved,
                 sync::Outcome::Duplicate => pb::SyncOutcome::Duplicate,
             } as i32,
-            property: result.property.as_ref().map(|state| to_pb(&property, state)),
+            property: result
+                .property
+                .as_ref()
+                .map(|state| to_pb(&property, state)),
             policy: result
                 .receipt
                 .policy

@@ -83,10 +83,20 @@ impl ConchSettings {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         {
-            return Err(room.settings_error("bucket", format!("{:?} is not a valid bucket name (letters, digits, '_', '-')", settings.bucket)));
+            return Err(room.settings_error(
+                "bucket",
+                format!(
+                    "{:?} is not a valid bucket name (letters, digits, '_', '-')",
+                    settings.bucket
+                ),
+            ));
         }
         if settings.receipts_kept == 0 || settings.max_cas_attempts == 0 {
-            let field = if settings.receipts_kept == 0 { "receipts_kept" } else { "max_cas_attempts" };
+            let field = if settings.receipts_kept == 0 {
+                "receipts_kept"
+            } else {
+                "max_cas_attempts"
+            };
             return Err(room.settings_error(field, "must be greater than zero"));
         }
         let mut rules = Vec::with_capacity(settings.policies.len());
@@ -118,7 +128,8 @@ pub struct Conch {
 impl Conch {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let (settings, rules) = ConchSettings::parse(&ctx.settings)?;
-        let documents = KvBucket::for_room(&ctx,
+        let documents = KvBucket::for_room(
+            &ctx,
             &settings.bucket,
             "the-conch: document properties and their revisions",
         );
@@ -137,11 +148,11 @@ impl Conch {
             .map_or(self.settings.default_policy, |(_, policy)| *policy)
     }
 
-
     /// A document's record and the bucket revision to compare-and-set against.
     async fn load(&self, document_id: &str) -> Result<(DocumentRecord, Option<u64>), HandleError> {
         let entry = self
-            .documents.store()?
+            .documents
+            .store()?
             .entry(kv_key(document_id))
             .await
             .map_err(HandleError::transient)?;
@@ -165,7 +176,11 @@ impl Conch {
     /// Applies `request` under `cause` with compare-and-set, retrying when
     /// another writer got there first. A cause already in the record's
     /// receipts changes nothing and returns its receipt.
-    async fn sync(&self, cause: &str, request: &SyncRequest) -> Result<(sync::Outcome, Receipt, DocumentRecord), HandleError> {
+    async fn sync(
+        &self,
+        cause: &str,
+        request: &SyncRequest,
+    ) -> Result<(sync::Outcome, Receipt, DocumentRecord), HandleError> {
         let store = self.documents.store()?;
         let key = kv_key(&request.document_id);
         let policy = self.policy_for(&request.property);
@@ -178,10 +193,16 @@ impl Conch {
             let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
             let written = match revision {
                 None => store.create(&key, bytes).await.map_err(|err| {
-                    (err.kind() == kv::CreateErrorKind::AlreadyExists, err.to_string())
+                    (
+                        err.kind() == kv::CreateErrorKind::AlreadyExists,
+                        err.to_string(),
+                    )
                 }),
                 Some(revision) => store.update(&key, bytes, revision).await.map_err(|err| {
-                    (err.kind() == kv::UpdateErrorKind::WrongLastRevision, err.to_string())
+                    (
+                        err.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                        err.to_string(),
+                    )
                 }),
             };
             match written {
@@ -238,7 +259,11 @@ impl Room for Conch {
     }
 
     fn outputs(&self) -> &'static [&'static str] {
-        &[sync::COMPLETED, sync::CONFLICT_DETECTED, sync::CONFLICT_RESOLVED]
+        &[
+            sync::COMPLETED,
+            sync::CONFLICT_DETECTED,
+            sync::CONFLICT_RESOLVED,
+        ]
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {

@@ -17,7 +17,6 @@ pub const COMPLETED: &str = "property_sync.completed";
 pub const CONFLICT_DETECTED: &str = "conflict.detected";
 pub const CONFLICT_RESOLVED: &str = "conflict.resolved";
 
-
 /// How deeply a property's value may nest (arrays and objects). The value
 /// is stored six levels down in the document's record (a receipt's output
 /// payload), and the record must parse back under serde_json's recursion
@@ -172,7 +171,12 @@ impl DocumentRecord {
         policy: Policy,
         receipts_kept: usize,
     ) -> Receipt {
-        let (receipt, update) = decide(self.properties.get(&request.property), request, policy, cause);
+        let (receipt, update) = decide(
+            self.properties.get(&request.property),
+            request,
+            policy,
+            cause,
+        );
         if let Some(update) = update {
             self.properties.insert(request.property.clone(), update);
         }
@@ -273,7 +277,11 @@ fn decide(
     (receipt, update)
 }
 
-fn resolve(current: Option<&PropertyState>, request: &SyncRequest, policy: Policy) -> (Winner, Value) {
+fn resolve(
+    current: Option<&PropertyState>,
+    request: &SyncRequest,
+    policy: Policy,
+) -> (Winner, Value) {
     let Some(current) = current else {
         // Nothing stored (or deleted): the incoming value has nothing to lose to.
         return (Winner::Incoming, request.value.clone());
@@ -346,7 +354,10 @@ mod tests {
             serde_json::from_str(&body).expect("parses")
         };
         assert!(nested(deepest).validate().is_ok());
-        assert_eq!(nested(deepest + 1).validate().expect_err("too deep").field, "value");
+        assert_eq!(
+            nested(deepest + 1).validate().expect_err("too deep").field,
+            "value"
+        );
         // Numbers: what is stored reads back as the same number.
         let big: SyncRequest = serde_json::from_str(
             r#"{"document_id":"d","property":"p","value":[22222222222222575150, 0.1, 1e308],"base_revision":0,"author_id":"a","updated_at":"2026-01-01T00:00:00Z"}"#,
@@ -365,10 +376,20 @@ mod tests {
     #[test]
     fn matching_base_applies_and_counts_revisions() {
         let mut record = DocumentRecord::default();
-        let r1 = record.apply("e1", &request(0, json!("a"), "ann", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        let r1 = record.apply(
+            "e1",
+            &request(0, json!("a"), "ann", "2026-01-01T00:00:00Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         assert_eq!(r1.outcome, Outcome::Applied);
         assert_eq!(r1.outputs[0].payload["revision"], 1);
-        let r2 = record.apply("e2", &request(1, json!("b"), "bob", "2026-01-01T00:00:01Z"), Policy::LastWriterWins, 8);
+        let r2 = record.apply(
+            "e2",
+            &request(1, json!("b"), "bob", "2026-01-01T00:00:01Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         assert_eq!(r2.outputs[0].payload["revision"], 2);
         assert_eq!(record.properties["title"].value, json!("b"));
         assert_eq!(record.properties["title"].revision, 2);
@@ -377,9 +398,19 @@ mod tests {
     #[test]
     fn stale_write_detects_and_last_writer_wins() {
         let mut record = DocumentRecord::default();
-        record.apply("e1", &request(0, json!("a"), "ann", "2026-01-01T00:00:05Z"), Policy::LastWriterWins, 8);
+        record.apply(
+            "e1",
+            &request(0, json!("a"), "ann", "2026-01-01T00:00:05Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         // Older timestamp: the stored value stays, revision unchanged.
-        let older = record.apply("e2", &request(0, json!("b"), "bob", "2026-01-01T00:00:01Z"), Policy::LastWriterWins, 8);
+        let older = record.apply(
+            "e2",
+            &request(0, json!("b"), "bob", "2026-01-01T00:00:01Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         assert_eq!(older.outcome, Outcome::ConflictResolved);
         assert_eq!(older.outputs[0].action, CONFLICT_DETECTED);
         assert_eq!(older.outputs[0].payload["current_value"], "a");
@@ -387,7 +418,12 @@ mod tests {
         assert_eq!(older.outputs[1].payload["revision"], 1);
         assert_eq!(record.properties["title"].revision, 1);
         // Newer timestamp: incoming wins and the revision moves.
-        let newer = record.apply("e3", &request(0, json!("c"), "cat", "2026-01-01T00:00:09Z"), Policy::LastWriterWins, 8);
+        let newer = record.apply(
+            "e3",
+            &request(0, json!("c"), "cat", "2026-01-01T00:00:09Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         assert_eq!(newer.outputs[1].payload["winner"], "incoming");
         assert_eq!(newer.outputs[1].payload["revision"], 2);
         assert_eq!(record.properties["title"].value, json!("c"));
@@ -396,25 +432,60 @@ mod tests {
     #[test]
     fn same_time_ties_break_on_author() {
         let mut record = DocumentRecord::default();
-        record.apply("e1", &request(0, json!("a"), "bob", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
-        let ann = record.apply("e2", &request(0, json!("x"), "ann", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        record.apply(
+            "e1",
+            &request(0, json!("a"), "bob", "2026-01-01T00:00:00Z"),
+            Policy::LastWriterWins,
+            8,
+        );
+        let ann = record.apply(
+            "e2",
+            &request(0, json!("x"), "ann", "2026-01-01T00:00:00Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         assert_eq!(ann.winner, Some(Winner::Current));
-        let cat = record.apply("e3", &request(0, json!("y"), "cat", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 8);
+        let cat = record.apply(
+            "e3",
+            &request(0, json!("y"), "cat", "2026-01-01T00:00:00Z"),
+            Policy::LastWriterWins,
+            8,
+        );
         assert_eq!(cat.winner, Some(Winner::Incoming));
     }
 
     #[test]
     fn first_writer_and_union() {
         let mut record = DocumentRecord::default();
-        record.apply("e1", &request(0, json!(["a", "b"]), "ann", "2026-01-01T00:00:00Z"), Policy::Union, 8);
-        let first = record.apply("e2", &request(0, json!(["z"]), "bob", "2026-01-02T00:00:00Z"), Policy::FirstWriterWins, 8);
+        record.apply(
+            "e1",
+            &request(0, json!(["a", "b"]), "ann", "2026-01-01T00:00:00Z"),
+            Policy::Union,
+            8,
+        );
+        let first = record.apply(
+            "e2",
+            &request(0, json!(["z"]), "bob", "2026-01-02T00:00:00Z"),
+            Policy::FirstWriterWins,
+            8,
+        );
         assert_eq!(first.winner, Some(Winner::Current));
-        let union = record.apply("e3", &request(0, json!(["b", "c"]), "bob", "2026-01-02T00:00:00Z"), Policy::Union, 8);
+        let union = record.apply(
+            "e3",
+            &request(0, json!(["b", "c"]), "bob", "2026-01-02T00:00:00Z"),
+            Policy::Union,
+            8,
+        );
         assert_eq!(union.winner, Some(Winner::Merged));
         assert_eq!(record.properties["title"].value, json!(["a", "b", "c"]));
         assert_eq!(record.properties["title"].revision, 2);
         // Merging what is already there changes nothing.
-        let again = record.apply("e4", &request(0, json!(["a"]), "bob", "2026-01-03T00:00:00Z"), Policy::Union, 8);
+        let again = record.apply(
+            "e4",
+            &request(0, json!(["a"]), "bob", "2026-01-03T00:00:00Z"),
+            Policy::Union,
+            8,
+        );
         assert_eq!(again.winner, Some(Winner::Current));
         assert_eq!(record.properties["title"].revision, 2);
     }
@@ -423,7 +494,12 @@ mod tests {
     fn receipts_are_bounded_and_found() {
         let mut record = DocumentRecord::default();
         for i in 0..5u64 {
-            record.apply(&format!("e{i}"), &request(i, json!(i), "ann", "2026-01-01T00:00:00Z"), Policy::LastWriterWins, 3);
+            record.apply(
+                &format!("e{i}"),
+                &request(i, json!(i), "ann", "2026-01-01T00:00:00Z"),
+                Policy::LastWriterWins,
+                3,
+            );
         }
         assert_eq!(record.receipts.len(), 3);
         assert!(record.receipt("e1").is_none());

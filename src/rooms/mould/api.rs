@@ -35,7 +35,11 @@ pub fn http_routes(mould: Arc<Mould>) -> Router {
 
 /// The field a render error is the fault of.
 fn render_field(err: &RenderError) -> &'static str {
-    if err.kind == "undefined_variable" { "data" } else { "source" }
+    if err.kind == "undefined_variable" {
+        "data"
+    } else {
+        "source"
+    }
 }
 
 fn artifact_json(hydrated: &Hydrated) -> Value {
@@ -55,7 +59,9 @@ async fn hydrate_http(State(mould): State<Arc<Mould>>, body: Bytes) -> Response 
     };
     match mould.hydrate(request).await {
         Ok(hydrated) => axum::Json(artifact_json(&hydrated)).into_response(),
-        Err(HydrateError::Invalid { field, message }) => bad_request(field, &format!("{field}: {message}")),
+        Err(HydrateError::Invalid { field, message }) => {
+            bad_request(field, &format!("{field}: {message}"))
+        }
         Err(HydrateError::Render(err)) => {
             let body = json!({ "error": {
                 "code": "invalid_argument",
@@ -87,7 +93,10 @@ async fn artifact_http(
         }
         Err(err) => return handle_error_http(err),
     };
-    let etag = format!("\"{}\"", metadata.get("content_hash").cloned().unwrap_or_default());
+    let etag = format!(
+        "\"{}\"",
+        metadata.get("content_hash").cloned().unwrap_or_default()
+    );
     let content_type = metadata
         .get("content_type")
         .cloned()
@@ -95,7 +104,11 @@ async fn artifact_http(
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|wanted| wanted.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+        .is_some_and(|wanted| {
+            wanted
+                .split(',')
+                .any(|tag| tag.trim() == etag || tag.trim() == "*")
+        });
     let mut response = if matches {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
@@ -123,7 +136,9 @@ async fn templates_http(State(mould): State<Arc<Mould>>) -> Response {
 pub fn grpc_service(mould: Arc<Mould>) -> GrpcService {
     GrpcService {
         name: "choco.factory.mould.v1.Mould",
-        routes: tonic::service::Routes::new(pb::mould_server::MouldServer::new(MouldGrpc { mould })),
+        routes: tonic::service::Routes::new(pb::mould_server::MouldServer::new(MouldGrpc {
+            mould,
+        })),
     }
 }
 
@@ -163,7 +178,10 @@ impl pb::mould_server::Mould for MouldGrpc {
             })),
             Err(HydrateError::Invalid { field, message }) => Err(invalid_argument(field, &message)),
             Err(HydrateError::Render(err)) => {
-                let mut status = invalid_argument(render_field(&err), &format!("{}: {}", err.kind, err.message));
+                let mut status = invalid_argument(
+                    render_field(&err),
+                    &format!("{}: {}", err.kind, err.message),
+                );
                 if let Ok(kind) = err.kind.parse() {
                     status.metadata_mut().insert("x-choco-error-kind", kind);
                 }
@@ -190,7 +208,9 @@ impl pb::mould_server::Mould for MouldGrpc {
             .await
             .map_err(handle_error_grpc)?
         else {
-            return Err(Status::not_found(format!("no artifact for {document_id:?}")));
+            return Err(Status::not_found(format!(
+                "no artifact for {document_id:?}"
+            )));
         };
         let hash = metadata.get("content_hash").cloned().unwrap_or_default();
         Ok(tonic::Response::new(pb::Artifact {

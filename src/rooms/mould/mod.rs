@@ -96,8 +96,12 @@ impl Loaded {
             }
         }
         let dir = &room.resolve_path(&settings.templates_dir);
-        let entries = std::fs::read_dir(dir)
-            .map_err(|err| invalid("templates_dir", format!("cannot read {}: {err}", dir.display())))?;
+        let entries = std::fs::read_dir(dir).map_err(|err| {
+            invalid(
+                "templates_dir",
+                format!("cannot read {}: {err}", dir.display()),
+            )
+        })?;
         let mut library = BTreeMap::new();
         for entry in entries {
             let path = entry
@@ -161,7 +165,10 @@ pub struct Hydrated {
 pub enum HydrateError {
     /// The request itself is malformed (not the document): names the field.
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     /// The document could not be rendered.
     #[error(transparent)]
     Render(#[from] RenderError),
@@ -178,7 +185,8 @@ pub struct Mould {
 impl Mould {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
-        let artifacts = ObjectBucket::for_room(&ctx,
+        let artifacts = ObjectBucket::for_room(
+            &ctx,
             &loaded.settings.bucket,
             "the-mould: hydrated documents, keyed by document id",
         );
@@ -215,7 +223,10 @@ impl Mould {
         let Some(format) = Format::parse(&request.format) else {
             return Err(HydrateError::Invalid {
                 field: "format",
-                message: format!("{:?} is not supported: use html or markdown", request.format),
+                message: format!(
+                    "{:?} is not supported: use html or markdown",
+                    request.format
+                ),
             });
         };
         let data = match request.data {
@@ -244,18 +255,27 @@ impl Mould {
         // (fuel bounds the work itself, so a timed-out render still ends).
         let renderer = self.renderer.clone();
         let source = request.source;
-        let rendering = tokio::task::spawn_blocking(move || renderer.render(&source, &data, format));
+        let rendering =
+            tokio::task::spawn_blocking(move || renderer.render(&source, &data, format));
         let rendered = match tokio::time::timeout(self.settings.render_timeout, rendering).await {
             Err(_) => {
                 return Err(RenderError::new(
                     "render_timeout",
-                    format!("rendering took longer than {:?}", self.settings.render_timeout),
+                    format!(
+                        "rendering took longer than {:?}",
+                        self.settings.render_timeout
+                    ),
                     None,
                 )
                 .into());
             }
             Ok(Err(join)) => {
-                return Err(RenderError::new("render_error", format!("the renderer failed: {join}"), None).into());
+                return Err(RenderError::new(
+                    "render_error",
+                    format!("the renderer failed: {join}"),
+                    None,
+                )
+                .into());
             }
             Ok(Ok(result)) => result?,
         };
@@ -273,7 +293,12 @@ impl Mould {
     }
 
     /// Stores the artifact unless the same bytes are already there.
-    async fn store(&self, document_id: &str, format: Format, content: &[u8]) -> Result<ArtifactRef, HandleError> {
+    async fn store(
+        &self,
+        document_id: &str,
+        format: Format,
+        content: &[u8],
+    ) -> Result<ArtifactRef, HandleError> {
         let store = self.artifacts.store()?;
         let hash = content_hash(content);
         let artifact = ArtifactRef {
@@ -294,7 +319,10 @@ impl Mould {
             metadata: [
                 ("content_hash".to_string(), hash),
                 ("format".to_string(), format.as_str().to_string()),
-                ("content_type".to_string(), format.content_type().to_string()),
+                (
+                    "content_type".to_string(),
+                    format.content_type().to_string(),
+                ),
             ]
             .into(),
             ..Default::default()
@@ -308,7 +336,10 @@ impl Mould {
     }
 
     /// The stored artifact of a document, if any.
-    pub async fn artifact(&self, document_id: &str) -> Result<Option<(Vec<u8>, BTreeMap<String, String>)>, HandleError> {
+    pub async fn artifact(
+        &self,
+        document_id: &str,
+    ) -> Result<Option<(Vec<u8>, BTreeMap<String, String>)>, HandleError> {
         let store = self.artifacts.store()?;
         let mut object = match store.get(document_id).await {
             Ok(object) => object,

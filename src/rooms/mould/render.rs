@@ -100,7 +100,9 @@ pub struct Renderer {
 
 impl std::fmt::Debug for Renderer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Renderer").field("slugs", &self.slugs).finish()
+        f.debug_struct("Renderer")
+            .field("slugs", &self.slugs)
+            .finish()
     }
 }
 
@@ -154,7 +156,9 @@ impl Renderer {
             max: self.limits.max_output_bytes,
             exceeded: &exceeded,
         };
-        if let Err(err) = template.render_captured_to(Value::from(minijinja::value::Serde(data)), writer) {
+        if let Err(err) =
+            template.render_captured_to(Value::from(minijinja::value::Serde(data)), writer)
+        {
             return Err(to_render_error(&err, Some(&exceeded)));
         }
         let content = match format {
@@ -166,14 +170,20 @@ impl Renderer {
                     | pulldown_cmark::Options::ENABLE_STRIKETHROUGH
                     | pulldown_cmark::Options::ENABLE_TASKLISTS
                     | pulldown_cmark::Options::ENABLE_FOOTNOTES;
-                pulldown_cmark::html::push_html(&mut html, pulldown_cmark::Parser::new_ext(&text, options));
+                pulldown_cmark::html::push_html(
+                    &mut html,
+                    pulldown_cmark::Parser::new_ext(&text, options),
+                );
                 ammonia::clean(&html).into_bytes()
             }
         };
         if content.len() > self.limits.max_output_bytes {
             return Err(RenderError::new(
                 "output_too_large",
-                format!("the output is larger than {} bytes", self.limits.max_output_bytes),
+                format!(
+                    "the output is larger than {} bytes",
+                    self.limits.max_output_bytes
+                ),
                 None,
             ));
         }
@@ -278,11 +288,17 @@ impl Write for Limited<'_> {
 
 fn to_render_error(err: &minijinja::Error, exceeded: Option<&Cell<bool>>) -> RenderError {
     if exceeded.is_some_and(Cell::get) {
-        return RenderError::new("output_too_large", "the output limit was reached while rendering", None);
+        return RenderError::new(
+            "output_too_large",
+            "the output limit was reached while rendering",
+            None,
+        );
     }
     let detail = err.detail().unwrap_or_default().to_string();
     let kind = match err.kind() {
-        ErrorKind::SyntaxError | ErrorKind::BadEscape | ErrorKind::InvalidDelimiter => "syntax_error",
+        ErrorKind::SyntaxError | ErrorKind::BadEscape | ErrorKind::InvalidDelimiter => {
+            "syntax_error"
+        }
         ErrorKind::UndefinedError => "undefined_variable",
         ErrorKind::OutOfFuel => "fuel_exhausted",
         ErrorKind::TemplateNotFound => "unknown_smartblock",
@@ -294,7 +310,10 @@ fn to_render_error(err: &minijinja::Error, exceeded: Option<&Cell<bool>>) -> Ren
         (err.line(), err.to_string())
     } else {
         // The error is inside a library template: say which, and where.
-        (None, format!("{err} (in {name}, line {})", err.line().unwrap_or(0)))
+        (
+            None,
+            format!("{err} (in {name}, line {})", err.line().unwrap_or(0)),
+        )
     };
     RenderError::new(kind, message, line)
 }
@@ -306,7 +325,10 @@ mod tests {
 
     fn renderer() -> Renderer {
         let mut library = BTreeMap::new();
-        library.insert("note".to_string(), "> {{ block.text | default(\"empty\") }}".to_string());
+        library.insert(
+            "note".to_string(),
+            "> {{ block.text | default(\"empty\") }}".to_string(),
+        );
         Renderer::new(
             library,
             Limits {
@@ -327,20 +349,33 @@ mod tests {
                 Format::Markdown,
             )
             .expect("renders");
-        assert_eq!(String::from_utf8(out.content).expect("utf-8"), "# Fudge\n\n> kept\n");
+        assert_eq!(
+            String::from_utf8(out.content).expect("utf-8"),
+            "# Fudge\n\n> kept\n"
+        );
     }
 
     #[test]
     fn errors_carry_kind_and_line() {
         let r = renderer();
-        let err = r.render("ok\n{{ missing }}\n", &json!({}), Format::Markdown).expect_err("undefined");
+        let err = r
+            .render("ok\n{{ missing }}\n", &json!({}), Format::Markdown)
+            .expect_err("undefined");
         assert_eq!((err.kind, err.line), ("undefined_variable", Some(2)));
-        let err = r.render("a\nb\n{% if %}\n", &json!({}), Format::Markdown).expect_err("syntax");
+        let err = r
+            .render("a\nb\n{% if %}\n", &json!({}), Format::Markdown)
+            .expect_err("syntax");
         assert_eq!((err.kind, err.line), ("syntax_error", Some(3)));
-        let err = r.render("a\n/teleport\n", &json!({}), Format::Markdown).expect_err("unknown");
+        let err = r
+            .render("a\n/teleport\n", &json!({}), Format::Markdown)
+            .expect_err("unknown");
         assert_eq!((err.kind, err.line), ("unknown_smartblock", Some(2)));
         let err = r
-            .render("{% for i in range(100000) %}{{ i }}{% endfor %}", &json!({}), Format::Markdown)
+            .render(
+                "{% for i in range(100000) %}{{ i }}{% endfor %}",
+                &json!({}),
+                Format::Markdown,
+            )
             .expect_err("fuel");
         assert_eq!(err.kind, "fuel_exhausted");
     }

@@ -49,7 +49,10 @@ struct Validation {
     duplicate: bool,
 }
 
-async fn validate(winnower: &Winnower, block: &SmartblockCreated) -> Result<Validation, HandleError> {
+async fn validate(
+    winnower: &Winnower,
+    block: &SmartblockCreated,
+) -> Result<Validation, HandleError> {
     match winnower.gate().check(block) {
         Err(rejection) => Ok(Validation {
             accepted: None,

@@ -95,7 +95,11 @@ impl Gate {
             {
                 return Err(bad("a slug is lower-case letters, digits and '-'"));
             }
-            if command.federation_targets.iter().any(|t| t.trim().is_empty()) {
+            if command
+                .federation_targets
+                .iter()
+                .any(|t| t.trim().is_empty())
+            {
                 return Err(bad("federation targets must not be empty strings"));
             }
         }
@@ -181,7 +185,8 @@ mod tests {
 
     fn gate() -> Gate {
         let manifest: Manifest =
-            toml::from_str(include_str!("../../../config/federation-manifest.toml")).expect("manifest");
+            toml::from_str(include_str!("../../../config/federation-manifest.toml"))
+                .expect("manifest");
         Gate::new(manifest, 1).expect("valid")
     }
 
@@ -196,7 +201,14 @@ mod tests {
 
     #[test]
     fn ships_the_seed_commands() {
-        for slug in ["invention", "weave", "torrent", "protocol", "forge", "assistant"] {
+        for slug in [
+            "invention",
+            "weave",
+            "torrent",
+            "protocol",
+            "forge",
+            "assistant",
+        ] {
             assert!(gate().check(&block(slug, 1)).is_ok(), "{slug}");
         }
     }
@@ -209,8 +221,14 @@ mod tests {
 
     #[test]
     fn rejects_in_step_order() {
-        assert_eq!(gate().check(&block("nope", 9)).expect_err("slug").reason, "unknown_command_slug");
-        assert_eq!(gate().check(&block("weave", 2)).expect_err("ver").reason, "schema_version_too_new");
+        assert_eq!(
+            gate().check(&block("nope", 9)).expect_err("slug").reason,
+            "unknown_command_slug"
+        );
+        assert_eq!(
+            gate().check(&block("weave", 2)).expect_err("ver").reason,
+            "schema_version_too_new"
+        );
     }
 
     #[test]
@@ -218,7 +236,10 @@ mod tests {
         let mut long = block("weave", 1);
         long.block_id = "b".repeat(MAX_ID_BYTES + 1);
         let rejection = gate().check(&long).expect_err("too long");
-        assert_eq!((rejection.reason, rejection.field), ("payload_invalid", "blockId"));
+        assert_eq!(
+            (rejection.reason, rejection.field),
+            ("payload_invalid", "blockId")
+        );
         long.block_id = "b".repeat(MAX_ID_BYTES);
         assert!(gate().check(&long).is_ok());
     }

@@ -98,10 +98,16 @@ impl Loaded {
         let invalid = |field: &str, message: String| room.settings_error(field, message);
         let settings: WinnowerSettings = room.room_settings()?;
         if !settings.threshold.is_finite() || settings.threshold <= 0.0 {
-            return Err(invalid("threshold", "must be a number greater than zero".into()));
+            return Err(invalid(
+                "threshold",
+                "must be a number greater than zero".into(),
+            ));
         }
         if settings.max_content_bytes == 0 {
-            return Err(invalid("max_content_bytes", "must be greater than zero".into()));
+            return Err(invalid(
+                "max_content_bytes",
+                "must be greater than zero".into(),
+            ));
         }
         let read = |field: &str, path: &PathBuf| {
             std::fs::read_to_string(path)
@@ -111,18 +117,22 @@ impl Loaded {
         let rules_path = room.resolve_path(&settings.rules_file);
         let manifest_text = read("manifest_file", &manifest_path)?;
         let manifest: Manifest = toml::from_str(&manifest_text).map_err(|err| {
-            invalid("manifest_file", format!("{}: {err}", manifest_path.display()))
+            invalid(
+                "manifest_file",
+                format!("{}: {err}", manifest_path.display()),
+            )
         })?;
         let gate = Gate::new(manifest, settings.catalog_schema_version).map_err(|err| {
-            invalid("manifest_file", format!("{}: {err}", manifest_path.display()))
+            invalid(
+                "manifest_file",
+                format!("{}: {err}", manifest_path.display()),
+            )
         })?;
         let rules_text = read("rules_file", &rules_path)?;
-        let rules_file: RulesFile = toml::from_str(&rules_text).map_err(|err| {
-            invalid("rules_file", format!("{}: {err}", rules_path.display()))
-        })?;
-        let rules = SlopRules::compile(rules_file).map_err(|err| {
-            invalid("rules_file", format!("{}: {err}", rules_path.display()))
-        })?;
+        let rules_file: RulesFile = toml::from_str(&rules_text)
+            .map_err(|err| invalid("rules_file", format!("{}: {err}", rules_path.display())))?;
+        let rules = SlopRules::compile(rules_file)
+            .map_err(|err| invalid("rules_file", format!("{}: {err}", rules_path.display())))?;
         Ok(Loaded {
             settings,
             gate,
@@ -181,7 +191,8 @@ pub struct Winnower {
 impl Winnower {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
-        let blocks = KvBucket::for_room(&ctx,
+        let blocks = KvBucket::for_room(
+            &ctx,
             &loaded.settings.blocks_bucket,
             "the-winnower: accepted smartblocks",
         );
@@ -192,7 +203,6 @@ impl Winnower {
             blocks,
         })
     }
-
 
     pub fn gate(&self) -> &Gate {
         &self.gate
@@ -255,7 +265,8 @@ impl Winnower {
     /// Step 5 without step 7: was this block accepted within the window?
     pub async fn recently_accepted(&self, block_id: &str) -> Result<bool, HandleError> {
         let entry = self
-            .blocks.store()?
+            .blocks
+            .store()?
             .entry(kv_key(block_id))
             .await
             .map_err(HandleError::transient)?;
@@ -296,12 +307,17 @@ impl Winnower {
         // A lost race is retried once the winner's record is visible; that
         // record then decides.
         for _ in 0..4 {
-            let entry = store.entry(key.clone()).await.map_err(HandleError::transient)?;
+            let entry = store
+                .entry(key.clone())
+                .await
+                .map_err(HandleError::transient)?;
             let written = match entry {
-                None => store
-                    .create(&key, bytes.clone())
-                    .await
-                    .map_err(|err| (err.kind() == kv::CreateErrorKind::AlreadyExists, err.to_string())),
+                None => store.create(&key, bytes.clone()).await.map_err(|err| {
+                    (
+                        err.kind() == kv::CreateErrorKind::AlreadyExists,
+                        err.to_string(),
+                    )
+                }),
                 Some(entry) => {
                     if entry.operation == kv::Operation::Put
                         && let Ok(existing) = serde_json::from_slice::<BlockRecord>(&entry.value)
@@ -319,7 +335,10 @@ impl Winnower {
                         .update(&key, bytes.clone(), entry.revision)
                         .await
                         .map_err(|err| {
-                            (err.kind() == kv::UpdateErrorKind::WrongLastRevision, err.to_string())
+                            (
+                                err.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                                err.to_string(),
+                            )
                         })
                 }
             };
@@ -336,14 +355,25 @@ impl Winnower {
 
     async fn handle_smartblock(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
         let block: SmartblockCreated = event.payload().map_err(|err| match err {
-            HandleError::Permanent { detail, .. } => {
-                HandleError::permanent("payload_invalid", format!("step 2 (payload parses): {detail}"))
-            }
+            HandleError::Permanent { detail, .. } => HandleError::permanent(
+                "payload_invalid",
+                format!("step 2 (payload parses): {detail}"),
+            ),
             other => other,
         })?;
-        let accepted = self.gate.check(&block).map_err(Rejection::into_handle_error)?;
-        match self.accept(&event.envelope.event_id, accepted.clone(), &block.block_id).await? {
-            Some(accepted) => Ok(vec![Outbound::new(SMARTBLOCK_ACCEPTED, &block.block_id, accepted)]),
+        let accepted = self
+            .gate
+            .check(&block)
+            .map_err(Rejection::into_handle_error)?;
+        match self
+            .accept(&event.envelope.event_id, accepted.clone(), &block.block_id)
+            .await?
+        {
+            Some(accepted) => Ok(vec![Outbound::new(
+                SMARTBLOCK_ACCEPTED,
+                &block.block_id,
+                accepted,
+            )]),
             None => {
                 tracing::info!(block_id = %block.block_id, event_id = %event.envelope.event_id, "smartblock already accepted within the idempotency window; nothing new");
                 Ok(Vec::new())

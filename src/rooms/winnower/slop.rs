@@ -116,7 +116,9 @@ pub struct SlopRules {
 
 impl std::fmt::Debug for SlopRules {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlopRules").field("rules", &self.rules.len()).finish()
+        f.debug_struct("SlopRules")
+            .field("rules", &self.rules.len())
+            .finish()
     }
 }
 
@@ -142,7 +144,9 @@ impl SlopRules {
             match &rule.kind {
                 RuleKind::Phrases { phrases } => {
                     if phrases.iter().any(|p| p.trim().is_empty()) || phrases.is_empty() {
-                        return Err(invalid("phrases must be a non-empty list of non-empty phrases"));
+                        return Err(invalid(
+                            "phrases must be a non-empty list of non-empty phrases",
+                        ));
                     }
                     for phrase in phrases {
                         phrase_patterns.push(phrase.clone());
@@ -151,7 +155,9 @@ impl SlopRules {
                 }
                 RuleKind::Markers { markers } => {
                     if markers.iter().any(|m| m.trim().is_empty()) || markers.is_empty() {
-                        return Err(invalid("markers must be a non-empty list of non-empty words"));
+                        return Err(invalid(
+                            "markers must be a non-empty list of non-empty words",
+                        ));
                     }
                     for marker in markers {
                         marker_patterns.push(marker.clone());
@@ -161,8 +167,12 @@ impl SlopRules {
                 RuleKind::RepeatedSentences { min_words } if *min_words == 0 => {
                     return Err(invalid("min_words must be at least 1"));
                 }
-                RuleKind::RepeatedNgrams { n, min_occurrences } if *n == 0 || *min_occurrences < 2 => {
-                    return Err(invalid("n must be at least 1 and min_occurrences at least 2"));
+                RuleKind::RepeatedNgrams { n, min_occurrences }
+                    if *n == 0 || *min_occurrences < 2 =>
+                {
+                    return Err(invalid(
+                        "n must be at least 1 and min_occurrences at least 2",
+                    ));
                 }
                 _ => {}
             }
@@ -514,8 +524,15 @@ mod tests {
             .iter()
             .find(|f| f.rule == "placeholder_text")
             .expect("lorem");
-        assert_eq!(&content[lorem.start..lorem.end], "Lorem ipsum dolor sit amet");
-        let todo = score.findings.iter().find(|f| f.rule == "todo_marker").expect("todo");
+        assert_eq!(
+            &content[lorem.start..lorem.end],
+            "Lorem ipsum dolor sit amet"
+        );
+        let todo = score
+            .findings
+            .iter()
+            .find(|f| f.rule == "todo_marker")
+            .expect("todo");
         assert_eq!(&content[todo.start..todo.end], "TODO");
         assert!(score.score > 0.0);
     }
@@ -538,7 +555,11 @@ mod tests {
         let content = "# A\n\n## Empty\n\n## Full\n\nThis exact sentence appears more than once here. \
                        This exact sentence appears more than once here.\n";
         let score = rules().score(content, true);
-        let empty: Vec<_> = score.findings.iter().filter(|f| f.rule == "empty_section").collect();
+        let empty: Vec<_> = score
+            .findings
+            .iter()
+            .filter(|f| f.rule == "empty_section")
+            .collect();
         assert_eq!(empty.len(), 1, "{:?}", score.findings);
         assert_eq!(&content[empty[0].start..empty[0].end], "## Empty");
         let repeated = score

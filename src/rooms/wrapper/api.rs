@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tonic::{Request, Status};
 
-use super::{FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper, check_tag};
+use super::{
+    FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper, check_tag,
+};
 use crate::cocoa_butter::api::{
     bad_request, handle_error_grpc, handle_error_http, invalid_argument,
 };
@@ -163,7 +165,11 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
             path: document.path,
             content: document.content,
         };
-        let resolution = self.wrapper.resolve(&request).await.map_err(field_error_grpc)?;
+        let resolution = self
+            .wrapper
+            .resolve(&request)
+            .await
+            .map_err(field_error_grpc)?;
         Ok(tonic::Response::new(resolution_to_pb(resolution)))
     }
 
@@ -190,7 +196,10 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
         }))
     }
 
-    async fn register_tag(&self, request: Request<pb::Tag>) -> Result<tonic::Response<pb::Tag>, Status> {
+    async fn register_tag(
+        &self,
+        request: Request<pb::Tag>,
+    ) -> Result<tonic::Response<pb::Tag>, Status> {
         let tag = request.into_inner();
         let record = TagRecord {
             tag: tag.tag,

@@ -27,7 +27,8 @@ pub struct Extracted {
 pub fn extract(content: &str, repo: &str, path: &str) -> Extracted {
     let mut out = Extracted::default();
     let mut code_depth = 0usize;
-    let options = Options::ENABLE_WIKILINKS | Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH;
+    let options =
+        Options::ENABLE_WIKILINKS | Options::ENABLE_TABLES | Options::ENABLE_STRIKETHROUGH;
     for event in Parser::new_ext(content, options) {
         match event {
             Event::Start(Tag::CodeBlock(_)) => code_depth += 1,
@@ -190,10 +191,18 @@ mod tests {
         assert_eq!(
             simple,
             vec![
-                ("vault".into(), "docs/setup.md".into(), Some("install".into())),
+                (
+                    "vault".into(),
+                    "docs/setup.md".into(),
+                    Some("install".into())
+                ),
                 ("sync".into(), "docs/api.md".into(), Some("auth".into())),
                 ("hq".into(), "docs/guide.md".into(), Some("top".into())),
-                ("hq".into(), "docs/intro/readme.md".into(), Some("local".into())),
+                (
+                    "hq".into(),
+                    "docs/intro/readme.md".into(),
+                    Some("local".into())
+                ),
                 ("hq".into(), "docs/intro/notes".into(), None),
             ]
         );
@@ -203,7 +212,13 @@ mod tests {
     fn keys_and_slugs() {
         assert_eq!(tag_key("#Golden-Ticket"), "goldenticket");
         assert_eq!(tag_key("golden_ticket"), tag_key("goldenticket"));
-        assert_eq!(github_slug("Getting Started: Install!"), "getting-started-install");
-        assert_eq!(github_slug("getting-started-install"), "getting-started-install");
+        assert_eq!(
+            github_slug("Getting Started: Install!"),
+            "getting-started-install"
+        );
+        assert_eq!(
+            github_slug("getting-started-install"),
+            "getting-started-install"
+        );
     }
 }

@@ -156,13 +156,18 @@ impl Loaded {
         let invalid = |field: &str, message: String| room.settings_error(field, message);
         let settings: WrapperSettings = room.room_settings()?;
         let path = &room.resolve_path(&settings.tags_file);
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| invalid("tags_file", format!("cannot read {}: {err}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            invalid(
+                "tags_file",
+                format!("cannot read {}: {err}", path.display()),
+            )
+        })?;
         let file: TagsFile = toml::from_str(&text)
             .map_err(|err| invalid("tags_file", format!("{}: {err}", path.display())))?;
         for (index, tag) in file.tags.iter().enumerate() {
             if tag_key(&tag.tag).is_empty() || tag.aliases.iter().any(|a| tag_key(a).is_empty()) {
-                return Err(invalid("tags_file",
+                return Err(invalid(
+                    "tags_file",
                     format!("{}: tags[{index}] has an empty name", path.display()),
                 ));
             }
@@ -219,7 +224,10 @@ fn repo_key(repo: &str) -> String {
 
 /// The value of the closest candidate key, if it is close enough to be a
 /// useful suggestion (edit distance ≤ a third of the length, at least 2).
-fn nearest<'a>(wanted: &str, candidates: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<String> {
+fn nearest<'a>(
+    wanted: &str,
+    candidates: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Option<String> {
     let limit = (wanted.chars().count() / 3).max(2);
     candidates
         .into_iter()
@@ -238,11 +246,13 @@ impl Wrapper {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
         Ok(Wrapper {
-            tags: KvBucket::for_room(&ctx,
+            tags: KvBucket::for_room(
+                &ctx,
                 &loaded.settings.tags_bucket,
                 "the-wrapper: canonical tags, one entry per spelling",
             ),
-            documents: KvBucket::for_room(&ctx,
+            documents: KvBucket::for_room(
+                &ctx,
                 &loaded.settings.documents_bucket,
                 "the-wrapper: indexed documents and their anchors",
             ),
@@ -251,8 +261,15 @@ impl Wrapper {
         })
     }
 
-    async fn get_json<T: for<'de> Deserialize<'de>>(store: &Kv<'_>, key: &str) -> Result<Option<(T, u64)>, HandleError> {
-        match store.entry(key.to_string()).await.map_err(HandleError::transient)? {
+    async fn get_json<T: for<'de> Deserialize<'de>>(
+        store: &Kv<'_>,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, HandleError> {
+        match store
+            .entry(key.to_string())
+            .await
+            .map_err(HandleError::transient)?
+        {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let value = serde_json::from_slice(&entry.value).map_err(|err| {
                     HandleError::permanent("corrupt_index", format!("{key}: {err}"))
@@ -291,12 +308,15 @@ impl Wrapper {
     /// Every tag, each once, by canonical id.
     pub async fn list_tags(&self) -> Result<Vec<TagRecord>, HandleError> {
         let store = self.tags.store()?;
-        let keys: Vec<String> = futures::TryStreamExt::try_collect(
-            store.keys().await.map_err(HandleError::transient)?,
+        let keys: Vec<String> =
+            futures::TryStreamExt::try_collect(store.keys().await.map_err(HandleError::transient)?)
+                .await
+                .map_err(HandleError::transient)?;
+        let records = try_join_all(
+            keys.iter()
+                .map(|key| Self::get_json::<TagRecord>(&store, key)),
         )
-        .await
-        .map_err(HandleError::transient)?;
-        let records = try_join_all(keys.iter().map(|key| Self::get_json::<TagRecord>(&store, key))).await?;
+        .await?;
         let mut by_tag: BTreeMap<String, TagRecord> = BTreeMap::new();
         for (record, _) in records.into_iter().flatten() {
             by_tag.entry(record.tag.clone()).or_insert(record);
@@ -305,7 +325,10 @@ impl Wrapper {
     }
 
     /// Adds or replaces one document of the index; its repo becomes known.
-    pub async fn register_document(&self, mut document: IndexedDocument) -> Result<IndexedDocument, FieldErrorOr> {
+    pub async fn register_document(
+        &self,
+        mut document: IndexedDocument,
+    ) -> Result<IndexedDocument, FieldErrorOr> {
         for (field, value) in [("repo", &document.repo), ("path", &document.path)] {
             check_name(field, value).map_err(FieldErrorOr::Field)?;
         }
@@ -329,13 +352,23 @@ impl Wrapper {
             }
             let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
             let written = match revision {
-                None => store.create(&key, bytes).await.map(|_| ()).map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
-                Some(revision) => store.update(&key, bytes, revision).await.map(|_| ()).map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
+                None => store
+                    .create(&key, bytes)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
+                Some(revision) => store
+                    .update(&key, bytes, revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
             };
             match written {
                 Ok(()) => return Ok(document),
                 Err(true) => continue,
-                Err(false) => return Err(HandleError::transient(format!("cannot update {key}")).into()),
+                Err(false) => {
+                    return Err(HandleError::transient(format!("cannot update {key}")).into());
+                }
             }
         }
         Err(HandleError::transient(format!("{key} kept changing")).into())
@@ -343,7 +376,11 @@ impl Wrapper {
 
     /// Resolves tags and verifies links: the path of the event and the APIs.
     pub async fn resolve(&self, request: &ResolveRequest) -> Result<Resolution, FieldErrorOr> {
-        for (field, value) in [("document_id", &request.document_id), ("repo", &request.repo), ("path", &request.path)] {
+        for (field, value) in [
+            ("document_id", &request.document_id),
+            ("repo", &request.repo),
+            ("path", &request.path),
+        ] {
             check_name(field, value).map_err(FieldErrorOr::Field)?;
         }
         let extracted = extract(&request.content, &request.repo, &request.path);
@@ -360,21 +397,19 @@ impl Wrapper {
 
     async fn resolve_tags(&self, tags: &[String]) -> Result<Vec<TagResolution>, HandleError> {
         let store = self.tags.store()?;
-        let found = try_join_all(
-            tags.iter()
-                .map(|tag| async move {
-                    Self::get_json::<TagRecord>(&store, &kv_key(&tag_key(tag))).await
-                }),
-        )
+        let found = try_join_all(tags.iter().map(|tag| async move {
+            Self::get_json::<TagRecord>(&store, &kv_key(&tag_key(tag))).await
+        }))
         .await?;
         // Unknown tags are compared with every known spelling, read from the
         // bucket's keys alone (one entry per spelling); only the nearest one
         // is then fetched, for its canonical id.
         let spellings: Vec<String> = if found.iter().any(Option::is_none) {
-            let keys: Vec<String> =
-                futures::TryStreamExt::try_collect(store.keys().await.map_err(HandleError::transient)?)
-                    .await
-                    .map_err(HandleError::transient)?;
+            let keys: Vec<String> = futures::TryStreamExt::try_collect(
+                store.keys().await.map_err(HandleError::transient)?,
+            )
+            .await
+            .map_err(HandleError::transient)?;
             keys.iter().filter_map(|key| id_from_kv_key(key)).collect()
         } else {
             Vec::new()
@@ -389,7 +424,8 @@ impl Wrapper {
                     suggestion: None,
                 },
                 None => {
-                    let nearest_spelling = nearest(&tag_key(tag), same(spellings.iter().map(String::as_str)));
+                    let nearest_spelling =
+                        nearest(&tag_key(tag), same(spellings.iter().map(String::as_str)));
                     let suggestion = match nearest_spelling {
                         Some(spelling) => Self::get_json::<TagRecord>(&store, &kv_key(&spelling))
                             .await?
@@ -429,14 +465,15 @@ impl Wrapper {
             .filter(|l| known.get(l.repo.as_str()).is_some_and(Option::is_some))
             .map(|l| (l.repo.as_str(), l.path.as_str()))
             .collect();
-        let docs: HashMap<(&str, &str), Option<IndexedDocument>> = try_join_all(wanted_docs.into_iter().map(|(repo, path)| async move {
-            Self::get_json::<IndexedDocument>(&store, &doc_key(repo, path))
-                .await
-                .map(|found| ((repo, path), found.map(|(doc, _)| doc)))
-        }))
-        .await?
-        .into_iter()
-        .collect();
+        let docs: HashMap<(&str, &str), Option<IndexedDocument>> =
+            try_join_all(wanted_docs.into_iter().map(|(repo, path)| async move {
+                Self::get_json::<IndexedDocument>(&store, &doc_key(repo, path))
+                    .await
+                    .map(|found| ((repo, path), found.map(|(doc, _)| doc)))
+            }))
+            .await?
+            .into_iter()
+            .collect();
         let known_repo_names: Vec<&str> = known
             .iter()
             .filter(|(_, record)| record.is_some())
@@ -449,15 +486,28 @@ impl Wrapper {
                 let (status, suggestion) = match known.get(link.repo.as_str()) {
                     Some(Some(repo)) => match docs.get(&(link.repo.as_str(), link.path.as_str())) {
                         Some(Some(doc)) => match &link.anchor {
-                            Some(anchor) if !doc.anchors.iter().any(|a| *a == github_slug(anchor)) => (
-                                "missing_anchor",
-                                nearest(&github_slug(anchor), same(doc.anchors.iter().map(String::as_str))),
-                            ),
+                            Some(anchor)
+                                if !doc.anchors.iter().any(|a| *a == github_slug(anchor)) =>
+                            {
+                                (
+                                    "missing_anchor",
+                                    nearest(
+                                        &github_slug(anchor),
+                                        same(doc.anchors.iter().map(String::as_str)),
+                                    ),
+                                )
+                            }
                             _ => ("ok", None),
                         },
-                        _ => ("missing_path", nearest(&link.path, same(repo.paths.iter().map(String::as_str)))),
+                        _ => (
+                            "missing_path",
+                            nearest(&link.path, same(repo.paths.iter().map(String::as_str))),
+                        ),
                     },
-                    _ => ("unknown_repo", nearest(&link.repo, same(known_repo_names.iter().copied()))),
+                    _ => (
+                        "unknown_repo",
+                        nearest(&link.repo, same(known_repo_names.iter().copied())),
+                    ),
                 };
                 LinkVerification {
                     link: link.link.clone(),
@@ -554,7 +604,8 @@ impl Room for Wrapper {
             }
             TAG_REGISTERED => {
                 let tag: TagRecord = event.payload()?;
-                check_tag(&tag).map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))?;
+                check_tag(&tag)
+                    .map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))?;
                 self.register_tag(tag).await?;
                 Ok(Vec::new())
             }
