@@ -208,7 +208,7 @@ async fn bare_server() -> Result<(), Error> {
         cli: CliOverrides::default(),
     }
     .load()?;
-    let client = async_nats::connect(config.factory.nats.url.as_str()).await?;
+    let client = async_nats::connect(config.factory.nats.url.as_slice()).await?;
     let js = async_nats::jetstream::new(client);
     let connection = ConnectionMetrics::default();
     let mut servers = tokio::task::JoinSet::new();

@@ -308,7 +308,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(command) => {
             let config = load_bus_only(&cli.sources(None))?;
             with_nats(&config, |client| {
-                dlq(client, config.factory.nats.clone(), command)
+                dlq(
+                    client,
+                    config.factory.nats.clone(),
+                    config.bucket_storage.clone(),
+                    command,
+                )
             })
         }
         Command::Room(command) => {
@@ -409,7 +414,7 @@ where
         .build()
         .context("cannot start the async runtime")?;
     let nats = &config.factory.nats;
-    let shown_url = config::redact_url(&nats.url);
+    let shown_url = nats.url.redacted();
     runtime.block_on(async move {
         let options = bus::connect_options(nats, &config.nats_auth, &config.nats_tls)
             .await
@@ -417,7 +422,7 @@ where
         let client = match options
             .name("choco-factory-cli")
             .connection_timeout(std::time::Duration::from_secs(5))
-            .connect(nats.url.as_str())
+            .connect(nats.url.as_slice())
             .await
         {
             Ok(client) => client,
@@ -446,10 +451,11 @@ where
 async fn dlq(
     client: async_nats::Client,
     nats: config::NatsConfig,
+    buckets: crate::cocoa_butter::streams::BucketStorage,
     command: &DlqCommand,
 ) -> anyhow::Result<()> {
     use crate::cocoa_butter::dlq::{DeadLetters, DlqFilter};
-    let letters = DeadLetters::open(async_nats::jetstream::new(client), nats).await?;
+    let letters = DeadLetters::open(async_nats::jetstream::new(client), nats, buckets).await?;
     let to_filter = |args: &DlqFilterArgs| DlqFilter {
         room: args.room.clone(),
         reason: args.reason.clone(),
@@ -604,7 +610,10 @@ async fn room(
         RoomCommand::Resume { room } => (room, Desired::new(false, None, cli_actor())),
     };
     let room = configured_room(config, name)?;
-    let control = Control::new(async_nats::jetstream::new(client));
+    let control = Control::new(
+        async_nats::jetstream::new(client),
+        config.bucket_storage.clone(),
+    );
     control.open().await?;
     control.set(&room.name, &desired).await?;
     emit(&if desired.paused {
@@ -763,13 +772,17 @@ async fn streams_ensure(
     let rooms: Vec<_> = runtime::check_rooms(config, REGISTRY)?;
     let bar = progress(3 + rooms.len() * 3, "ensuring");
     let mut report = Vec::new();
-    let outcome = dlq::ensure_stream(&js, &nats).await;
+    let buckets = crate::cocoa_butter::streams::BucketStorage {
+        provision: true,
+        ..config.bucket_storage.clone()
+    };
+    let outcome = dlq::ensure_stream(&js, &nats, &config.dlq_storage).await;
     report.push(Ensured::from_result("stream", &nats.dlq_stream, outcome));
     bar.inc(1);
-    let outcome = Control::new(js.clone()).open().await;
+    let outcome = Control::new(js.clone(), buckets.clone()).open().await;
     report.push(Ensured::from_result("bucket", CONTROL_BUCKET, outcome));
     bar.inc(1);
-    let replays = dlq::replays_bucket(js.clone());
+    let replays = dlq::replays_bucket(js.clone(), buckets.clone());
     report.push(Ensured::from_result(
         "bucket",
         replays.name(),
@@ -777,12 +790,14 @@ async fn streams_ensure(
     ));
     bar.inc(1);
     let connection = ConnectionMetrics::default();
-    for (spec, settings) in rooms {
+    for (spec, mut settings) in rooms {
+        settings.buckets.provision = true;
         let outcome = bus::ensure_stream(
             &js,
             &nats,
             &settings.stream,
             settings.subject_prefix.clone(),
+            &settings.streams,
         )
         .await;
         let stream_ok = outcome.is_ok();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use choco_factory::cocoa_butter::config::{
-    ConsumerConfig, FactoryConfig, RoomConfig, ValidatedConfig, validate,
+    ConsumerConfig, FactoryConfig, RoomConfig, ServerUrls, ValidatedConfig, validate,
 };
 use choco_factory::cocoa_butter::runtime;
 use choco_factory::cocoa_butter::{
@@ -138,7 +138,7 @@ impl Room for Probe {
 /// retries, validated the way the binary validates its configuration.
 fn config(nats_url: &str, http_port: u16) -> ValidatedConfig {
     let mut factory = FactoryConfig::default();
-    factory.nats.url = nats_url.to_string();
+    factory.nats.url = ServerUrls::one(nats_url);
     factory.consumer = ConsumerConfig {
         ack_wait: Duration::from_secs(10),
         heartbeat: Duration::from_secs(1),
@@ -163,6 +163,7 @@ fn config(nats_url: &str, http_port: u16) -> ValidatedConfig {
             grpc_port: Some(free_port()),
             metrics_port: Some(free_port()),
             consumer: Default::default(),
+            streams: Default::default(),
             settings: Default::default(),
         },
     );

@@ -177,7 +177,10 @@ async fn resume(State(admin): State<Admin>, body: Bytes) -> Answer {
 /// for this process to follow it, so that an answer with `"applied": true`
 /// means it applies here already.
 async fn set_desired(admin: Admin, desired: Desired) -> Answer {
-    let control = Control::new(admin.state.jetstream().clone());
+    let control = Control::new(
+        admin.state.jetstream().clone(),
+        admin.state.bucket_storage().clone(),
+    );
     control.open().await?;
     control.set(&admin.room, &desired).await?;
     let paused = desired.paused;
@@ -229,7 +232,12 @@ fn query_params(query: QueryParams, allowed: &[&str]) -> Result<HashMap<String, 
 }
 
 async fn open_letters(state: &RoomState) -> Result<DeadLetters, Refused> {
-    Ok(DeadLetters::open(state.jetstream().clone(), state.nats_config().clone()).await?)
+    Ok(DeadLetters::open(
+        state.jetstream().clone(),
+        state.nats_config().clone(),
+        state.bucket_storage().clone(),
+    )
+    .await?)
 }
 
 async fn list(State(admin): State<Admin>, query: QueryParams) -> Answer {

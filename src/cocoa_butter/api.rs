@@ -36,7 +36,7 @@ impl IntoResponse for JsonError {
 /// Transient → 503, permanent → 500 with the reason as the code.
 pub fn handle_error_http(err: HandleError) -> Response {
     match err {
-        HandleError::Transient(message) => http_error(
+        HandleError::Transient(message) | HandleError::Bus(message) => http_error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
             None,
@@ -65,7 +65,7 @@ pub fn invalid_argument(field: &str, message: &str) -> Status {
 /// Transient → UNAVAILABLE, permanent → INTERNAL.
 pub fn handle_error_grpc(err: HandleError) -> Status {
     match err {
-        HandleError::Transient(message) => Status::unavailable(message),
+        HandleError::Transient(message) | HandleError::Bus(message) => Status::unavailable(message),
         HandleError::Permanent { reason, detail } => {
             Status::internal(format!("{reason}: {detail}"))
         }

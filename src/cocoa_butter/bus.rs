@@ -14,12 +14,11 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use super::config::{
-    self, ConsumerConfig, NatsAuth, NatsConfig, NatsTls, ReplicaOrdering, RoomSettings,
-};
+use super::config::{ConsumerConfig, NatsAuth, NatsConfig, NatsTls, ReplicaOrdering, RoomSettings};
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::{ConnectionMetrics, RoomMetrics, StoreLabels};
 use super::room::Outbound;
+use super::streams::{BucketStorage, StreamStorage};
 use super::telemetry::{self, propagation};
 
 /// Headers the runtime writes on every dead letter.
@@ -48,6 +47,14 @@ pub enum BusError {
     Credentials { key: &'static str, reason: String },
     #[error("stream {stream}: {reason}")]
     StreamConflict { stream: String, reason: String },
+    /// The server refused the configured replicas, limits or placement
+    /// (too few servers for the replicas: "insufficient resources").
+    #[error("stream {stream}: {key}: {reason}")]
+    StreamSettings {
+        stream: String,
+        key: String,
+        reason: String,
+    },
     #[error("stream {stream} does not exist and nats.provision is false")]
     StreamMissing { stream: String },
     #[error("consumer {consumer} on {stream}: {reason}")]
@@ -229,34 +236,47 @@ pub async fn connect(
                 }
             }
         })
-        .connect(nats.url.as_str())
+        .connect(nats.url.as_slice())
         .await
         .map_err(|err| BusError::Connect {
-            url: config::redact_url(&nats.url),
+            url: nats.url.redacted(),
             reason: err.to_string(),
         })
 }
 
 /// The stream configuration the runtime creates for a domain or the DLQ.
-fn stream_config(name: &str, subject: String, duplicate_window: Duration) -> stream::Config {
-    stream::Config {
+fn stream_config(
+    name: &str,
+    subject: String,
+    duplicate_window: Duration,
+    storage: &StreamStorage,
+) -> stream::Config {
+    let mut config = stream::Config {
         name: name.to_string(),
         subjects: vec![subject],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         duplicate_window,
         ..Default::default()
-    }
+    };
+    storage.apply(&mut config);
+    config
 }
 
-/// Makes sure `name` exists and captures `subject`. An existing stream with
-/// other storage or subjects is a conflict the runtime refuses to paper over;
-/// another duplicate window is drift, reported and left as the server has it.
+/// Makes sure `name` exists, captures `subject` and is kept as `storage`
+/// says. What JetStream cannot change in place — storage type, retention
+/// policy — is a conflict the runtime refuses to paper over, and so is a
+/// subject change: the factory owns the subject layout, and silently
+/// re-pointing a stream would strand whatever consumes the old subjects.
+/// What it can change (replicas, limits, compression, placement, the
+/// duplicate window) is drift: updated when `nats.provision` is on,
+/// reported either way.
 pub async fn ensure_stream(
     js: &jetstream::Context,
     nats: &NatsConfig,
     name: &str,
     subject: String,
+    storage: &StreamStorage,
 ) -> Result<Provisioned, BusError> {
     match js.get_stream(name).await {
         Ok(mut existing) => {
@@ -266,8 +286,19 @@ pub async fn ensure_stream(
                 return Err(BusError::StreamConflict {
                     stream: name.into(),
                     reason: format!(
-                        "uses {:?} storage, the factory expects file storage",
+                        "uses {:?} storage, the factory expects file storage (JetStream cannot \
+                         change a stream's storage in place: move its messages to a new stream)",
                         config.storage
+                    ),
+                });
+            }
+            if config.retention != stream::RetentionPolicy::Limits {
+                return Err(BusError::StreamConflict {
+                    stream: name.into(),
+                    reason: format!(
+                        "has the {:?} retention policy, the factory expects Limits (JetStream \
+                         cannot change a stream's retention policy in place)",
+                        config.retention
                     ),
                 });
             }
@@ -280,22 +311,51 @@ pub async fn ensure_stream(
                     ),
                 });
             }
+            if storage.replicas <= 1 {
+                warn_if_unreplicated(name, info, storage);
+            }
+            let mut drift: Vec<String> = storage
+                .drift(config)
+                .iter()
+                .map(ToString::to_string)
+                .collect();
             if config.duplicate_window != nats.duplicate_window {
+                drift.push(format!(
+                    "nats.duplicate_window: {} → {}",
+                    humantime::format_duration(config.duplicate_window),
+                    humantime::format_duration(nats.duplicate_window)
+                ));
+            }
+            if drift.is_empty() {
+                return Ok(Provisioned::Present);
+            }
+            if !nats.provision {
                 tracing::warn!(
                     stream = name,
-                    configured = ?nats.duplicate_window,
-                    actual = ?config.duplicate_window,
-                    "stream duplicate window differs from nats.duplicate_window; keeping the server's"
+                    drift = %drift.join("; "),
+                    "stream settings differ from the configuration; nats.provision is false, \
+                     keeping the server's"
                 );
                 return Ok(Provisioned::Drifted {
-                    drift: vec![format!(
-                        "duplicate_window: {:?} → {:?}",
-                        config.duplicate_window, nats.duplicate_window
-                    )],
+                    drift,
                     updated: false,
                 });
             }
-            Ok(Provisioned::Present)
+            let mut wanted = config.clone();
+            storage.apply(&mut wanted);
+            wanted.duplicate_window = nats.duplicate_window;
+            js.update_stream(&wanted)
+                .await
+                .map_err(|err| BusError::StreamSettings {
+                    stream: name.into(),
+                    key: storage.key.clone(),
+                    reason: format!("updating {}: {err}", drift.join("; ")),
+                })?;
+            tracing::info!(stream = name, drift = %drift.join("; "), "stream settings updated");
+            Ok(Provisioned::Drifted {
+                drift,
+                updated: true,
+            })
         }
         Err(err)
             if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
@@ -306,17 +366,89 @@ pub async fn ensure_stream(
                     stream: name.into(),
                 });
             }
-            js.create_stream(stream_config(name, subject, nats.duplicate_window))
+            let created = js
+                .create_stream(stream_config(name, subject, nats.duplicate_window, storage))
                 .await
-                .map_err(|err| BusError::StreamConflict {
+                .map_err(|err| BusError::StreamSettings {
                     stream: name.into(),
-                    reason: err.to_string(),
+                    key: storage.key.clone(),
+                    reason: format!("creating it with {} replica(s): {err}", storage.replicas),
                 })?;
-            tracing::info!(stream = name, "created stream");
+            tracing::info!(stream = name, replicas = storage.replicas, "created stream");
+            warn_if_unreplicated(name, created.cached_info(), storage);
             Ok(Provisioned::Created)
         }
-        Err(err) => Err(unavailable(err)),
+        Err(err) => Err(BusError::Unavailable(format!(
+            "stream {name}: {err} (on a cluster: the stream or the cluster has no leader, a \
+             lost quorum or an election under way)"
+        ))),
     }
+}
+
+/// A stream of one replica on a clustered JetStream (its info names the
+/// cluster) lives on one server only: say what losing it would do.
+fn warn_if_unreplicated(name: &str, info: &stream::Info, storage: &StreamStorage) {
+    let Some(cluster) = &info.cluster else { return };
+    if cluster.name.is_none() || info.config.num_replicas > 1 {
+        return;
+    }
+    tracing::warn!(
+        stream = name,
+        cluster = cluster.name.as_deref().unwrap_or_default(),
+        server = cluster.leader.as_deref().unwrap_or_default(),
+        "stream has one replica on a clustered JetStream: while its server is down the rooms \
+         on it stop, and losing that server's disk loses the stream; set {}.replicas = 3",
+        storage.key
+    );
+}
+
+/// Puts a bucket's stream (`KV_<bucket>`, `OBJ_<bucket>`) to the
+/// configured replicas and placement, when provisioning; reports either way.
+async fn ensure_bucket_storage(
+    js: &jetstream::Context,
+    stream_name: &str,
+    storage: &BucketStorage,
+) -> Result<Provisioned, String> {
+    let mut stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|err| format!("{stream_name}: {err}"))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|err| format!("{stream_name}: {err}"))?;
+    let drift: Vec<String> = storage
+        .drift(&info.config)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if drift.is_empty() {
+        return Ok(Provisioned::Present);
+    }
+    if !storage.provision {
+        tracing::warn!(
+            stream = stream_name,
+            drift = %drift.join("; "),
+            "bucket settings differ from the configuration; nats.provision is false, keeping the server's"
+        );
+        return Ok(Provisioned::Drifted {
+            drift,
+            updated: false,
+        });
+    }
+    let mut wanted = info.config.clone();
+    storage.apply(&mut wanted);
+    js.update_stream(&wanted).await.map_err(|err| {
+        format!(
+            "{stream_name}: updating {} (streams.buckets): {err}",
+            drift.join("; ")
+        )
+    })?;
+    tracing::info!(stream = stream_name, drift = %drift.join("; "), "bucket settings updated");
+    Ok(Provisioned::Drifted {
+        drift,
+        updated: true,
+    })
 }
 
 /// The durable pull consumer a room reads its prefix through.
@@ -663,6 +795,34 @@ pub struct Publisher {
 pub struct PublishError {
     pub subject: String,
     pub reason: String,
+    /// NATS did not answer (a timeout, a dropped connection, a stream
+    /// without a leader): not the output's fault. `false` when JetStream
+    /// refused the message itself (too large, ...).
+    pub bus_fault: bool,
+}
+
+impl PublishError {
+    fn from_kind(subject: String, err: &jetstream::context::PublishError) -> Self {
+        use jetstream::context::PublishErrorKind as Kind;
+        PublishError {
+            subject,
+            reason: err.to_string(),
+            bus_fault: matches!(
+                err.kind(),
+                Kind::TimedOut | Kind::BrokenPipe | Kind::StreamNotFound | Kind::MaxAckPending
+            ),
+        }
+    }
+}
+
+impl From<PublishError> for super::room::HandleError {
+    fn from(err: PublishError) -> Self {
+        if err.bus_fault {
+            super::room::HandleError::bus(err)
+        } else {
+            super::room::HandleError::transient(err)
+        }
+    }
 }
 
 impl Publisher {
@@ -694,6 +854,7 @@ impl Publisher {
             let payload = serde_json::to_vec(&output.payload).map_err(|err| PublishError {
                 subject: subject.clone(),
                 reason: err.to_string(),
+                bus_fault: false,
             })?;
             let envelope = EventEnvelope::new(
                 event_id,
@@ -737,10 +898,7 @@ impl Publisher {
                 Err(err) => {
                     self.metrics.published(&event_type, false, 0.0);
                     span.set_status(opentelemetry::trace::Status::error(err.to_string()));
-                    return Err(PublishError {
-                        subject,
-                        reason: err.to_string(),
-                    });
+                    return Err(PublishError::from_kind(subject, &err));
                 }
             };
             let metrics = self.metrics.clone();
@@ -751,10 +909,7 @@ impl Publisher {
                     acked.map_err(|err| {
                         tracing::Span::current()
                             .set_status(opentelemetry::trace::Status::error(err.to_string()));
-                        PublishError {
-                            subject,
-                            reason: err.to_string(),
-                        }
+                        PublishError::from_kind(subject, &err)
                     })
                 }
                 .instrument(span),
@@ -812,15 +967,11 @@ pub async fn publish_dead_letter(
             "dlq:{}:{}",
             letter.original_stream, letter.original_sequence
         ));
-    let fail = |reason: String| PublishError {
-        subject: subject.clone(),
-        reason,
-    };
     js.send_publish(subject.clone(), message)
         .await
-        .map_err(|err| fail(err.to_string()))?
+        .map_err(|err| PublishError::from_kind(subject.clone(), &err))?
         .await
-        .map_err(|err| fail(err.to_string()))?;
+        .map_err(|err| PublishError::from_kind(subject.clone(), &err))?;
     Ok(())
 }
 
@@ -843,12 +994,14 @@ pub struct KvBucket {
     js: jetstream::Context,
     bucket: String,
     description: &'static str,
+    storage: BucketStorage,
     metrics: Option<RoomMetrics>,
     store: tokio::sync::OnceCell<kv::Store>,
 }
 
 impl KvBucket {
-    /// A bucket of a room, observed in the room's metrics.
+    /// A bucket of a room, kept as `rooms.<room>` says (`streams.buckets`)
+    /// and observed in the room's metrics.
     pub fn for_room(
         ctx: &super::room::RoomContext,
         bucket: &str,
@@ -856,16 +1009,27 @@ impl KvBucket {
     ) -> Self {
         KvBucket {
             metrics: Some(ctx.metrics.clone()),
-            ..KvBucket::new(ctx.jetstream.clone(), bucket, description)
+            ..KvBucket::new(
+                ctx.jetstream.clone(),
+                bucket,
+                description,
+                ctx.settings.buckets.clone(),
+            )
         }
     }
 
-    /// A bucket outside any room (the operator's tools).
-    pub fn new(js: jetstream::Context, bucket: &str, description: &'static str) -> Self {
+    /// A bucket outside any room (desired state, replays).
+    pub fn new(
+        js: jetstream::Context,
+        bucket: &str,
+        description: &'static str,
+        storage: BucketStorage,
+    ) -> Self {
         KvBucket {
             js,
             bucket: bucket.to_string(),
             description,
+            storage,
             metrics: None,
             store: tokio::sync::OnceCell::new(),
         }
@@ -880,46 +1044,57 @@ impl KvBucket {
         self.ensure().await.map(|_| ())
     }
 
-    /// Opens the bucket, saying whether it had to be created
-    /// ([`Provisioned::Present`] when it was open already).
+    /// Opens the bucket, saying whether it had to be created or its
+    /// replicas and placement put right ([`Provisioned::Present`] when it
+    /// was open already).
     pub async fn ensure(&self) -> Result<Provisioned, super::room::RoomError> {
-        // An atomic, not a Cell: the future must stay Send.
-        let created = AtomicBool::new(false);
-        let created_ref = &created;
+        let found = std::sync::Mutex::new(Provisioned::Present);
+        let found_ref = &found;
         self.store
             .get_or_try_init(|| async move {
                 if let Ok(store) = self.js.get_key_value(&self.bucket).await {
+                    let checked = ensure_bucket_storage(
+                        &self.js,
+                        &format!("KV_{}", self.bucket),
+                        &self.storage,
+                    )
+                    .await
+                    .map_err(|reason| {
+                        super::room::RoomError::Nats(format!(
+                            "key-value bucket {}: {reason}",
+                            self.bucket
+                        ))
+                    })?;
+                    *found_ref.lock().unwrap_or_else(|e| e.into_inner()) = checked;
                     return Ok(store);
                 }
-                created_ref.store(true, Ordering::Relaxed);
+                *found_ref.lock().unwrap_or_else(|e| e.into_inner()) = Provisioned::Created;
                 self.js
                     .create_key_value(kv::Config {
                         bucket: self.bucket.clone(),
                         description: self.description.to_string(),
                         history: 1,
                         storage: stream::StorageType::File,
+                        num_replicas: self.storage.replicas,
+                        placement: self.storage.placement(),
                         ..Default::default()
                     })
                     .await
                     .map_err(|err| {
                         super::room::RoomError::Nats(format!(
-                            "key-value bucket {}: {err}",
-                            self.bucket
+                            "key-value bucket {} (streams.buckets.replicas = {}): {err}",
+                            self.bucket, self.storage.replicas
                         ))
                     })
             })
             .await?;
-        Ok(if created.load(Ordering::Relaxed) {
-            Provisioned::Created
-        } else {
-            Provisioned::Present
-        })
+        Ok(found.into_inner().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The open bucket; before `open`, a transient failure (retried).
     pub fn store(&self) -> Result<Kv<'_>, super::room::HandleError> {
         let store = self.store.get().ok_or_else(|| {
-            super::room::HandleError::transient(format!(
+            super::room::HandleError::bus(format!(
                 "key-value bucket {} is not open yet",
                 self.bucket
             ))
@@ -1093,6 +1268,7 @@ pub struct ObjectBucket {
     js: jetstream::Context,
     bucket: String,
     description: &'static str,
+    storage: BucketStorage,
     metrics: RoomMetrics,
     store: tokio::sync::OnceCell<object_store::ObjectStore>,
 }
@@ -1107,6 +1283,7 @@ impl ObjectBucket {
             js: ctx.jetstream.clone(),
             bucket: bucket.to_string(),
             description,
+            storage: ctx.settings.buckets.clone(),
             metrics: ctx.metrics.clone(),
             store: tokio::sync::OnceCell::new(),
         }
@@ -1120,6 +1297,14 @@ impl ObjectBucket {
         self.store
             .get_or_try_init(|| async {
                 if let Ok(store) = self.js.get_object_store(&self.bucket).await {
+                    ensure_bucket_storage(&self.js, &format!("OBJ_{}", self.bucket), &self.storage)
+                        .await
+                        .map_err(|reason| {
+                            super::room::RoomError::Nats(format!(
+                                "object store {}: {reason}",
+                                self.bucket
+                            ))
+                        })?;
                     return Ok(store);
                 }
                 self.js
@@ -1127,11 +1312,16 @@ impl ObjectBucket {
                         bucket: self.bucket.clone(),
                         description: Some(self.description.to_string()),
                         storage: stream::StorageType::File,
+                        num_replicas: self.storage.replicas,
+                        placement: self.storage.placement(),
                         ..Default::default()
                     })
                     .await
                     .map_err(|err| {
-                        super::room::RoomError::Nats(format!("object store {}: {err}", self.bucket))
+                        super::room::RoomError::Nats(format!(
+                            "object store {} (streams.buckets.replicas = {}): {err}",
+                            self.bucket, self.storage.replicas
+                        ))
                     })
             })
             .await
@@ -1140,10 +1330,7 @@ impl ObjectBucket {
 
     pub fn store(&self) -> Result<Objects<'_>, super::room::HandleError> {
         let store = self.store.get().ok_or_else(|| {
-            super::room::HandleError::transient(format!(
-                "object store {} is not open yet",
-                self.bucket
-            ))
+            super::room::HandleError::bus(format!("object store {} is not open yet", self.bucket))
         })?;
         Ok(Objects {
             store,

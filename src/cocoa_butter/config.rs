@@ -22,6 +22,9 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use super::guard::jwt::Verifier;
+use super::streams::{
+    BucketStorage, InvalidStreamSetting, StreamOverrides, StreamStorage, StreamsConfig,
+};
 use super::tls::{self, ServerTls, TlsError};
 
 /// The port table as shipped: compiled in so the binary knows its rooms even
@@ -45,6 +48,8 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Streams(#[from] InvalidStreamSetting),
 }
 
 impl ConfigError {
@@ -158,6 +163,9 @@ pub struct FactoryConfig {
     /// Consumer settings shared by every room; a room may override any of
     /// them under `rooms.<room>.consumer`.
     pub consumer: ConsumerConfig,
+    /// Replicas, retention and placement of every stream and bucket the
+    /// runtime creates (`rooms.<room>.streams` and `streams.dlq` override).
+    pub streams: StreamsConfig,
     /// How long a SIGTERM waits for in-flight work before giving up on it.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -177,6 +185,7 @@ impl Default for FactoryConfig {
             auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             consumer: ConsumerConfig::default(),
+            streams: StreamsConfig::default(),
             shutdown_grace: Duration::from_secs(20),
             tls: ListenerTlsConfig::default(),
             rooms: BTreeMap::new(),
@@ -187,7 +196,9 @@ impl Default for FactoryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
-    pub url: String,
+    /// Every server of the cluster (or the one server): the client connects
+    /// to one and fails over to the others on its own.
+    pub url: ServerUrls,
     /// Name the connection carries on the server (`nats server report connections`).
     pub connection_name: String,
     /// Create missing streams and consumers, and update drifted consumers.
@@ -217,6 +228,93 @@ pub struct NatsConfig {
     pub password: Option<Secret>,
     pub password_file: Option<PathBuf>,
     pub tls: NatsTlsConfig,
+}
+
+/// `nats.url`: the servers the client may connect to, written as one
+/// string (`"nats://a:4222,nats://b:4222"`, as the NATS tools take it) or
+/// as a TOML array (`["nats://a:4222", "nats://b:4222"]`). Every entry
+/// reaches the client: async-nats parses a single `&str` as ONE address,
+/// so handing it the comma-separated string fails with "invalid port".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerUrls(Vec<String>);
+
+impl ServerUrls {
+    pub fn one(url: impl Into<String>) -> Self {
+        ServerUrls(vec![url.into()])
+    }
+
+    /// The entries as given (trimmed), for the client's `connect`.
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    /// The list with any user info replaced, for messages and logs.
+    pub fn redacted(&self) -> String {
+        self.0
+            .iter()
+            .map(|url| redact_url(url))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every entry is a server address the client can parse.
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            return Err(ConfigError::invalid(
+                "nats.url",
+                "names no server (nats://host:port, several comma-separated or as an array)",
+            ));
+        }
+        for url in &self.0 {
+            // The URL may carry `user:password@`: quote it only redacted.
+            let shown = redact_url(url);
+            if url.is_empty() || url.chars().any(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    "nats.url",
+                    format!(
+                        "{shown:?} is not a server URL (nats://host:port, several comma-separated or as an array)"
+                    ),
+                ));
+            }
+            if let Err(err) = url.parse::<async_nats::ServerAddr>() {
+                return Err(ConfigError::invalid(
+                    "nats.url",
+                    format!("{shown:?}: {err}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for ServerUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            One(String),
+            Many(Vec<String>),
+        }
+        let entries = match Written::deserialize(deserializer)? {
+            Written::One(list) => vec![list],
+            Written::Many(list) => list,
+        };
+        // An array entry may itself be a comma-separated list; an empty
+        // entry is kept so that validation can name it.
+        Ok(ServerUrls(
+            entries
+                .iter()
+                .flat_map(|entry| entry.split(','))
+                .map(|url| url.trim().to_string())
+                .collect(),
+        ))
+    }
+}
+
+impl Serialize for ServerUrls {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
 }
 
 /// TLS of the NATS connection. A server that requires TLS gets it whatever
@@ -249,7 +347,7 @@ pub struct ListenerTlsConfig {
 impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
-            url: "nats://127.0.0.1:4222".into(),
+            url: ServerUrls::one("nats://127.0.0.1:4222"),
             connection_name: "choco-factory".into(),
             provision: true,
             duplicate_window: Duration::from_secs(120),
@@ -549,6 +647,9 @@ pub struct RoomConfig {
     pub metrics_port: Option<u16>,
     #[serde(default)]
     pub consumer: ConsumerOverrides,
+    /// The room's domain stream, over `[streams]`.
+    #[serde(default)]
+    pub streams: StreamOverrides,
     /// The room's own settings; only the room knows their shape.
     #[serde(default)]
     pub settings: serde_json::Map<String, serde_json::Value>,
@@ -580,6 +681,12 @@ pub struct RoomSettings {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub consumer: ConsumerConfig,
+    /// How the room's domain stream is kept.
+    pub streams: StreamStorage,
+    /// How the room's key-value buckets and object store are kept.
+    pub buckets: BucketStorage,
+    /// How the dead-letter stream (shared by every room) is kept.
+    pub dlq: StreamStorage,
     pub settings: serde_json::Value,
     /// Relative file paths in the room's settings are resolved against this:
     /// the folder of the port table in use (`--rooms-file`), else the
@@ -655,6 +762,11 @@ pub struct ValidatedConfig {
     pub factory: FactoryConfig,
     /// Every room of the port table, enabled or not, ordered by name.
     pub rooms: Vec<RoomSettings>,
+    /// `streams.dlq` over `[streams]`, checked against every domain stream.
+    pub dlq_storage: StreamStorage,
+    /// `streams.buckets` over `[streams]`: the shared buckets
+    /// (`choco_control`, `choco_dlq_replays`) and every room's.
+    pub bucket_storage: BucketStorage,
     pub nats_auth: NatsAuth,
     pub nats_tls: NatsTls,
     /// `[tls]`, loaded: `None` serves plain HTTP and gRPC.
@@ -892,25 +1004,7 @@ pub fn validate(
     mut factory: FactoryConfig,
     only_rooms: Option<&[String]>,
 ) -> Result<ValidatedConfig, ConfigError> {
-    for url in factory.nats.url.split(',') {
-        let url = url.trim();
-        // The URL may carry `user:password@`: quote it only redacted.
-        let shown = redact_url(url);
-        if url.is_empty() || url.chars().any(char::is_whitespace) {
-            return Err(ConfigError::invalid(
-                "nats.url",
-                format!(
-                    "{shown:?} is not a server URL (nats://host:port, comma-separated for several)"
-                ),
-            ));
-        }
-        if let Err(err) = url.parse::<async_nats::ServerAddr>() {
-            return Err(ConfigError::invalid(
-                "nats.url",
-                format!("{shown:?}: {err}"),
-            ));
-        }
-    }
+    factory.nats.url.check()?;
     check_name("nats.dlq_stream", &factory.nats.dlq_stream)?;
     check_subject(
         "nats.dlq_subject_prefix",
@@ -971,12 +1065,24 @@ pub fn validate(
         rooms.push(resolve_room(&factory, name, room)?);
     }
     check_ports(&rooms)?;
+    let dlq_storage = factory
+        .streams
+        .for_dlq(&rooms.iter().map(|room| &room.streams).collect::<Vec<_>>())?;
+    for room in &mut rooms {
+        room.dlq = dlq_storage.clone();
+    }
+    let bucket_storage = BucketStorage {
+        provision: factory.nats.provision,
+        ..factory.streams.for_buckets()?
+    };
     let nats_auth = resolve_nats_auth(&factory.nats)?;
     let nats_tls = resolve_nats_tls(&factory.nats.tls)?;
     let listener_tls = resolve_listener_tls(&factory.tls)?;
     Ok(ValidatedConfig {
         factory,
         rooms,
+        dlq_storage,
+        bucket_storage,
         nats_auth,
         nats_tls,
         listener_tls,
@@ -1268,6 +1374,17 @@ fn resolve_room(
         grpc_addr: SocketAddr::new(bind, port("grpc_port", room.grpc_port)?),
         metrics_addr: SocketAddr::new(bind, port("metrics_port", room.metrics_port)?),
         consumer,
+        streams: factory.streams.for_room(
+            name,
+            &room.streams,
+            factory.limits.max_envelope_bytes,
+        )?,
+        buckets: BucketStorage {
+            provision: factory.nats.provision,
+            ..factory.streams.for_buckets()?
+        },
+        // Resolved once every domain stream is (see `validate`).
+        dlq: factory.streams.for_dlq(&[])?,
         settings: serde_json::Value::Object(room.settings.clone()),
         base_dir: PathBuf::from("."),
     })
@@ -1469,7 +1586,11 @@ fn walk(figment: &Figment, prefix: &str, value: &Value, out: &mut Vec<Provenance
     let value = if is_secret_key(prefix) && !unset {
         serde_json::Value::String(REDACTED.into())
     } else if prefix == "nats.url" {
-        serde_json::Value::String(redact_url(value.as_str().unwrap_or_default()))
+        // A string or an array of them: every entry redacted.
+        match value.deserialize::<ServerUrls>() {
+            Ok(urls) => serde_json::Value::String(urls.redacted()),
+            Err(_) => serde_json::Value::Null,
+        }
     } else {
         value
             .deserialize::<serde_json::Value>()
@@ -1552,6 +1673,88 @@ mod tests {
     }
 
     #[test]
+    fn nats_url_takes_a_list_as_a_string_or_an_array() {
+        let parse = |toml: &str| -> Result<ValidatedConfig, ConfigError> {
+            let factory: FactoryConfig = Figment::from(Serialized::defaults(builtin()))
+                .merge(Toml::string(toml))
+                .extract()
+                .map_err(ConfigError::from)?;
+            validate(factory, None)
+        };
+        let string = parse("[nats]\nurl = \"nats://a:4222, nats://b:4223,tls://u:p@c:4224\"")
+            .expect("comma-separated");
+        assert_eq!(
+            string.factory.nats.url.as_slice(),
+            ["nats://a:4222", "nats://b:4223", "tls://u:p@c:4224"]
+        );
+        assert_eq!(
+            string.factory.nats.url.redacted(),
+            "nats://a:4222,nats://b:4223,tls://<redacted>@c:4224"
+        );
+        let array = parse("[nats]\nurl = [\"nats://a:4222\", \"nats://b:4223\"]").expect("array");
+        assert_eq!(
+            array.factory.nats.url.as_slice(),
+            ["nats://a:4222", "nats://b:4223"]
+        );
+        let err = parse("[nats]\nurl = []").map(|_| ()).expect_err("empty");
+        assert!(
+            err.to_string().starts_with("nats.url: names no server"),
+            "{err}"
+        );
+        let err = parse("[nats]\nurl = \"nats://a:4222,,nats://b:1\"")
+            .map(|_| ())
+            .expect_err("hole");
+        assert!(err.to_string().starts_with("nats.url:"), "{err}");
+        let err = parse("[nats]\nurl = \"nats://a:notaport\"")
+            .map(|_| ())
+            .expect_err("port");
+        assert!(err.to_string().contains("nats://a:notaport"), "{err}");
+    }
+
+    #[test]
+    fn streams_settings_resolve_per_room_and_for_the_dlq() {
+        let mut factory = builtin();
+        factory.streams.replicas = 3;
+        factory.streams.dlq.max_age = Some(Duration::from_secs(86_400));
+        factory
+            .rooms
+            .get_mut("conch")
+            .expect("conch")
+            .streams
+            .replicas = Some(5);
+        let config = validate(factory, None).expect("valid");
+        let conch = config
+            .rooms
+            .iter()
+            .find(|r| r.name == "conch")
+            .expect("conch");
+        assert_eq!(
+            (conch.streams.replicas, conch.streams.key.as_str()),
+            (5, "rooms.conch.streams")
+        );
+        let mould = config
+            .rooms
+            .iter()
+            .find(|r| r.name == "mould")
+            .expect("mould");
+        assert_eq!(
+            (mould.streams.replicas, mould.streams.key.as_str()),
+            (3, "streams")
+        );
+        assert_eq!(conch.dlq, config.dlq_storage);
+        assert_eq!(config.dlq_storage.max_age, Duration::from_secs(86_400));
+        assert_eq!(config.bucket_storage.replicas, 3);
+        let mut factory = builtin();
+        factory.streams.replicas = 0;
+        let err = validate(factory, None).map(|_| ()).expect_err("0 replicas");
+        assert!(
+            err.to_string()
+                .starts_with("streams.replicas: 0 is not 1–5"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_rooms_are_refused() {
         let mut factory = builtin();
         factory.rooms.insert(
@@ -1568,6 +1771,7 @@ mod tests {
                 grpc_port: None,
                 metrics_port: None,
                 consumer: ConsumerOverrides::default(),
+                streams: StreamOverrides::default(),
                 settings: Default::default(),
             },
         );

@@ -6,7 +6,8 @@
 //!                            └─▶ lane of its aggregate_id ──▶ Room::handle
 //!                                   (one at a time, in        ├─ Ok → publish outputs → ack
 //!                                    stream order)            ├─ Permanent → DLQ → term
-//!                                                             └─ Transient → nak(backoff) or DLQ on last delivery
+//!                                                             ├─ Transient → nak(backoff) or DLQ on last delivery
+//!                                                             └─ Bus → hold in place, handle again once NATS answers
 //! ```
 //!
 //! Ordering: each aggregate has at most one lane, and a lane handles its
@@ -19,6 +20,13 @@
 //! lane holds them (keeping them alive with in-progress acks) until the
 //! nak'd message comes back, or until its delay plus one ack-wait has passed
 //! (then another replica has it).
+//!
+//! A failure of NATS itself (`HandleError::Bus`: a store call or a publish
+//! that timed out, a stream without a leader) is not the input's fault and
+//! must not burn its deliveries: the lane keeps the message (in-progress
+//! acks), waits with backoff and handles it again in place, as often as it
+//! takes, while the room reports not ready. Since every lane does so, the
+//! room's slots fill and it stops pulling until NATS answers again.
 //!
 //! Every handler call has a deadline (`consumer.handler_timeout`): one that
 //! has not returned by then is cancelled and retried like a transient
@@ -46,6 +54,7 @@ use super::control::Desired;
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
 use super::room::{HandleError, InboundEvent, Room};
+use super::streams::BucketStorage;
 use super::telemetry::{self, propagation};
 
 /// Whether a room can do its work right now (behind /readyz and gRPC
@@ -54,6 +63,8 @@ use super::telemetry::{self, propagation};
 pub struct RoomState {
     js: jetstream::Context,
     nats: NatsConfig,
+    /// How the shared buckets (`choco_control`, replays) are kept.
+    buckets: BucketStorage,
     bound: AtomicBool,
     /// Servers of the room that failed and are not serving again yet.
     servers_down: AtomicUsize,
@@ -64,6 +75,21 @@ pub struct RoomState {
     /// at once when the room dead-letters, so discovery sees it without a
     /// JetStream request per `$SRV.STATS`.
     dead_letters: AtomicU64,
+    /// Inputs held in place because NATS failed their handling, and the
+    /// last such failure: the room is not ready while any is held.
+    bus_holds: AtomicUsize,
+    bus_fault: Mutex<Option<String>>,
+}
+
+/// One input held for a failure of NATS; releases its count when dropped.
+struct BusHold<'a> {
+    state: &'a RoomState,
+}
+
+impl Drop for BusHold<'_> {
+    fn drop(&mut self) {
+        self.state.bus_holds.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The last thing that went wrong in a room, for people.
@@ -75,8 +101,9 @@ pub struct LastError {
 }
 
 impl RoomState {
-    pub fn new(js: jetstream::Context, nats: NatsConfig) -> Self {
+    pub fn new(js: jetstream::Context, nats: NatsConfig, buckets: BucketStorage) -> Self {
         RoomState {
+            buckets,
             js,
             nats,
             bound: AtomicBool::new(false),
@@ -84,12 +111,38 @@ impl RoomState {
             desired: watch::Sender::new(Desired::default()),
             last_error: Mutex::new(None),
             dead_letters: AtomicU64::new(0),
+            bus_holds: AtomicUsize::new(0),
+            bus_fault: Mutex::new(None),
+        }
+    }
+
+    fn hold_for_bus(&self, detail: &str) -> BusHold<'_> {
+        match self.bus_fault.lock() {
+            Ok(mut guard) => *guard = Some(detail.to_string()),
+            Err(poisoned) => *poisoned.into_inner() = Some(detail.to_string()),
+        }
+        self.bus_holds.fetch_add(1, Ordering::AcqRel);
+        BusHold { state: self }
+    }
+
+    /// The last NATS failure an input is held for, while any is.
+    fn bus_fault(&self) -> Option<String> {
+        if self.bus_holds.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        match self.bus_fault.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
     /// The JetStream context the room's operator routes work with.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    pub fn bucket_storage(&self) -> &BucketStorage {
+        &self.buckets
     }
 
     pub fn nats_config(&self) -> &NatsConfig {
@@ -177,10 +230,18 @@ impl RoomState {
             return Some("not connected to NATS".into());
         }
         if !self.consumer_bound() {
-            return Some("consumer not bound".into());
+            return Some(match self.last_error() {
+                Some(error) => format!("consumer not bound (last error: {})", error.message),
+                None => "consumer not bound".into(),
+            });
         }
         if !self.servers_up() {
             return Some("a server of the room is restarting".into());
+        }
+        if let Some(fault) = self.bus_fault() {
+            return Some(format!(
+                "holding inputs until NATS answers (not counted as deliveries): {fault}"
+            ));
         }
         let desired = self.desired.borrow();
         if desired.paused {
@@ -215,6 +276,9 @@ pub struct Engine {
     pub max_envelope_bytes: usize,
     /// Where the engine reports its last error and its dead letters.
     pub state: Arc<RoomState>,
+    /// Cancelled at shutdown: an input held for a NATS failure is then
+    /// left unacknowledged (the server redelivers it after `ack_wait`).
+    pub intake: CancellationToken,
 }
 
 /// A delivery holding its share of the in-flight bound until dropped.
@@ -500,10 +564,9 @@ impl Engine {
                     .position(|job| job.event.stream_sequence == wait.sequence)
                 {
                     if let Some(job) = queue.remove(pos) {
-                        // Boxed: inline, processing (handler, publish, store
-                        // spans) made the lane future ~12 KiB, copied into
-                        // every spawned lane task; boxed it is ~2 KiB.
-                        awaiting = Box::pin(self.process(job)).await;
+                        awaiting = self
+                            .process_in_lane(job, &mut queue, &mut receiver, keepalive)
+                            .await;
                     }
                     continue;
                 }
@@ -543,7 +606,44 @@ impl Engine {
                     }
                 }
             };
-            awaiting = Box::pin(self.process(job)).await;
+            awaiting = self
+                .process_in_lane(job, &mut queue, &mut receiver, keepalive)
+                .await;
+        }
+    }
+
+    /// Processes `job` while the lane's later messages wait: they are
+    /// taken off the channel and kept alive with in-progress acks, so a
+    /// long handler or an input held for NATS does not let them pass
+    /// `ack_wait` and come back as redeliveries (each counting toward
+    /// `max_deliver`).
+    async fn process_in_lane(
+        &self,
+        job: Job,
+        queue: &mut VecDeque<Job>,
+        receiver: &mut mpsc::UnboundedReceiver<Job>,
+        keepalive: Duration,
+    ) -> Option<AwaitRedelivery> {
+        // Boxed: inline, processing (handler, publish, store spans) made
+        // the lane future ~12 KiB, copied into every spawned lane task;
+        // boxed it is ~2 KiB.
+        let mut processing = Box::pin(self.process(job));
+        let mut next_keepalive = Instant::now() + keepalive;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                settled = &mut processing => return settled,
+                job = receiver.recv(), if open => match job {
+                    Some(job) => queue.push_back(job),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(next_keepalive.into()) => {
+                    for job in queue.iter() {
+                        let _ = job.message.ack_with(AckKind::Progress).await;
+                    }
+                    next_keepalive = Instant::now() + keepalive;
+                }
+            }
         }
     }
 
@@ -558,34 +658,42 @@ impl Engine {
     }
 
     async fn settle(&self, job: Job) -> Option<AwaitRedelivery> {
-        let handler_span = telemetry::handler_span(&self.settings.service, &job.event_type);
-        let deadline = self.settings.consumer.handler_timeout;
-        let handled = AssertUnwindSafe(
-            tokio::time::timeout(deadline, self.room.handle(&job.event))
-                .instrument(handler_span.clone()),
-        )
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Ok(Err(HandleError::permanent("handler_panic", what)))
-        })
-        .unwrap_or_else(|_elapsed| Err(self.timed_out(&job.event)));
-        if let Err(err) = &handled {
-            handler_span.set_status(Status::error(err.to_string()));
-        }
-        let published = match handled {
-            Ok(outputs) => self
-                .publisher
-                .publish(&job.event.cause(), &outputs)
-                .await
-                .map_err(HandleError::transient),
-            Err(err) => Err(err),
+        let mut hold: Option<BusHold<'_>> = None;
+        let mut attempts: i64 = 0;
+        let published = loop {
+            match self.handle_and_publish(&job).await {
+                Err(HandleError::Bus(detail)) => {
+                    attempts += 1;
+                    if hold.is_none() {
+                        tracing::warn!(
+                            error = %detail,
+                            event_type = %job.event_type,
+                            "NATS failed this input's handling; holding it and handling it again \
+                             in place once NATS answers (not counted as a delivery)"
+                        );
+                        self.state.record_error(format!(
+                            "{}: waiting for NATS: {detail}",
+                            job.event_type
+                        ));
+                    }
+                    if hold.is_none() {
+                        hold = Some(self.state.hold_for_bus(&detail));
+                    }
+                    self.metrics
+                        .finished(&job.event_type, Outcome::Retried, secs(job.started));
+                    if !self
+                        .wait_holding(&job.message, self.retry_delay(attempts))
+                        .await
+                    {
+                        // Shutting down: left unacknowledged, redelivered
+                        // after ack_wait without a nak counting against it.
+                        return None;
+                    }
+                }
+                other => break other,
+            }
         };
+        drop(hold);
         let event = &job.event;
         match published {
             Ok(_) => {
@@ -608,6 +716,56 @@ impl Engine {
                 )
                 .await
             }
+        }
+    }
+
+    /// Waits `delay` while keeping `message` alive with in-progress acks;
+    /// `false` when the runtime is shutting down instead.
+    async fn wait_holding(&self, message: &jetstream::Message, delay: Duration) -> bool {
+        let keepalive = self.settings.consumer.ack_wait / 3;
+        let until = Instant::now() + delay;
+        loop {
+            let now = Instant::now();
+            if now >= until {
+                return true;
+            }
+            let step = (until - now).min(keepalive);
+            tokio::select! {
+                _ = self.intake.cancelled() => return false,
+                _ = tokio::time::sleep(step) => {}
+            }
+            // Lost while the consumer has no leader: then the server
+            // redelivers after ack_wait, and the copy waits in this lane.
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+    }
+
+    /// One run of the room's handler on the input and, when it succeeds,
+    /// the publishing of its outputs.
+    async fn handle_and_publish(&self, job: &Job) -> Result<Vec<uuid::Uuid>, HandleError> {
+        let handler_span = telemetry::handler_span(&self.settings.service, &job.event_type);
+        let deadline = self.settings.consumer.handler_timeout;
+        let handled = AssertUnwindSafe(
+            tokio::time::timeout(deadline, self.room.handle(&job.event))
+                .instrument(handler_span.clone()),
+        )
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Ok(Err(HandleError::permanent("handler_panic", what)))
+        })
+        .unwrap_or_else(|_elapsed| Err(self.timed_out(&job.event)));
+        if let Err(err) = &handled {
+            handler_span.set_status(Status::error(err.to_string()));
+        }
+        match handled {
+            Ok(outputs) => Ok(self.publisher.publish(&job.event.cause(), &outputs).await?),
+            Err(err) => Err(err),
         }
     }
 
@@ -644,10 +802,14 @@ impl Engine {
         tracing::Span::current().set_status(Status::error(err.to_string()));
         let (reason, detail) = match err {
             HandleError::Permanent { reason, detail } => (reason, detail),
-            HandleError::Transient(detail) if delivered >= max_deliver => {
+            // Only lanes hold for NATS (see `settle`); anywhere else a NATS
+            // failure is retried like any transient one.
+            HandleError::Transient(detail) | HandleError::Bus(detail)
+                if delivered >= max_deliver =>
+            {
                 ("max_deliveries_exceeded".to_string(), detail)
             }
-            HandleError::Transient(detail) => {
+            HandleError::Transient(detail) | HandleError::Bus(detail) => {
                 let delay = self.retry_delay(delivered);
                 tracing::warn!(
                     error = %detail,

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::bus::{KvBucket, Provisioned};
+use super::streams::BucketStorage;
 
 pub const CONTROL_BUCKET: &str = "choco_control";
 
@@ -59,9 +60,14 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(js: jetstream::Context) -> Self {
+    pub fn new(js: jetstream::Context, storage: BucketStorage) -> Self {
         Control {
-            bucket: KvBucket::new(js, CONTROL_BUCKET, "desired run state of each room"),
+            bucket: KvBucket::new(
+                js,
+                CONTROL_BUCKET,
+                "desired run state of each room",
+                storage,
+            ),
         }
     }
 

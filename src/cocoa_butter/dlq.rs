@@ -17,6 +17,7 @@ use serde::Serialize;
 use super::bus::{BusError, KvBucket, dlq_headers};
 use super::config::NatsConfig;
 use super::envelope::EventEnvelope;
+use super::streams::{BucketStorage, StreamStorage};
 
 /// Header on a replayed message naming the dead letter it came from.
 pub const REPLAYED_FROM: &str = "Choco-Replayed-From";
@@ -184,15 +185,21 @@ pub async fn count_for_room(
 pub async fn ensure_stream(
     js: &jetstream::Context,
     nats: &NatsConfig,
+    storage: &StreamStorage,
 ) -> Result<super::bus::Provisioned, super::bus::BusError> {
     let subjects = format!("{}.>", nats.dlq_subject_prefix);
-    super::bus::ensure_stream(js, nats, &nats.dlq_stream, subjects).await
+    super::bus::ensure_stream(js, nats, &nats.dlq_stream, subjects, storage).await
 }
 
 /// The key-value bucket of replay records (which dead letters were
 /// replayed, by sequence).
-pub fn replays_bucket(js: jetstream::Context) -> KvBucket {
-    KvBucket::new(js, REPLAYS_BUCKET, "dead letters replayed, by sequence")
+pub fn replays_bucket(js: jetstream::Context, storage: BucketStorage) -> KvBucket {
+    KvBucket::new(
+        js,
+        REPLAYS_BUCKET,
+        "dead letters replayed, by sequence",
+        storage,
+    )
 }
 
 /// The dead-letter stream and the replay records.
@@ -203,8 +210,12 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub async fn open(js: jetstream::Context, nats: NatsConfig) -> Result<Self, DlqError> {
-        let replays = replays_bucket(js.clone());
+    pub async fn open(
+        js: jetstream::Context,
+        nats: NatsConfig,
+        buckets: BucketStorage,
+    ) -> Result<Self, DlqError> {
+        let replays = replays_bucket(js.clone(), buckets);
         replays.open().await.map_err(unavailable)?;
         Ok(DeadLetters { js, nats, replays })
     }

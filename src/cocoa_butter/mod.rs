@@ -21,6 +21,7 @@ pub mod nats_server;
 pub mod room;
 pub mod runtime;
 pub mod servers;
+pub mod streams;
 pub mod telemetry;
 pub mod tls;
 

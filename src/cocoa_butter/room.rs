@@ -166,6 +166,14 @@ pub enum HandleError {
     /// dead-lettered after the last delivery.
     #[error("{0}")]
     Transient(String),
+    /// NATS itself failed the room (a key-value or object-store call, a
+    /// publish): a stream without a leader, a lost quorum, a leader change,
+    /// a dropped connection. Not the input's fault, so it never counts
+    /// toward `max_deliver`: the engine holds the input (keeping it alive
+    /// with in-progress acks) and handles it again in place once NATS
+    /// answers, while the room reports not ready.
+    #[error("NATS: {0}")]
+    Bus(String),
 }
 
 impl HandleError {
@@ -178,6 +186,11 @@ impl HandleError {
 
     pub fn transient(detail: impl std::fmt::Display) -> Self {
         HandleError::Transient(detail.to_string())
+    }
+
+    /// A failed call to NATS (a store operation, a publish).
+    pub fn bus(detail: impl std::fmt::Display) -> Self {
+        HandleError::Bus(detail.to_string())
     }
 }
 

@@ -143,7 +143,11 @@ pub async fn run(
         let addrs = listeners
             .addrs()
             .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
-        let state = Arc::new(RoomState::new(js.clone(), nats.clone()));
+        let state = Arc::new(RoomState::new(
+            js.clone(),
+            nats.clone(),
+            config.bucket_storage.clone(),
+        ));
         states.push(state.clone());
         let grpc = room.clone().grpc_service();
         let info = Arc::new(RoomInfo {
@@ -245,6 +249,7 @@ pub async fn run(
             metrics,
             max_envelope_bytes: config.factory.limits.max_envelope_bytes,
             state: state.clone(),
+            intake: intake.clone(),
         });
         consumers.spawn(supervise(engine, intake.clone()).instrument(span));
     }
@@ -346,16 +351,17 @@ async fn attempt(
     let settings = &engine.settings;
     let nats = &engine.nats;
     let state = &engine.state;
-    let control = Control::new(engine.js.clone());
+    let control = Control::new(engine.js.clone(), settings.buckets.clone());
     let setup = async {
         bus::ensure_stream(
             &engine.js,
             nats,
             &settings.stream,
             settings.subject_prefix.clone(),
+            &settings.streams,
         )
         .await?;
-        dlq::ensure_stream(&engine.js, nats).await?;
+        dlq::ensure_stream(&engine.js, nats, &settings.dlq).await?;
         engine.room.prepare().await?;
         // Read the operator's desired state before the first pull: a room
         // paused before a restart must not take a single message after it.

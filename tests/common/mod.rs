@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod workload;
 
 use std::net::SocketAddr;
@@ -307,13 +308,25 @@ pub async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Ve
     if pending == 0 {
         return Vec::new();
     }
-    let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter.to_string(),
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
+    // Retried: on a cluster that just regained its quorum the first
+    // requests may time out while leaders are elected.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let consumer = loop {
+        match stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: filter.to_string(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(consumer) => break consumer,
+            Err(err) if Instant::now() < deadline => {
+                eprintln!("ordered consumer on {filter}: {err}; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(err) => panic!("ordered consumer on {filter}: {err}"),
+        }
+    };
     let mut messages = consumer.messages().await.expect("messages");
     let mut out = Vec::new();
     while let Ok(Some(Ok(message))) =

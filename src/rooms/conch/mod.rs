@@ -155,7 +155,7 @@ impl Conch {
             .store()?
             .entry(kv_key(document_id))
             .await
-            .map_err(HandleError::transient)?;
+            .map_err(HandleError::bus)?;
         match entry {
             None => Ok((DocumentRecord::default(), None)),
             Some(entry) if entry.operation != kv::Operation::Put => {
@@ -208,7 +208,7 @@ impl Conch {
             match written {
                 Ok(_) => return Ok((receipt.outcome, receipt, record)),
                 Err((true, _)) => continue,
-                Err((false, reason)) => return Err(HandleError::transient(reason)),
+                Err((false, reason)) => return Err(HandleError::bus(reason)),
             }
         }
         Err(HandleError::transient(format!(
@@ -238,7 +238,7 @@ impl Conch {
             .publisher
             .publish(&cause, &receipt.outputs)
             .await
-            .map_err(HandleError::transient)?;
+            .map_err(HandleError::from)?;
         Ok(SyncResult {
             outcome,
             property: record.properties.get(&request.property).cloned(),

@@ -331,7 +331,7 @@ impl Mould {
         store
             .put(metadata, &mut reader)
             .await
-            .map_err(HandleError::transient)?;
+            .map_err(HandleError::bus)?;
         Ok(artifact)
     }
 
@@ -344,14 +344,14 @@ impl Mould {
         let mut object = match store.get(document_id).await {
             Ok(object) => object,
             Err(err) if err.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
-            Err(err) => return Err(HandleError::transient(err)),
+            Err(err) => return Err(HandleError::bus(err)),
         };
         let metadata: BTreeMap<String, String> = object.info.metadata.clone().into_iter().collect();
         let mut content = Vec::with_capacity(object.info.size);
         object
             .read_to_end(&mut content)
             .await
-            .map_err(HandleError::transient)?;
+            .map_err(HandleError::bus)?;
         Ok(Some((content, metadata)))
     }
 }

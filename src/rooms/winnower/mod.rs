@@ -269,7 +269,7 @@ impl Winnower {
             .store()?
             .entry(kv_key(block_id))
             .await
-            .map_err(HandleError::transient)?;
+            .map_err(HandleError::bus)?;
         Ok(match entry {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 serde_json::from_slice::<BlockRecord>(&entry.value)
@@ -307,10 +307,7 @@ impl Winnower {
         // A lost race is retried once the winner's record is visible; that
         // record then decides.
         for _ in 0..4 {
-            let entry = store
-                .entry(key.clone())
-                .await
-                .map_err(HandleError::transient)?;
+            let entry = store.entry(key.clone()).await.map_err(HandleError::bus)?;
             let written = match entry {
                 None => store.create(&key, bytes.clone()).await.map_err(|err| {
                     (
@@ -345,7 +342,7 @@ impl Winnower {
             match written {
                 Ok(_) => return Ok(Some(record.accepted)),
                 Err((true, _)) => continue,
-                Err((false, reason)) => return Err(HandleError::transient(reason)),
+                Err((false, reason)) => return Err(HandleError::bus(reason)),
             }
         }
         Err(HandleError::transient(format!(

@@ -268,7 +268,7 @@ impl Wrapper {
         match store
             .entry(key.to_string())
             .await
-            .map_err(HandleError::transient)?
+            .map_err(HandleError::bus)?
         {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let value = serde_json::from_slice(&entry.value).map_err(|err| {
@@ -301,7 +301,7 @@ impl Wrapper {
         let bytes = Bytes::from(serde_json::to_vec(&merged).map_err(HandleError::transient)?);
         let names = std::iter::once(&merged.tag).chain(merged.aliases.iter());
         let writes = names.map(|name| store.put(kv_key(&tag_key(name)), bytes.clone()));
-        try_join_all(writes).await.map_err(HandleError::transient)?;
+        try_join_all(writes).await.map_err(HandleError::bus)?;
         Ok(merged)
     }
 
@@ -309,9 +309,9 @@ impl Wrapper {
     pub async fn list_tags(&self) -> Result<Vec<TagRecord>, HandleError> {
         let store = self.tags.store()?;
         let keys: Vec<String> =
-            futures::TryStreamExt::try_collect(store.keys().await.map_err(HandleError::transient)?)
+            futures::TryStreamExt::try_collect(store.keys().await.map_err(HandleError::bus)?)
                 .await
-                .map_err(HandleError::transient)?;
+                .map_err(HandleError::bus)?;
         let records = try_join_all(
             keys.iter()
                 .map(|key| Self::get_json::<TagRecord>(&store, key)),
@@ -339,7 +339,7 @@ impl Wrapper {
         store
             .put(doc_key(&document.repo, &document.path), bytes)
             .await
-            .map_err(HandleError::transient)?;
+            .map_err(HandleError::bus)?;
         // The repo's path list, compare-and-set so concurrent indexers add both.
         let key = repo_key(&document.repo);
         for _ in 0..16 {
@@ -367,7 +367,7 @@ impl Wrapper {
                 Ok(()) => return Ok(document),
                 Err(true) => continue,
                 Err(false) => {
-                    return Err(HandleError::transient(format!("cannot update {key}")).into());
+                    return Err(HandleError::bus(format!("cannot update {key}")).into());
                 }
             }
         }
@@ -405,11 +405,10 @@ impl Wrapper {
         // bucket's keys alone (one entry per spelling); only the nearest one
         // is then fetched, for its canonical id.
         let spellings: Vec<String> = if found.iter().any(Option::is_none) {
-            let keys: Vec<String> = futures::TryStreamExt::try_collect(
-                store.keys().await.map_err(HandleError::transient)?,
-            )
-            .await
-            .map_err(HandleError::transient)?;
+            let keys: Vec<String> =
+                futures::TryStreamExt::try_collect(store.keys().await.map_err(HandleError::bus)?)
+                    .await
+                    .map_err(HandleError::bus)?;
             keys.iter().filter_map(|key| id_from_kv_key(key)).collect()
         } else {
             Vec::new()

@@ -1,0 +1,397 @@
+//! The factory on a real three-node JetStream cluster (`common::cluster`):
+//! the shipped production configuration connects to all three servers and
+//! creates replicated streams and buckets, and at a steady load nothing is
+//! lost, doubled or dead-lettered when a leader dies, steps down, or the
+//! cluster loses its quorum for a while. Run one at a time (three servers
+//! and the binary on two cores): `scripts/test.sh` does.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use common::cluster::{Cluster, NODES};
+use common::*;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+/// Publishes until JetStream stored it: through a leader election the
+/// publish times out or finds no responder, and the same `Nats-Msg-Id`
+/// makes the retry safe.
+async fn publish_until_stored(js: &jetstream::Context, subject: &str, id: &str, body: Vec<u8>) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let message = jetstream::message::PublishMessage::build()
+            .payload(body.clone().into())
+            .message_id(id);
+        if let Ok(ack) = js.send_publish(subject.to_string(), message).await
+            && ack.await.is_ok()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} was never stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `count` writes that cannot conflict, at `per_second`, in the background.
+fn steady_writes(
+    js: jetstream::Context,
+    prefix: &'static str,
+    count: usize,
+    per_second: u64,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / per_second));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for i in 0..count {
+            tick.tick().await;
+            let doc = format!("{prefix}-{}", i % 40);
+            let payload = sync_payload(
+                &doc,
+                &format!("p{i}"),
+                json!(i),
+                0,
+                "ann",
+                "2026-03-01T10:00:00Z",
+            );
+            let event = envelope("coordination.property_sync.requested", &doc, &payload);
+            publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
+        }
+    })
+}
+
+/// Every input produced exactly one `completed` at revision 1, nothing saw
+/// itself as a conflict, and nothing was dead-lettered.
+async fn assert_each_write_once(js: &jetstream::Context, count: usize) {
+    wait_for(js, COORDINATION, COMPLETED, count, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let completed = read_all(js, COORDINATION, COMPLETED).await;
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    for message in &completed {
+        let payload = message.payload();
+        assert_eq!(payload["revision"], 1, "each write applied once: {payload}");
+        let key = (
+            payload["document_id"].as_str().expect("doc").to_string(),
+            payload["property"].as_str().expect("property").to_string(),
+        );
+        *seen.entry(key).or_default() += 1;
+    }
+    assert_eq!(seen.len(), count, "no input lost");
+    assert!(seen.values().all(|&n| n == 1), "no output doubled");
+    assert_eq!(completed.len(), count);
+    assert!(read_all(js, COORDINATION, DETECTED).await.is_empty());
+    let dead = read_all(js, "choco:dlq", "choco.dlq.>").await;
+    assert!(
+        dead.is_empty(),
+        "nothing dead-lettered because of the fault: {:?}",
+        dead.iter()
+            .map(|d| d.header("Choco-Dlq-Reason"))
+            .collect::<Vec<_>>()
+    );
+}
+
+/// The conch on the cluster, every stream and bucket with three replicas.
+fn conch_on(cluster: &Cluster) -> Vec<(String, String)> {
+    let mut env = conch_env(&cluster.urls());
+    env.push(("CHOCO_STREAMS__REPLICAS".into(), "3".into()));
+    env.push(("CHOCO_CONSUMER__HEARTBEAT".into(), "1s".into()));
+    env
+}
+
+async fn replicas_of(js: &jetstream::Context, name: &str) -> usize {
+    js.get_stream(name)
+        .await
+        .unwrap_or_else(|err| panic!("{name}: {err}"))
+        .info()
+        .await
+        .expect("info")
+        .config
+        .num_replicas
+}
+
+/// The shipped `config/production.toml`, only its addresses changed: the
+/// binary connects with all three servers in `nats.url`, and every stream
+/// and bucket it creates is replicated three times with the production
+/// limits. The CLI connects with the TOML array form of the same list.
+#[tokio::test]
+async fn the_production_config_runs_on_a_three_node_cluster() {
+    let cluster = Cluster::start().await;
+    let (client, js) = cluster.client().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let shipped = std::fs::read_to_string("config/production.toml").expect("production.toml");
+    let hosts =
+        "nats://nats-1.internal:4222,nats://nats-2.internal:4222,nats://nats-3.internal:4222";
+    assert!(
+        shipped.contains(hosts),
+        "the shipped config lists three servers"
+    );
+    let config = dir.path().join("factory.toml");
+    std::fs::write(
+        &config,
+        shipped
+            .replace(hosts, &cluster.urls())
+            .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\""),
+    )
+    .expect("write config");
+    let mut env: Vec<(String, String)> = ["WINNOWER", "CONCH", "MOULD", "WRAPPER"]
+        .iter()
+        .flat_map(|room| {
+            ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"]
+                .map(|port| (format!("CHOCO_ROOMS__{room}__{port}"), "0".to_string()))
+        })
+        .collect();
+    env.push((
+        "CHOCO_AUTH__JWKS_FILE".into(),
+        "tests/fixtures/jwt/jwks.json".into(),
+    ));
+    // The config's collector is a production host: export nothing.
+    env.push(("OTEL_SDK_DISABLED".into(), "true".into()));
+    let factory =
+        Factory::start_with(env, &["--config", config.to_str().expect("utf-8"), "serve"]).await;
+    wait_until(Duration::from_secs(60), || async {
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+
+    // Every stream the runtime made: the four domains, the DLQ, the
+    // rooms' buckets and object store, the control and replay buckets.
+    let mut names = Vec::new();
+    let mut streams = js.streams();
+    while let Some(info) = futures::StreamExt::next(&mut streams).await {
+        names.push(info.expect("stream info").config.name);
+    }
+    for expected in [
+        "choco:events:refinement",
+        "choco:events:coordination",
+        "choco:events:hydration",
+        "choco:events:resolution",
+        "choco:dlq",
+        "KV_choco_control",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
+    for name in &names {
+        assert_eq!(replicas_of(&js, name).await, 3, "{name} is R3");
+    }
+    let domain = js
+        .get_stream("choco:events:coordination")
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
+    assert_eq!(domain.max_age, Duration::from_secs(180 * 86_400));
+    assert_eq!(domain.max_bytes, 53_687_091_200);
+    assert_eq!(domain.compression, Some(stream::Compression::S2));
+    assert_eq!(domain.discard, stream::DiscardPolicy::Old);
+
+    // The rooms work: an input gets its output.
+    let doc = "cluster-doc";
+    let event = envelope(
+        "coordination.property_sync.requested",
+        doc,
+        &sync_payload(doc, "title", json!("Hi"), 0, "ann", "2026-03-01T10:00:00Z"),
+    );
+    publish(&js, REQUESTED, &event).await;
+    wait_for(&js, COORDINATION, COMPLETED, 1, Duration::from_secs(30)).await;
+
+    // The CLI, with the servers as a TOML array: nothing to change.
+    let array = dir.path().join("array.toml");
+    let urls: Vec<String> = cluster
+        .urls()
+        .split(',')
+        .map(|u| format!("{u:?}"))
+        .collect();
+    std::fs::write(
+        &array,
+        format!(
+            "[nats]\nurl = [{}]\n[streams]\nreplicas = 3\nmax_age = \"180d\"\n\
+             max_bytes = 53687091200\ncompression = \"s2\"\n",
+            urls.join(", ")
+        ),
+    )
+    .expect("write");
+    let output = std::process::Command::new(BIN)
+        .args([
+            "--config",
+            array.to_str().expect("utf-8"),
+            "streams",
+            "ensure",
+            "--json",
+        ])
+        .env_remove("CHOCO_NATS__URL")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let rows = report.as_array().expect("rows");
+    assert!(
+        rows.iter()
+            .filter(|row| row["kind"] == "stream")
+            .all(|row| row["outcome"] == "ok"),
+        "the production streams need no change: {report}"
+    );
+    drop(client);
+}
+
+/// The leader of the coordination stream is SIGKILLed mid-stream and
+/// restarted on its store: a new leader takes over, nothing is lost,
+/// doubled or dead-lettered, and the room is ready again.
+#[tokio::test]
+async fn the_stream_leader_killed_mid_stream_loses_nothing() {
+    const WRITES: usize = 600;
+    let mut cluster = Cluster::start().await;
+    let (_client, js) = cluster.client().await;
+    let factory = Factory::start_with(conch_on(&cluster), &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    assert_eq!(replicas_of(&js, COORDINATION).await, 3);
+
+    let load = steady_writes(js.clone(), "leader-kill", WRITES, 100);
+    wait_for(&js, COORDINATION, COMPLETED, 100, Duration::from_secs(60)).await;
+    let leader = cluster.stream_leader(&js, COORDINATION).await;
+    eprintln!("killing the stream leader n{}", leader + 1);
+    cluster.nodes[leader].kill().await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.nodes[leader].restart().await.expect("same store");
+    load.await.expect("publisher");
+    assert_each_write_once(&js, WRITES).await;
+    factory.wait_ready().await;
+}
+
+/// The stream's and then the consumer's leader step down through the
+/// JetStream API while inputs flow: nothing lost, doubled or dead-lettered.
+#[tokio::test]
+async fn stream_and_consumer_leaders_step_down_without_loss() {
+    const WRITES: usize = 600;
+    let cluster = Cluster::start().await;
+    let (client, js) = cluster.client().await;
+    let factory = Factory::start_with(conch_on(&cluster), &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+
+    let load = steady_writes(js.clone(), "step-down", WRITES, 100);
+    wait_for(&js, COORDINATION, COMPLETED, 100, Duration::from_secs(60)).await;
+    let before = cluster.stream_leader(&js, COORDINATION).await;
+    cluster.step_down_stream(&client, COORDINATION).await;
+    wait_for(&js, COORDINATION, COMPLETED, 300, Duration::from_secs(60)).await;
+    let after = cluster.stream_leader(&js, COORDINATION).await;
+    eprintln!("stream leader n{} → n{}", before + 1, after + 1);
+    cluster
+        .step_down_consumer(&client, COORDINATION, "choco-conch")
+        .await;
+    load.await.expect("publisher");
+    assert_each_write_once(&js, WRITES).await;
+    factory.wait_ready().await;
+}
+
+/// Two of the three servers down mid-stream: no quorum, no leader for
+/// anything. The room says so (not ready), dead-letters nothing and burns
+/// no delivery on the inputs it holds; once one server is back the cluster
+/// has its majority again and every input is handled once.
+#[tokio::test]
+async fn quorum_lost_and_regained_loses_nothing() {
+    const WRITES: usize = 600;
+    let mut cluster = Cluster::start().await;
+    let (_client, js) = cluster.client().await;
+    let factory = Factory::start_with(conch_on(&cluster), &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    let load = steady_writes(js.clone(), "quorum", WRITES, 100);
+    wait_for(&js, COORDINATION, COMPLETED, 150, Duration::from_secs(60)).await;
+
+    // Kill two servers; the third is left without a majority. Inputs the
+    // room holds fail their key-value writes; the publisher's wait.
+    for index in 1..NODES {
+        cluster.nodes[index].kill().await;
+    }
+    wait_until(Duration::from_secs(60), || async {
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .is_ok_and(|r| r.status() == 503)
+    })
+    .await;
+    let body = reqwest::get(factory.url("/readyz"))
+        .await
+        .expect("readyz")
+        .text()
+        .await
+        .expect("body");
+    eprintln!("while the quorum is lost: {body}");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.nodes[1].restart().await.expect("back on its store");
+    load.await.expect("publisher");
+    assert_each_write_once(&js, WRITES).await;
+    factory.wait_ready().await;
+    cluster.nodes[2].restart().await.expect("back on its store");
+    factory.wait_ready().await;
+}
+
+/// An R1 deployment moved to R3 while its room runs: `streams ensure` with
+/// `streams.replicas = 3` puts the stream, the DLQ and the buckets on three
+/// servers in place, and the inputs go on being handled.
+#[tokio::test]
+async fn an_r1_deployment_moves_to_r3_while_the_room_runs() {
+    const WRITES: usize = 300;
+    let cluster = Cluster::start().await;
+    let (_client, js) = cluster.client().await;
+    let mut env = conch_env(&cluster.urls());
+    env.push(("CHOCO_CONSUMER__HEARTBEAT".into(), "1s".into()));
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    assert_eq!(replicas_of(&js, COORDINATION).await, 1);
+    assert!(
+        !factory
+            .logs_containing("has one replica on a clustered JetStream")
+            .is_empty(),
+        "an R1 stream on a cluster is warned about"
+    );
+
+    let load = steady_writes(js.clone(), "r1-r3", WRITES, 100);
+    wait_for(&js, COORDINATION, COMPLETED, 50, Duration::from_secs(60)).await;
+    let output = std::process::Command::new(BIN)
+        .args(["streams", "ensure", "--json"])
+        .env("CHOCO_NATS__URL", cluster.urls())
+        .env("CHOCO_STREAMS__REPLICAS", "3")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let report: Value = serde_json::from_str(&stdout).expect("json");
+    let coordination = report
+        .as_array()
+        .expect("rows")
+        .iter()
+        .find(|row| row["name"] == COORDINATION)
+        .expect("the coordination stream")
+        .clone();
+    assert_eq!(coordination["outcome"], "drift updated", "{report}");
+    assert!(
+        coordination["detail"][0]
+            .as_str()
+            .is_some_and(|d| d.contains("streams.replicas: 1 → 3")),
+        "{coordination}"
+    );
+    for name in [
+        COORDINATION,
+        "choco:dlq",
+        "KV_choco_control",
+        "KV_choco_conch_documents",
+    ] {
+        assert_eq!(replicas_of(&js, name).await, 3, "{name} moved to R3");
+    }
+    load.await.expect("publisher");
+    assert_each_write_once(&js, WRITES).await;
+    factory.wait_ready().await;
+}

@@ -1,0 +1,182 @@
+//! A real three-node JetStream cluster on loopback: three nats-server
+//! processes, routes between them, a store each. Started and stopped like
+//! the single server of `Nats`; a node can be killed, stopped, restarted on
+//! its store, and a stream's or consumer's leader asked to step down.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
+
+use super::free_port;
+
+pub const NODES: usize = 3;
+
+pub struct Cluster {
+    pub nodes: Vec<ManagedNats>,
+    _dir: tempfile::TempDir,
+    /// One cluster at a time in a test binary: three servers and the
+    /// binary already share two cores.
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+}
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The server's name in stream and consumer info (`cluster.leader`).
+pub fn node_name(index: usize) -> String {
+    format!("n{}", index + 1)
+}
+
+impl Cluster {
+    /// Three servers in one cluster, each with JetStream, ready once an R3
+    /// stream can be placed.
+    pub async fn start() -> Cluster {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
+        let route_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+        let client_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+        let mut nodes = Vec::with_capacity(NODES);
+        for index in 0..NODES {
+            let routes: Vec<String> = (0..NODES)
+                .filter(|&other| other != index)
+                .map(|other| format!("nats-route://127.0.0.1:{}", route_ports[other]))
+                .collect();
+            // Every message on disk before it is acknowledged (as the fault
+            // tests' single server does), and room for the production
+            // config's per-stream `max_bytes`: JetStream reserves a stream's
+            // limit against the server's store size, which by default is a
+            // share of this machine's free disk.
+            let config = format!(
+                "server_name: {name}\n\
+                 jetstream {{\n  sync_interval: always\n  max_file_store: 2T\n}}\n\
+                 cluster {{\n  name: choco-test\n  listen: 127.0.0.1:{listen}\n  \
+                 routes: [{routes}]\n}}\n",
+                name = node_name(index),
+                listen = route_ports[index],
+                routes = routes.join(", "),
+            );
+            let store = dir.path().join(node_name(index));
+            std::fs::create_dir_all(&store).expect("node dir");
+            // The servers start one after another; each waits for its
+            // client port only, the cluster forms once all three run.
+            let node = ManagedNats::start_configured(
+                binary.clone(),
+                &store,
+                client_ports[index],
+                true,
+                &config,
+            )
+            .await
+            .expect("cluster node starts");
+            nodes.push(node);
+        }
+        let cluster = Cluster {
+            nodes,
+            _dir: dir,
+            _turn: turn,
+        };
+        cluster.wait_healthy(Duration::from_secs(60)).await;
+        cluster
+    }
+
+    /// Every server, comma-separated, as `nats.url` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(ManagedNats::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A client that knows every server (and fails over between them).
+    pub async fn client(&self) -> (async_nats::Client, jetstream::Context) {
+        let urls: Vec<String> = self.nodes.iter().map(ManagedNats::url).collect();
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(urls)
+            .await
+            .expect("connect to the cluster");
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        (client, js)
+    }
+
+    /// Waits until the cluster can place a three-replica stream: its meta
+    /// leader is elected and all three servers are its peers.
+    pub async fn wait_healthy(&self, limit: Duration) {
+        let (_client, js) = self.client().await;
+        let deadline = Instant::now() + limit;
+        loop {
+            let probe = js
+                .create_stream(jetstream::stream::Config {
+                    name: "cluster-probe".into(),
+                    subjects: vec!["cluster.probe".into()],
+                    num_replicas: NODES,
+                    storage: jetstream::stream::StorageType::Memory,
+                    ..Default::default()
+                })
+                .await;
+            if probe.is_ok() && js.delete_stream("cluster-probe").await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not become healthy within {limit:?}: {probe:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Which node leads `stream` now (waits for it to have a leader).
+    pub async fn stream_leader(&self, js: &jetstream::Context, stream: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut handle) = js.get_stream(stream).await
+                && let Ok(info) = handle.info().await
+                && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+                && let Some(index) = (0..NODES).find(|&i| node_name(i) == leader)
+            {
+                return index;
+            }
+            assert!(Instant::now() < deadline, "{stream} has no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Asks the leader of `stream` to step down (`$JS.API.STREAM.LEADER.STEPDOWN`).
+    pub async fn step_down_stream(&self, client: &async_nats::Client, stream: &str) {
+        step_down(client, format!("$JS.API.STREAM.LEADER.STEPDOWN.{stream}")).await;
+    }
+
+    /// Asks the leader of a consumer to step down.
+    pub async fn step_down_consumer(
+        &self,
+        client: &async_nats::Client,
+        stream: &str,
+        consumer: &str,
+    ) {
+        step_down(
+            client,
+            format!("$JS.API.CONSUMER.LEADER.STEPDOWN.{stream}.{consumer}"),
+        )
+        .await;
+    }
+}
+
+async fn step_down(client: &async_nats::Client, subject: String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = client.request(subject.clone(), "".into()).await;
+        let answer: serde_json::Value = match answer {
+            Ok(message) => serde_json::from_slice(&message.payload).unwrap_or_default(),
+            Err(err) => serde_json::json!({ "error": err.to_string() }),
+        };
+        if answer["success"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{subject} was refused: {answer}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
