@@ -223,6 +223,7 @@ async fn bare_server() -> Result<(), Error> {
             jetstream: js.clone(),
             publisher: Publisher::new(js.clone(), settings, metrics.clone()),
             metrics,
+            store_streams: Default::default(),
         })?;
         room.prepare().await?;
         // TCP_NODELAY as on the runtime's listeners, so the sides differ

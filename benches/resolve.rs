@@ -88,6 +88,7 @@ fn resolution(c: &mut Criterion) {
             jetstream: js,
             settings,
             metrics,
+            store_streams: Default::default(),
         })
         .expect("wrapper builds");
         room.prepare().await.expect("prepare");

@@ -821,6 +821,7 @@ async fn streams_ensure(
             jetstream: js.clone(),
             publisher: Publisher::new(js.clone(), &settings, metrics.clone()),
             metrics,
+            store_streams: Default::default(),
         }) {
             Ok(room) => room.prepare().await,
             Err(err) => Err(err),

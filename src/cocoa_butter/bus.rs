@@ -1007,6 +1007,7 @@ impl KvBucket {
         bucket: &str,
         description: &'static str,
     ) -> Self {
+        ctx.store_streams.register(format!("KV_{bucket}"));
         KvBucket {
             metrics: Some(ctx.metrics.clone()),
             ..KvBucket::new(
@@ -1279,6 +1280,7 @@ impl ObjectBucket {
         bucket: &str,
         description: &'static str,
     ) -> Self {
+        ctx.store_streams.register(format!("OBJ_{bucket}"));
         ObjectBucket {
             js: ctx.jetstream.clone(),
             bucket: bucket.to_string(),

@@ -54,7 +54,7 @@ use super::control::Desired;
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
 use super::room::{HandleError, InboundEvent, Room};
-use super::streams::BucketStorage;
+use super::streams::{BucketStorage, StoreStreams};
 use super::telemetry::{self, propagation};
 
 /// Whether a room can do its work right now (behind /readyz and gRPC
@@ -279,6 +279,9 @@ pub struct Engine {
     /// Cancelled at shutdown: an input held for a NATS failure is then
     /// left unacknowledged (the server redelivers it after `ack_wait`).
     pub intake: CancellationToken,
+    /// The streams under the room's buckets, probed with its own stream
+    /// when a store call fails (see [`Engine::bus_is_failing`]).
+    pub store_streams: StoreStreams,
 }
 
 /// A delivery holding its share of the in-flight bound until dropped.
@@ -662,6 +665,12 @@ impl Engine {
         let mut attempts: i64 = 0;
         let published = loop {
             match self.handle_and_publish(&job).await {
+                // The store or the stream answered, so it is no leadership
+                // or connection fault (a deleted bucket, say): retried like
+                // any transient failure, deliveries counted.
+                Err(HandleError::Bus(detail)) if !self.bus_is_failing().await => {
+                    break Err(HandleError::Transient(detail));
+                }
                 Err(HandleError::Bus(detail)) => {
                     attempts += 1;
                     if hold.is_none() {
@@ -717,6 +726,41 @@ impl Engine {
                 .await
             }
         }
+    }
+
+    /// Whether NATS is failing the room itself: its connection is down, or
+    /// its stream or a stream under its buckets does not answer or has no
+    /// leader (a lost quorum, an election under way). A stream that is
+    /// simply missing answers (from the meta leader) and is not a bus fault.
+    async fn bus_is_failing(&self) -> bool {
+        if !self.state.nats_connected() {
+            return true;
+        }
+        let probe = self.nats.request_timeout.min(Duration::from_secs(2));
+        let mut streams = vec![self.settings.stream.clone()];
+        streams.extend(self.store_streams.names());
+        for name in streams {
+            match tokio::time::timeout(probe, self.js.get_stream(&name)).await {
+                Err(_elapsed) => return true,
+                // Answered: the stream is not there (a deleted bucket),
+                // which no waiting fixes.
+                Ok(Err(err))
+                    if matches!(err.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref js_err)
+                        if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
+                Ok(Err(_)) => return true,
+                Ok(Ok(stream)) => {
+                    let leaderless = stream
+                        .cached_info()
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|cluster| cluster.leader.is_none());
+                    if leaderless {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
     }
 
     /// Waits `delay` while keeping `message` alive with in-progress acks;

@@ -15,6 +15,7 @@ use super::bus::Publisher;
 use super::config::RoomSettings;
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::RoomMetrics;
+use super::streams::StoreStreams;
 
 /// How a room enters the runtime: `rooms/mod.rs` lists one per room.
 pub struct RoomSpec {
@@ -36,6 +37,8 @@ pub struct RoomContext {
     pub publisher: Publisher,
     /// The room's metrics; its buckets time their operations into them.
     pub metrics: RoomMetrics,
+    /// Where the room's buckets register the streams they live on.
+    pub store_streams: StoreStreams,
 }
 
 /// A room's gRPC service, served on its gRPC port next to health and reflection.

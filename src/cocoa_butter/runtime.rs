@@ -30,6 +30,7 @@ use super::guard::{GuardLayer, Policy};
 use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::servers::{self, Listeners, RoomInfo, ServerError};
+use super::streams::StoreStreams;
 use super::telemetry::requests::{ObserveLayer, Protocol};
 use super::telemetry::room_span;
 
@@ -133,11 +134,13 @@ pub async fn run(
         let span = room_span(&settings);
         let metrics = RoomMetrics::new(&settings.name, &connection_metrics);
         let publisher = Publisher::new(js.clone(), &settings, metrics.clone());
+        let store_streams = StoreStreams::default();
         let room = (spec.build)(RoomContext {
             settings: settings.clone(),
             jetstream: js.clone(),
             publisher: publisher.clone(),
             metrics: metrics.clone(),
+            store_streams: store_streams.clone(),
         })
         .map_err(|err| RuntimeError::Refused(err.to_string()))?;
         let addrs = listeners
@@ -250,6 +253,7 @@ pub async fn run(
             max_envelope_bytes: config.factory.limits.max_envelope_bytes,
             state: state.clone(),
             intake: intake.clone(),
+            store_streams,
         });
         consumers.spawn(supervise(engine, intake.clone()).instrument(span));
     }
@@ -326,7 +330,6 @@ async fn supervise(engine: Arc<Engine>, intake: CancellationToken) {
     loop {
         let attempt = attempt(&engine, &intake, &mut backoff, &mut discovery).await;
         state.set_bound(false);
-        engine.metrics.ready.set(0);
         match attempt {
             Ok(()) => return,
             Err(err) => {
@@ -403,7 +406,6 @@ async fn attempt(
     background.cancel();
     let _ = sampler.await;
     let _ = follower.await;
-    engine.metrics.paused.set(0);
     consumed?;
     Ok(())
 }
@@ -420,8 +422,6 @@ async fn consume(
     let mut desired = engine.state.watch_desired();
     loop {
         if desired.borrow_and_update().paused {
-            engine.metrics.ready.set(0);
-            engine.metrics.paused.set(1);
             tracing::warn!("paused by an operator: not pulling until resumed");
             tokio::select! {
                 _ = intake.cancelled() => return Ok(()),
@@ -429,8 +429,6 @@ async fn consume(
             }
             tracing::info!("resumed by an operator: pulling again");
         }
-        engine.metrics.paused.set(0);
-        engine.metrics.ready.set(1);
         tracing::info!("room ready");
         let pulling = intake.child_token();
         let run = engine.clone().run(consumer.clone(), pulling.clone());

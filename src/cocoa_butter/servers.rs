@@ -258,7 +258,7 @@ pub async fn serve_metrics(
 ) -> Result<(), ServerError> {
     let router = Router::new()
         .route("/metrics", get(metrics_route))
-        .with_state(metrics)
+        .with_state((metrics, state.clone()))
         .route(
             "/readyz",
             get(move || {
@@ -273,7 +273,14 @@ pub async fn serve_metrics(
 
 /// OpenMetrics (with exemplars) when the scraper asks for it, as Prometheus
 /// does by default; the classic text format otherwise.
-async fn metrics_route(State(metrics): State<RoomMetrics>, headers: HeaderMap) -> Response {
+async fn metrics_route(
+    State((metrics, state)): State<(RoomMetrics, Arc<RoomState>)>,
+    headers: HeaderMap,
+) -> Response {
+    // Computed at the scrape from the one source of readiness, so the
+    // gauge the paging alert reads can never disagree with `/readyz`.
+    metrics.ready.set(i64::from(state.ready()));
+    metrics.paused.set(i64::from(state.paused()));
     let wants_openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()

@@ -337,6 +337,28 @@ impl StreamOverrides {
     }
 }
 
+/// The streams a room's key-value buckets and object stores live on
+/// (`KV_<bucket>`, `OBJ_<bucket>`), registered as the room builds them, so
+/// the engine can ask whether they have a leader when a store call fails.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStreams(std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>);
+
+impl StoreStreams {
+    pub fn register(&self, stream: String) {
+        match self.0.lock() {
+            Ok(mut names) => names.insert(stream),
+            Err(poisoned) => poisoned.into_inner().insert(stream),
+        };
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        match self.0.lock() {
+            Ok(names) => names.iter().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().iter().cloned().collect(),
+        }
+    }
+}
+
 /// One setting a server's stream has other than configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drift {
