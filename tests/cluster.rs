@@ -333,7 +333,14 @@ async fn quorum_lost_and_regained_loses_nothing() {
     cluster.nodes[1].restart().await.expect("back on its store");
     load.await.expect("publisher");
     // Two of three: a majority again, and every input gets its output.
-    wait_for(&js, COORDINATION, COMPLETED, WRITES, Duration::from_secs(120)).await;
+    wait_for(
+        &js,
+        COORDINATION,
+        COMPLETED,
+        WRITES,
+        Duration::from_secs(120),
+    )
+    .await;
     factory.wait_ready().await;
     // The third back too (an ephemeral consumer of the checks below may
     // be placed on any of the stream's peers), then: once each, no loss.
