@@ -664,11 +664,13 @@ async fn streams_status(
     let mut out = String::new();
     writeln!(
         out,
-        "{:<9} {:<27} {:>8} {:>10} {:<16} {:>8} {:>8} {:>7} {:>5}  {:<20}  {:<20}",
+        "{:<9} {:<27} {:>8} {:>10} {:>5} {:<8} {:<16} {:>8} {:>8} {:>7} {:>5}  {:<20}  {:<20}",
         "ROOM",
         "STREAM",
         "MESSAGES",
         "BYTES",
+        "REPL",
+        "LEADER",
         "CONSUMER",
         "PENDING",
         "ACK PEND",
@@ -699,13 +701,37 @@ async fn streams_status(
         };
         let when =
             |part: &serde_json::Value| part["last_activity"].as_str().unwrap_or("-").to_string();
+        // Up-to-date copies of the configured: `2/3` is under-replicated.
+        let replication = &stream["replication"];
+        let copies = if stream_exists {
+            let current = usize::from(replication["leader"].is_string())
+                + replication["replicas"].as_array().map_or(0, |replicas| {
+                    replicas
+                        .iter()
+                        .filter(|r| r["current"] == true && r["offline"] != true)
+                        .count()
+                });
+            format!(
+                "{current}/{}",
+                stream["limits"]["replicas"].as_u64().unwrap_or(1)
+            )
+        } else {
+            "-".into()
+        };
+        let leader = match replication["leader"].as_str() {
+            Some(leader) => leader.to_string(),
+            None if stream_exists => "none".into(),
+            None => "-".into(),
+        };
         writeln!(
             out,
-            "{:<9} {:<27} {:>8} {:>10} {:<16} {:>8} {:>8} {:>7} {:>5}  {:<20}  {:<20}",
+            "{:<9} {:<27} {:>8} {:>10} {:>5} {:<8} {:<16} {:>8} {:>8} {:>7} {:>5}  {:<20}  {:<20}",
             row["room"].as_str().unwrap_or_default(),
             name(stream, stream_exists),
             number(&stream["messages"], stream_exists),
             number(&stream["bytes"], stream_exists),
+            copies,
+            leader,
             name(consumer, consumer_exists),
             number(&consumer["pending"], consumer_exists),
             number(&consumer["ack_pending"], consumer_exists),

@@ -270,6 +270,31 @@ async fn the_stream_leader_killed_mid_stream_loses_nothing() {
     load.await.expect("publisher");
     assert_each_write_once(&js, WRITES).await;
     factory.wait_ready().await;
+
+    // The room's metrics saw the new leader, and all three copies are
+    // current again once the restarted server caught up.
+    let series = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(name) && line.contains(COORDINATION))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    wait_until(Duration::from_secs(60), || async {
+        let text = scrape(&factory).await;
+        series(&text, "choco_stream_leader_changes_total") >= 1.0
+            && series(&text, "choco_stream_current_replicas") == 3.0
+            && series(&text, "choco_stream_replicas") == 3.0
+    })
+    .await;
+}
+
+async fn scrape(factory: &Factory) -> String {
+    reqwest::get(format!("http://{}/metrics", factory.metrics))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
 
 /// The stream's and then the consumer's leader step down through the

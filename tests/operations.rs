@@ -39,6 +39,7 @@ fn exported_series() -> BTreeSet<String> {
         0.001,
     );
     metrics.published("x.z", true, 0.001);
+    metrics.init_stream("choco:events:coordination");
     metrics.store_operation(
         StoreLabels {
             store: "kv",

@@ -79,6 +79,9 @@ pub struct RoomState {
     /// last such failure: the room is not ready while any is held.
     bus_holds: AtomicUsize,
     bus_fault: Mutex<Option<String>>,
+    /// The room's stream or consumer has no leader or does not answer, as
+    /// last sampled (`None` while they are led).
+    replication_fault: Mutex<Option<String>>,
 }
 
 /// One input held for a failure of NATS; releases its count when dropped.
@@ -113,6 +116,23 @@ impl RoomState {
             dead_letters: AtomicU64::new(0),
             bus_holds: AtomicUsize::new(0),
             bus_fault: Mutex::new(None),
+            replication_fault: Mutex::new(None),
+        }
+    }
+
+    /// What the last sample of the room's stream and consumer found wrong
+    /// with their leadership, or `None`.
+    pub fn set_replication_fault(&self, fault: Option<String>) {
+        match self.replication_fault.lock() {
+            Ok(mut guard) => *guard = fault,
+            Err(poisoned) => *poisoned.into_inner() = fault,
+        }
+    }
+
+    fn replication_fault(&self) -> Option<String> {
+        match self.replication_fault.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
@@ -237,6 +257,9 @@ impl RoomState {
         }
         if !self.servers_up() {
             return Some("a server of the room is restarting".into());
+        }
+        if let Some(fault) = self.replication_fault() {
+            return Some(fault);
         }
         if let Some(fault) = self.bus_fault() {
             return Some(format!(

@@ -68,6 +68,11 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub stream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabels {
     pub version: &'static str,
     pub git_sha: &'static str,
@@ -165,6 +170,11 @@ pub struct RoomMetrics {
     published: Family<PublishLabels, Counter>,
     publish_duration: Family<EventLabels, LatencyHistogram>,
     store_duration: Family<StoreLabels, Histogram>,
+    stream_replicas: Family<StreamLabels, Gauge<i64, AtomicI64>>,
+    stream_current_replicas: Family<StreamLabels, Gauge<i64, AtomicI64>>,
+    stream_replica_lag: Family<StreamLabels, Gauge<i64, AtomicI64>>,
+    stream_leader_changes: Family<StreamLabels, Counter>,
+    stream_removed_unconsumed: Family<StreamLabels, Counter>,
 }
 
 impl RoomMetrics {
@@ -192,6 +202,11 @@ impl RoomMetrics {
             published: Family::default(),
             publish_duration: Family::new_with_constructor(latency_histogram),
             store_duration: Family::new_with_constructor(|| Histogram::new(latency_buckets())),
+            stream_replicas: Family::default(),
+            stream_current_replicas: Family::default(),
+            stream_replica_lag: Family::default(),
+            stream_leader_changes: Family::default(),
+            stream_removed_unconsumed: Family::default(),
         };
         let m = &metrics;
         registry.register(
@@ -280,6 +295,33 @@ impl RoomMetrics {
             m.store_duration.clone(),
         );
         registry.register(
+            "choco_stream_replicas",
+            "Copies of the room's stream the server is configured to keep (sampled)",
+            m.stream_replicas.clone(),
+        );
+        registry.register(
+            "choco_stream_current_replicas",
+            "Copies of the room's stream that are up to date: its leader and every current replica \
+             (sampled; 0 while it has no leader)",
+            m.stream_current_replicas.clone(),
+        );
+        registry.register(
+            "choco_stream_replica_lag_operations",
+            "Operations the most-lagging replica of the room's stream is behind its leader (sampled)",
+            m.stream_replica_lag.clone(),
+        );
+        registry.register(
+            "choco_stream_leader_changes",
+            "Times the room's stream was seen with a new leader",
+            m.stream_leader_changes.clone(),
+        );
+        registry.register(
+            "choco_stream_messages_removed_unconsumed",
+            "Messages the stream's limits (max_age, max_bytes) removed before the room's consumer \
+             acknowledged them",
+            m.stream_removed_unconsumed.clone(),
+        );
+        registry.register(
             "choco_nats_connected",
             "1 while the process's NATS connection is up",
             connection.connected.clone(),
@@ -363,6 +405,52 @@ impl RoomMetrics {
                 })
                 .observe(seconds, exemplar(), None);
         }
+    }
+
+    /// Makes the room's stream's series exist at 0 before the first sample,
+    /// so rules over them work from the first scrape.
+    pub fn init_stream(&self, stream: &str) {
+        let labels = StreamLabels {
+            stream: stream.to_string(),
+        };
+        let _ = self.stream_replicas.get_or_create(&labels);
+        let _ = self.stream_current_replicas.get_or_create(&labels);
+        let _ = self.stream_replica_lag.get_or_create(&labels);
+        let _ = self.stream_leader_changes.get_or_create(&labels);
+        let _ = self.stream_removed_unconsumed.get_or_create(&labels);
+    }
+
+    /// One sample of the room's stream's replication.
+    pub fn stream_sampled(&self, stream: &str, configured: usize, current: usize, max_lag: u64) {
+        let labels = StreamLabels {
+            stream: stream.to_string(),
+        };
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.stream_replicas
+            .get_or_create(&labels)
+            .set(gauge(configured as u64));
+        self.stream_current_replicas
+            .get_or_create(&labels)
+            .set(gauge(current as u64));
+        self.stream_replica_lag
+            .get_or_create(&labels)
+            .set(gauge(max_lag));
+    }
+
+    pub fn stream_leader_changed(&self, stream: &str) {
+        self.stream_leader_changes
+            .get_or_create(&StreamLabels {
+                stream: stream.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn stream_removed_unconsumed(&self, stream: &str, messages: u64) {
+        self.stream_removed_unconsumed
+            .get_or_create(&StreamLabels {
+                stream: stream.to_string(),
+            })
+            .inc_by(messages);
     }
 
     pub fn store_operation(&self, labels: StoreLabels, seconds: f64) {

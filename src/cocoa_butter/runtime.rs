@@ -133,6 +133,7 @@ pub async fn run(
     for (spec, settings, listeners) in bound {
         let span = room_span(&settings);
         let metrics = RoomMetrics::new(&settings.name, &connection_metrics);
+        metrics.init_stream(&settings.stream);
         let publisher = Publisher::new(js.clone(), &settings, metrics.clone());
         let store_streams = StoreStreams::default();
         let room = (spec.build)(RoomContext {
@@ -518,8 +519,19 @@ async fn sample_lag(
     stop: CancellationToken,
 ) {
     let metrics = &engine.metrics;
+    let stream = &engine.settings.stream;
+    let mut leader: Option<String> = None;
+    // Stream sequences up to which removals by the limits are counted.
+    let mut counted_upto: Option<u64> = None;
+    let mut unanswered = 0u32;
     loop {
-        match consumer.get_info().await {
+        let consumer_info = consumer.get_info().await;
+        let stream_info = engine
+            .js
+            .get_stream(stream)
+            .await
+            .map(|handle| handle.cached_info().clone());
+        match &consumer_info {
             Ok(info) => {
                 let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
                 metrics.consumer_pending.set(gauge(info.num_pending));
@@ -532,15 +544,77 @@ async fn sample_lag(
             }
             Err(err) => tracing::debug!(error = %err, "cannot read the consumer's lag"),
         }
+        if let Ok(info) = &stream_info {
+            let replication = bus::Replication::from_info(info.cluster.as_ref());
+            metrics.stream_sampled(
+                stream,
+                info.config.num_replicas.max(1),
+                replication.current_copies(),
+                replication.max_lag(),
+            );
+            if let Some(now) = &replication.leader {
+                if leader.as_ref().is_some_and(|before| before != now) {
+                    metrics.stream_leader_changed(stream);
+                }
+                leader = Some(now.clone());
+            }
+            // Messages below the stream's first sequence are gone; those
+            // above the consumer's ack floor were gone before the room
+            // acknowledged them (discard-old is otherwise a silent drop).
+            if let Ok(consumer_info) = &consumer_info {
+                let removed_upto = info.state.first_sequence.saturating_sub(1);
+                let floor = consumer_info
+                    .ack_floor
+                    .stream_sequence
+                    .max(counted_upto.unwrap_or(0));
+                if removed_upto > floor {
+                    metrics.stream_removed_unconsumed(stream, removed_upto - floor);
+                    tracing::warn!(
+                        stream = %stream,
+                        removed = removed_upto - floor,
+                        "the stream's limits removed messages the room had not handled"
+                    );
+                }
+                counted_upto = Some(floor.max(removed_upto));
+            }
+        }
+        let leaderless = |cluster: Option<&jetstream::stream::ClusterInfo>| {
+            cluster.is_some_and(|c| c.leader.is_none())
+        };
+        let fault = match (&stream_info, &consumer_info) {
+            (Ok(info), _) if leaderless(info.cluster.as_ref()) => Some(format!(
+                "stream {stream} has no leader (the cluster lost its quorum or elects one)"
+            )),
+            (_, Ok(info)) if leaderless(info.cluster.as_ref()) => Some(format!(
+                "consumer {} has no leader (the cluster lost its quorum or elects one)",
+                engine.settings.durable_name
+            )),
+            (Ok(_), Ok(_)) => None,
+            (Err(err), _) => Some(format!("stream {stream} does not answer: {err}")),
+            (_, Err(err)) => Some(format!(
+                "consumer {} does not answer: {err}",
+                engine.settings.durable_name
+            )),
+        };
+        // One unanswered request is a blip; two in a row are not.
+        unanswered = if stream_info.is_err() || consumer_info.is_err() {
+            unanswered + 1
+        } else {
+            0
+        };
+        if fault.is_none() || unanswered != 1 {
+            engine.state.set_replication_fault(fault);
+        }
         match dlq::count_for_room(&engine.js, &engine.nats, &engine.settings.name).await {
             Ok(count) => engine.state.set_dead_letters(count),
             Err(err) => tracing::debug!(error = %err, "cannot count the room's dead letters"),
         }
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             _ = tokio::time::sleep(LAG_SAMPLE_INTERVAL) => {}
         }
     }
+    engine.state.set_replication_fault(None);
 }
 
 /// What the room says about itself to NATS service discovery: the `data` of
