@@ -82,6 +82,16 @@ pub struct RoomState {
     /// The room's stream or consumer has no leader or does not answer, as
     /// last sampled (`None` while they are led).
     replication_fault: Mutex<Option<String>>,
+    /// What the sampler last saw, kept across restarts of the consumer
+    /// loop: the stream's leader (to count changes) and the stream sequence
+    /// up to which removals by the stream's limits have been counted.
+    pub sampled: Mutex<SampledStream>,
+}
+
+#[derive(Debug, Default)]
+pub struct SampledStream {
+    pub leader: Option<String>,
+    pub removals_counted_upto: Option<u64>,
 }
 
 /// One input held for a failure of NATS; releases its count when dropped.
@@ -117,6 +127,7 @@ impl RoomState {
             bus_holds: AtomicUsize::new(0),
             bus_fault: Mutex::new(None),
             replication_fault: Mutex::new(None),
+            sampled: Mutex::new(SampledStream::default()),
         }
     }
 

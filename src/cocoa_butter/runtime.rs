@@ -520,9 +520,6 @@ async fn sample_lag(
 ) {
     let metrics = &engine.metrics;
     let stream = &engine.settings.stream;
-    let mut leader: Option<String> = None;
-    // Stream sequences up to which removals by the limits are counted.
-    let mut counted_upto: Option<u64> = None;
     let mut unanswered = 0u32;
     loop {
         let consumer_info = consumer.get_info().await;
@@ -552,11 +549,15 @@ async fn sample_lag(
                 replication.current_copies(),
                 replication.max_lag(),
             );
+            let mut sampled = match engine.state.sampled.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
             if let Some(now) = &replication.leader {
-                if leader.as_ref().is_some_and(|before| before != now) {
+                if sampled.leader.as_ref().is_some_and(|before| before != now) {
                     metrics.stream_leader_changed(stream);
                 }
-                leader = Some(now.clone());
+                sampled.leader = Some(now.clone());
             }
             // Messages below the stream's first sequence are gone; those
             // above the consumer's ack floor were gone before the room
@@ -566,7 +567,7 @@ async fn sample_lag(
                 let floor = consumer_info
                     .ack_floor
                     .stream_sequence
-                    .max(counted_upto.unwrap_or(0));
+                    .max(sampled.removals_counted_upto.unwrap_or(0));
                 if removed_upto > floor {
                     metrics.stream_removed_unconsumed(stream, removed_upto - floor);
                     tracing::warn!(
@@ -575,7 +576,7 @@ async fn sample_lag(
                         "the stream's limits removed messages the room had not handled"
                     );
                 }
-                counted_upto = Some(floor.max(removed_upto));
+                sampled.removals_counted_upto = Some(floor.max(removed_upto));
             }
         }
         let leaderless = |cluster: Option<&jetstream::stream::ClusterInfo>| {
