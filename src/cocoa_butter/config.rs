@@ -492,6 +492,32 @@ pub struct LimitsConfig {
     /// Longest a request may take (504 / `DEADLINE_EXCEEDED`).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Client connections the whole process holds at once, on every
+    /// listener together; lowered at start to what the open-file limit
+    /// leaves after a reserve for NATS and the stores. Over it a new
+    /// connection is closed at accept.
+    pub max_connections: usize,
+    /// Client connections one listener (a room's HTTP, gRPC or metrics
+    /// port) holds at once; at most half of `max_connections`, so one port
+    /// can never take the others' share.
+    pub max_connections_per_listener: usize,
+    /// An HTTP/1 request's headers must arrive within this; else the
+    /// connection is closed (slow or stalled clients).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection on which neither side sent a byte for this long is
+    /// closed (idle keep-alive, stalled clients, clients that stopped
+    /// reading).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 (gRPC and HTTP) pings an idle connection this often, and
+    /// closes it when the ping is not answered within the timeout.
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub http2_keepalive_timeout: Duration,
+    /// Concurrent streams (requests) on one HTTP/2 connection.
+    pub max_concurrent_streams: u32,
 }
 
 /// tonic's decoder refuses larger gRPC messages on its own.
@@ -505,6 +531,13 @@ impl Default for LimitsConfig {
             max_envelope_bytes: 1024 * 1024,
             max_concurrent_requests: 512,
             request_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            max_connections_per_listener: 1024,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 100,
         }
     }
 }
@@ -793,6 +826,15 @@ fn check_limits(limits: &LimitsConfig) -> Result<(), ConfigError> {
             "limits.max_concurrent_requests",
             limits.max_concurrent_requests,
         ),
+        ("limits.max_connections", limits.max_connections),
+        (
+            "limits.max_connections_per_listener",
+            limits.max_connections_per_listener,
+        ),
+        (
+            "limits.max_concurrent_streams",
+            limits.max_concurrent_streams as usize,
+        ),
     ];
     for (key, value) in positive {
         if value == 0 {
@@ -805,10 +847,36 @@ fn check_limits(limits: &LimitsConfig) -> Result<(), ConfigError> {
             format!("at most {GRPC_MESSAGE_CEILING} (the gRPC server's own ceiling)"),
         ));
     }
-    if limits.request_timeout.is_zero() {
+    for (key, value) in [
+        ("limits.request_timeout", limits.request_timeout),
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+        (
+            "limits.http2_keepalive_interval",
+            limits.http2_keepalive_interval,
+        ),
+        (
+            "limits.http2_keepalive_timeout",
+            limits.http2_keepalive_timeout,
+        ),
+    ] {
+        if value.is_zero() {
+            return Err(ConfigError::invalid(key, "must be longer than zero"));
+        }
+    }
+    if limits.max_connections_per_listener > limits.max_connections {
         return Err(ConfigError::invalid(
-            "limits.request_timeout",
-            "must be longer than zero",
+            "limits.max_connections_per_listener",
+            format!(
+                "{} is above limits.max_connections ({})",
+                limits.max_connections_per_listener, limits.max_connections
+            ),
+        ));
+    }
+    if limits.header_read_timeout > limits.idle_timeout {
+        return Err(ConfigError::invalid(
+            "limits.header_read_timeout",
+            "must not be longer than limits.idle_timeout (the idle timeout would close first)",
         ));
     }
     Ok(())

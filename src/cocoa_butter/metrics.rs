@@ -68,6 +68,12 @@ pub struct StoreLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `http`, `grpc` or `metrics`.
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
     pub stream: String,
 }
@@ -175,6 +181,8 @@ pub struct RoomMetrics {
     stream_replica_lag: Family<StreamLabels, Gauge<i64, AtomicI64>>,
     stream_leader_changes: Family<StreamLabels, Counter>,
     stream_removed_unconsumed: Family<StreamLabels, Counter>,
+    connections_open: Family<ListenerLabels, Gauge<i64, AtomicI64>>,
+    connections_refused: Family<ListenerLabels, Counter>,
 }
 
 impl RoomMetrics {
@@ -207,7 +215,14 @@ impl RoomMetrics {
             stream_replica_lag: Family::default(),
             stream_leader_changes: Family::default(),
             stream_removed_unconsumed: Family::default(),
+            connections_open: Family::default(),
+            connections_refused: Family::default(),
         };
+        for listener in ["http", "grpc", "metrics"] {
+            let labels = ListenerLabels { listener };
+            let _ = metrics.connections_open.get_or_create(&labels);
+            let _ = metrics.connections_refused.get_or_create(&labels);
+        }
         let m = &metrics;
         registry.register(
             "choco_consumer_messages_received",
@@ -320,6 +335,16 @@ impl RoomMetrics {
             "Messages the stream's limits (max_age, max_bytes) removed before the room's consumer \
              acknowledged them",
             m.stream_removed_unconsumed.clone(),
+        );
+        registry.register(
+            "choco_server_connections_open",
+            "Client connections the room's listener holds now",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "choco_server_connections_refused",
+            "Connections closed at accept because the listener's or the process's bound was reached",
+            m.connections_refused.clone(),
         );
         registry.register(
             "choco_nats_connected",
@@ -435,6 +460,15 @@ impl RoomMetrics {
         self.stream_replica_lag
             .get_or_create(&labels)
             .set(gauge(max_lag));
+    }
+
+    /// The open and refused counts of one listener (`http`, `grpc`, `metrics`).
+    pub fn listener(&self, listener: &'static str) -> (Gauge<i64, AtomicI64>, Counter) {
+        let labels = ListenerLabels { listener };
+        (
+            self.connections_open.get_or_create(&labels).clone(),
+            self.connections_refused.get_or_create(&labels).clone(),
+        )
     }
 
     pub fn stream_leader_changed(&self, stream: &str) {

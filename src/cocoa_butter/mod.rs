@@ -15,6 +15,7 @@ pub mod control;
 pub mod dlq;
 pub mod envelope;
 pub mod guard;
+pub mod hygiene;
 pub mod keys;
 pub mod metrics;
 pub mod nats_server;

@@ -27,6 +27,7 @@ use super::consumer::{ConsumerError, Engine, RoomState};
 use super::control::{self, Control, ControlError};
 use super::dlq;
 use super::guard::{GuardLayer, Policy};
+use super::hygiene;
 use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::servers::{self, Listeners, RoomInfo, ServerError};
@@ -98,6 +99,51 @@ pub async fn run(
         &config.factory.auth,
         &config.factory.limits,
     ));
+
+    // Descriptors first: the soft limit raised to the hard one, and the
+    // connection bounds kept below it, so NATS, the stores and every other
+    // listener keep descriptors whatever one port receives.
+    let limits = &config.factory.limits;
+    let descriptors = hygiene::DescriptorBudget::raise();
+    let max_connections = descriptors.connections(limits.max_connections);
+    let per_listener = limits
+        .max_connections_per_listener
+        .min((max_connections / 2).max(1));
+    tracing::info!(
+        open_files_was = descriptors.was,
+        open_files = descriptors.soft,
+        open_files_hard = descriptors.hard,
+        max_connections,
+        max_connections_per_listener = per_listener,
+        "descriptor budget"
+    );
+    if max_connections < limits.max_connections {
+        tracing::warn!(
+            configured = limits.max_connections,
+            max_connections,
+            "limits.max_connections lowered to what the open-file limit leaves (raise LimitNOFILE)"
+        );
+    }
+    let process_budget = hygiene::ProcessBudget::new(max_connections);
+    let connection_settings =
+        |metrics: &RoomMetrics, listener: &'static str, tls: Option<Arc<super::tls::ServerTls>>| {
+            let (open, refused) = metrics.listener(listener);
+            hygiene::ConnectionSettings {
+                tls,
+                limits: hygiene::ListenerLimits {
+                    listener,
+                    max_connections: per_listener,
+                    idle_timeout: limits.idle_timeout,
+                    process: process_budget.clone(),
+                    refused,
+                    open,
+                },
+                header_read_timeout: limits.header_read_timeout,
+                http2_keepalive_interval: limits.http2_keepalive_interval,
+                http2_keepalive_timeout: limits.http2_keepalive_timeout,
+                max_concurrent_streams: limits.max_concurrent_streams,
+            }
+        };
 
     // Bind every port before connecting or spawning anything.
     let mut bound = Vec::with_capacity(selected.len());
@@ -187,7 +233,9 @@ pub async fn run(
             guard.clone(),
             room.clone().http_routes(),
         );
-        let http_tls = listener_tls.clone();
+        let http_conn = connection_settings(&metrics, "http", listener_tls.clone());
+        let grpc_conn = connection_settings(&metrics, "grpc", listener_tls.clone());
+        let metrics_conn = connection_settings(&metrics, "metrics", None);
         servers.spawn(
             keep_serving(
                 "http",
@@ -195,7 +243,7 @@ pub async fn run(
                 addrs.http,
                 listeners.http,
                 stop_servers.clone(),
-                move |l, s| servers::serve_http(l, router.clone(), http_tls.clone(), s),
+                move |l, s| servers::serve_http(l, router.clone(), http_conn.clone(), s),
             )
             .instrument(span.clone()),
         );
@@ -203,7 +251,6 @@ pub async fn run(
         let grpc_state = state.clone();
         let mut first_grpc = Some(grpc);
         let observe_grpc = ObserveLayer::new(Protocol::Grpc, &settings.label, metrics.clone());
-        let grpc_tls = listener_tls.clone();
         servers.spawn(
             keep_serving(
                 "grpc",
@@ -221,7 +268,7 @@ pub async fn run(
                         grpc_state.clone(),
                         observe_grpc.clone(),
                         guard.clone(),
-                        grpc_tls.clone(),
+                        grpc_conn.clone(),
                         s,
                     )
                 },
@@ -238,7 +285,13 @@ pub async fn run(
                 listeners.metrics,
                 stop_servers.clone(),
                 move |l, s| {
-                    servers::serve_metrics(l, server_metrics.clone(), metrics_state.clone(), s)
+                    servers::serve_metrics(
+                        l,
+                        server_metrics.clone(),
+                        metrics_state.clone(),
+                        metrics_conn.clone(),
+                        s,
+                    )
                 },
             )
             .instrument(span.clone()),

@@ -15,7 +15,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -24,10 +23,10 @@ use tonic_health::ServingStatus;
 use super::config::RoomSettings;
 use super::consumer::RoomState;
 use super::guard::GuardLayer;
+use super::hygiene::{self, ConnectionSettings, GuardedListener};
 use super::metrics::{self, RoomMetrics};
 use super::room::GrpcService;
 use super::telemetry::{self, requests};
-use super::tls::ServerTls;
 use super::{admin, api};
 
 /// Descriptors of every contract under `proto/`, for server reflection.
@@ -215,36 +214,74 @@ async fn info_route(State(http): State<HttpState>) -> Response {
 }
 
 /// Serves `router` on `listener`, over TLS when `tls` is given (then a
-/// plain-text client fails its handshake and gets no answer).
+/// plain-text client fails its handshake and gets no answer), admitting
+/// connections within `conn`'s limits: hyper's HTTP/1 header-read timeout,
+/// HTTP/2 keep-alive pings, concurrent and pending-reset stream bounds.
+/// On `shutdown` it stops accepting, lets requests in flight finish and
+/// closes idle connections.
 pub async fn serve_http(
     listener: TcpListener,
     router: Router,
-    tls: Option<Arc<ServerTls>>,
+    conn: ConnectionSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    match tls {
-        Some(tls) => {
-            let listener = tls
-                .listener(listener)
-                .map_err(|err| ServerError::Http(err.to_string()))?;
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
-        None => {
-            // Answers go out as soon as they are written, not held back by
-            // Nagle's algorithm waiting for the client's delayed ACK.
-            let listener = listener.tap_io(|tcp| {
-                if let Err(err) = tcp.set_nodelay(true) {
-                    tracing::debug!(error = %err, "cannot set TCP_NODELAY");
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let mut listener = GuardedListener::new(listener, conn.limits.clone());
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(conn.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(conn.http2_keepalive_interval)
+        .keep_alive_timeout(conn.http2_keepalive_timeout)
+        .max_concurrent_streams(conn.max_concurrent_streams)
+        .max_pending_accept_reset_streams(hygiene::MAX_PENDING_RESETS);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = conn.tls.clone();
+        tokio::spawn(async move {
+            let served = match tls {
+                None => {
+                    let connection = builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), service)
+                        .into_owned();
+                    watcher.watch(connection).await
                 }
-            });
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
+                Some(tls) => match tls.handshake(io).await {
+                    Ok(stream) => {
+                        let connection = builder
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                            .into_owned();
+                        watcher.watch(connection).await
+                    }
+                    // A plain-text client or a rejected certificate: the
+                    // client sees the failure; it is not the server's.
+                    Err(err) => {
+                        tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                        return;
+                    }
+                },
+            };
+            if let Err(err) = served {
+                tracing::debug!(%peer, error = %err, "connection closed with an error");
+            }
+        });
     }
-    .map_err(|err| ServerError::Http(err.to_string()))
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// The operations port: `/metrics`, and `/readyz` again, so probes that
@@ -254,6 +291,7 @@ pub async fn serve_metrics(
     listener: TcpListener,
     metrics: RoomMetrics,
     state: Arc<RoomState>,
+    conn: ConnectionSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let router = Router::new()
@@ -268,7 +306,8 @@ pub async fn serve_metrics(
         );
     // Plain: scrapers sit next to the process, and a Prometheus that
     // scrapes over TLS would need its own certificate set-up per target.
-    serve_http(listener, router, None, shutdown).await
+    let conn = ConnectionSettings { tls: None, ..conn };
+    serve_http(listener, router, conn, shutdown).await
 }
 
 /// OpenMetrics (with exemplars) when the scraper asks for it, as Prometheus
@@ -314,7 +353,7 @@ pub async fn serve_grpc(
     state: Arc<RoomState>,
     observe: requests::ObserveLayer,
     guard: GuardLayer,
-    tls: Option<Arc<ServerTls>>,
+    conn: ConnectionSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -354,8 +393,12 @@ pub async fn serve_grpc(
         .build_v1alpha()
         .map_err(|err| ServerError::Grpc(err.to_string()))?;
 
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(conn.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(conn.http2_keepalive_timeout))
+        .max_concurrent_streams(conn.max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(hygiene::MAX_PENDING_RESETS));
+    if let Some(tls) = &conn.tls {
         builder = builder
             .tls_config(tls.grpc_config())
             .map_err(|err| ServerError::Grpc(err.to_string()))?;
@@ -367,11 +410,17 @@ pub async fn serve_grpc(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(
-            // `from(listener)` leaves TCP_NODELAY unset, unlike tonic's
-            // own `serve(addr)`: without it an answer larger than one
-            // segment waits ~40 ms for the client's delayed ACK (measured
-            // by benches/endpoints.rs: GetArtifact at 0.16 of a bare tonic).
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            // Admitted connections within the listener's limits, with
+            // TCP_NODELAY (without it an answer larger than one segment
+            // waits ~40 ms for the client's delayed ACK: benches/endpoints.rs
+            // measured GetArtifact at 0.16 of a bare tonic).
+            futures::stream::unfold(
+                GuardedListener::new(listener, conn.limits.clone()),
+                |mut listener| async move {
+                    let (io, _peer) = listener.accept().await;
+                    Some((Ok::<_, std::io::Error>(io), listener))
+                },
+            ),
             shutdown.cancelled_owned(),
         )
         .await

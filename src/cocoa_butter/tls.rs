@@ -8,7 +8,6 @@
 //! is rustls with the *ring* provider, the one async-nats already uses.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +16,7 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// A client that opens a connection and never finishes the handshake must
 /// not hold a task and a socket for long.
@@ -247,95 +242,22 @@ impl ServerTls {
         self.grpc.clone()
     }
 
-    /// Wraps a bound listener so axum serves TLS on it.
-    pub fn listener(&self, listener: TcpListener) -> std::io::Result<TlsListener> {
-        TlsListener::new(listener, TlsAcceptor::from(self.http.clone()))
-    }
-}
-
-/// A TLS listener for `axum::serve`. Handshakes run in their own tasks
-/// (bounded by [`HANDSHAKE_TIMEOUT`]), so one slow or plain-text client
-/// does not hold up the others; only finished handshakes are handed to
-/// axum. Dropping it stops accepting and closes the socket.
-pub struct TlsListener {
-    local: SocketAddr,
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    fn new(listener: TcpListener, acceptor: TlsAcceptor) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, accepted) = mpsc::channel(64);
-        let acceptor = tokio::spawn(accept_loop(listener, acceptor, tx));
-        Ok(TlsListener {
-            local,
-            accepted,
-            acceptor,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        // Aborting the loop drops the socket and every pending handshake.
-        self.acceptor.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(accepted) => accepted,
-            // The loop only ends when this listener is dropped; until then
-            // there is simply nothing to accept.
-            None => std::future::pending().await,
+    /// The TLS handshake on an accepted connection, bounded by
+    /// [`HANDSHAKE_TIMEOUT`].
+    pub async fn handshake<IO>(
+        &self,
+        io: IO,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let acceptor = TlsAcceptor::from(self.http.clone());
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
         }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    accepted: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let mut handshakes = JoinSet::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            incoming = listener.accept() => match incoming {
-                Ok(incoming) => incoming,
-                Err(err) => {
-                    // Out of file descriptors and the like: back off as
-                    // axum does for plain listeners instead of spinning.
-                    tracing::warn!(error = %err, "cannot accept a TLS connection");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            },
-            Some(_) = handshakes.join_next() => continue,
-        };
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%peer, error = %err, "cannot set TCP_NODELAY");
-        }
-        let acceptor = acceptor.clone();
-        let accepted = accepted.clone();
-        handshakes.spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = accepted.send((stream, peer)).await;
-                }
-                // A plain-text client or a rejected certificate: the
-                // client sees the failure; it is not the server's error.
-                Ok(Err(err)) => tracing::debug!(%peer, error = %err, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-            }
-        });
     }
 }

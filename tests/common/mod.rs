@@ -106,7 +106,23 @@ impl Factory {
 
     /// Starts the binary and waits until the room labelled `label` listens.
     pub async fn start_room(env: Vec<(String, String)>, args: &[&str], label: &str) -> Factory {
-        let mut child = Command::new(BIN)
+        Self::start_under(&[], env, args, label).await
+    }
+
+    /// Like [`Factory::start_room`], with the binary run by `wrapper`
+    /// (`["prlimit", "--nofile=1024:1024", "--"]`).
+    pub async fn start_under(
+        wrapper: &[&str],
+        env: Vec<(String, String)>,
+        args: &[&str],
+        label: &str,
+    ) -> Factory {
+        let (program, before) = match wrapper.split_first() {
+            Some((program, rest)) => (*program, rest.iter().copied().chain([BIN]).collect()),
+            None => (BIN, Vec::new()),
+        };
+        let mut child = Command::new(program)
+            .args(before)
             .args(args)
             .envs(env)
             .env_remove("RUST_LOG")
@@ -188,6 +204,18 @@ impl Factory {
             .await
             .expect("exits in time")
             .expect("wait")
+    }
+
+    /// The addresses another room of the same process logged.
+    pub fn room_addrs(&self, label: &str) -> Option<(SocketAddr, SocketAddr, SocketAddr)> {
+        self.logs.lock().expect("logs").iter().find_map(|line| {
+            let json: Value = serde_json::from_str(line).ok()?;
+            if json["message"] != "room listening" || json["factory.room"] != label {
+                return None;
+            }
+            let addr = |k: &str| json[k].as_str()?.parse().ok();
+            Some((addr("http")?, addr("grpc")?, addr("metrics")?))
+        })
     }
 
     pub fn logs_containing(&self, needle: &str) -> Vec<String> {
@@ -327,19 +355,33 @@ pub async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Ve
             Err(err) => panic!("ordered consumer on {filter}: {err}"),
         }
     };
+    // The consumer knows how many messages match: none, and there is
+    // nothing to wait for; some, and they are read to the last (`pending`
+    // 0), riding out a pause (a cluster electing a leader) on the way.
+    if consumer.cached_info().num_pending == 0 {
+        return Vec::new();
+    }
     let mut messages = consumer.messages().await.expect("messages");
     let mut out = Vec::new();
-    while let Ok(Some(Ok(message))) =
-        tokio::time::timeout(Duration::from_millis(300), messages.next()).await
-    {
-        let pending = message.info().map(|i| i.pending).unwrap_or(0);
-        out.push(Stored {
-            subject: message.subject.to_string(),
-            headers: message.headers.clone(),
-            body: message.payload.clone(),
-        });
-        if pending == 0 {
-            break;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), messages.next()).await {
+            Ok(Some(Ok(message))) => {
+                let pending = message.info().map(|i| i.pending).unwrap_or(0);
+                out.push(Stored {
+                    subject: message.subject.to_string(),
+                    headers: message.headers.clone(),
+                    body: message.payload.clone(),
+                });
+                if pending == 0 {
+                    break;
+                }
+            }
+            Ok(Some(Err(err))) if Instant::now() < deadline => {
+                eprintln!("reading {filter}: {err}; going on");
+            }
+            Err(_elapsed) if Instant::now() < deadline => {}
+            _ => panic!("reading {filter}: stopped after {} messages", out.len()),
         }
     }
     out

@@ -1,0 +1,275 @@
+//! Hostile and careless clients on the same network: stalled connections
+//! (slowloris) and connection floods aimed at ONE room's port, under a
+//! 1024 open-file limit. The other rooms' ports and every metrics port keep
+//! answering throughout, the process never runs out of descriptors, the
+//! stalled connections are closed by the server within the timeouts, and
+//! the attacked port answers again on its own once the attack stops.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HEADER_READ_TIMEOUT: &str = "2s";
+const IDLE_TIMEOUT: &str = "3s";
+
+/// The conch and the mould in one process under `nofile` (soft:hard).
+async fn two_rooms(nats: &Nats, nofile: &str) -> (Factory, (SocketAddr, SocketAddr, SocketAddr)) {
+    let mut env = room_env(&nats.url(), "CONCH");
+    env.extend(room_env(&nats.url(), "MOULD"));
+    env.push((
+        "CHOCO_LIMITS__HEADER_READ_TIMEOUT".into(),
+        HEADER_READ_TIMEOUT.into(),
+    ));
+    env.push(("CHOCO_LIMITS__IDLE_TIMEOUT".into(), IDLE_TIMEOUT.into()));
+    let limit = format!("--nofile={nofile}");
+    let factory = Factory::start_under(
+        &["prlimit", &limit, "--"],
+        env,
+        &["serve", "--rooms", "conch,mould"],
+        "Fudge Room",
+    )
+    .await;
+    factory.wait_ready().await;
+    let mut mould = None;
+    wait_until(Duration::from_secs(10), || {
+        mould = factory.room_addrs("Moulding Room");
+        std::future::ready(mould.is_some())
+    })
+    .await;
+    (factory, mould.expect("the mould listens"))
+}
+
+async fn answers(url: String) -> bool {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .expect("client");
+    client
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// Opens `count` connections to `addr`, each sending `prefix` and then
+/// nothing more (the half of a request).
+async fn stall(addr: SocketAddr, count: usize, prefix: &'static [u8]) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(count);
+    for _ in 0..count {
+        match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            Ok(Ok(mut socket)) => {
+                let _ = socket.write_all(prefix).await;
+                held.push(socket);
+            }
+            _ => continue,
+        }
+    }
+    held
+}
+
+/// Every held socket is closed by the server (EOF or reset) by `limit`.
+async fn all_closed_by_the_server(held: Vec<TcpStream>, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    let mut open = 0;
+    for mut socket in held {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut byte = [0u8; 512];
+        let closed = loop {
+            match tokio::time::timeout(left.max(Duration::from_millis(1)), socket.read(&mut byte))
+                .await
+            {
+                Ok(Ok(0)) | Ok(Err(_)) => break true,
+                // A refusal page or an error answer: read on to the close.
+                Ok(Ok(_)) => continue,
+                Err(_) => break false,
+            }
+        };
+        if !closed {
+            open += 1;
+        }
+    }
+    open
+}
+
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && line.contains(label))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn scrape(addr: SocketAddr) -> String {
+    reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+async fn the_others_answer(factory: &Factory, mould: (SocketAddr, SocketAddr, SocketAddr)) {
+    let (mould_http, _, mould_metrics) = mould;
+    assert!(
+        answers(format!("http://{mould_http}/healthz")).await,
+        "the mould's HTTP port"
+    );
+    assert!(
+        answers(format!("http://{mould_metrics}/metrics")).await,
+        "the mould's metrics"
+    );
+    assert!(
+        answers(format!("http://{}/metrics", factory.metrics)).await,
+        "the conch's metrics port"
+    );
+    assert!(
+        answers(format!("http://{}/readyz", factory.metrics)).await,
+        "the conch is still ready: its NATS connection is untouched"
+    );
+}
+
+/// 1,300 connections that send half a request line, at the conch's HTTP
+/// port, under soft = hard = 1024 open files: most are refused at accept
+/// (counted, logged a few times only), the rest are closed by the header
+/// timeout; the mould and every metrics port answer throughout.
+#[tokio::test]
+async fn slowloris_on_one_http_port_leaves_every_other_port_serving() {
+    let nats = Nats::start().await;
+    let (factory, mould) = two_rooms(&nats, "1024:1024").await;
+    let budget = factory.logs_containing("descriptor budget");
+    assert!(
+        budget.iter().any(|l| l.contains(r#""open_files":1024"#)),
+        "{budget:?}"
+    );
+
+    let started = Instant::now();
+    let held = stall(factory.http, 1300, b"GET /healthz HTTP/1.1\r\nHost: x").await;
+    eprintln!(
+        "{} connections opened in {:?}",
+        held.len(),
+        started.elapsed()
+    );
+    the_others_answer(&factory, mould).await;
+    let text = scrape(factory.metrics).await;
+    let refused = metric(
+        &text,
+        "choco_server_connections_refused_total",
+        r#"listener="http""#,
+    );
+    eprintln!("refused at accept: {refused}");
+    assert!(
+        refused > 0.0,
+        "connections over the bound are refused:\n{text}"
+    );
+
+    let open = all_closed_by_the_server(held, Duration::from_secs(8)).await;
+    assert_eq!(open, 0, "every stalled connection was closed by the server");
+    assert!(
+        answers(factory.url("/healthz")).await,
+        "the attacked port answers again"
+    );
+    the_others_answer(&factory, mould).await;
+    let warnings = factory.logs_containing("refusing connections");
+    assert!(
+        warnings.len() <= 3,
+        "refusals are logged rate-limited: {}",
+        warnings.len()
+    );
+    assert!(factory.logs_containing("Too many open files").len() <= 3);
+}
+
+/// The same against the gRPC port with half an HTTP/2 preface, under a soft
+/// limit of 1024 and a hard one of 4096: the limit is raised at start, and
+/// the idle timeout closes the stalled connections.
+#[tokio::test]
+async fn slowloris_on_one_grpc_port_is_closed_by_the_idle_timeout() {
+    let nats = Nats::start().await;
+    let (factory, mould) = two_rooms(&nats, "1024:4096").await;
+    let budget = factory.logs_containing("descriptor budget");
+    assert!(
+        budget
+            .iter()
+            .any(|l| l.contains(r#""open_files_was":1024"#) && l.contains(r#""open_files":4096"#)),
+        "the soft limit is raised to the hard one: {budget:?}"
+    );
+    let held = stall(factory.grpc, 1300, b"PRI * HTTP/2.0\r\n").await;
+    the_others_answer(&factory, mould).await;
+    let open = all_closed_by_the_server(held, Duration::from_secs(10)).await;
+    assert_eq!(open, 0, "every stalled connection was closed by the server");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", factory.grpc))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("the attacked gRPC port answers again");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+/// 10,000 connections opened at once at one port (and held): the process
+/// admits what its bound allows, closes the rest at accept, and keeps its
+/// descriptors for everything else.
+#[tokio::test]
+async fn ten_thousand_connections_at_one_port_do_not_exhaust_the_process() {
+    let nats = Nats::start().await;
+    let (factory, mould) = two_rooms(&nats, "1024:1024").await;
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.extend(stall(factory.http, 1000, b"").await);
+        the_others_answer(&factory, mould).await;
+    }
+    eprintln!("{} of 10000 connections opened", held.len());
+    let text = scrape(factory.metrics).await;
+    let open = metric(&text, "choco_server_connections_open", r#"listener="http""#);
+    assert!(
+        open <= 448.0,
+        "at most half of the budget on one listener: {open}"
+    );
+    drop(held);
+    wait_until(Duration::from_secs(10), || answers(factory.url("/healthz"))).await;
+}
+
+/// The shipped units let the runtime raise its soft open-file limit: they
+/// set `LimitNOFILE`, and their system-call filter, which forbids the
+/// `@resources` group, allows `setrlimit`/`prlimit64` again after it.
+#[test]
+fn the_units_set_a_descriptor_limit_and_allow_the_raise() {
+    for unit in [
+        "deploy/systemd/choco-factory.service",
+        "deploy/systemd/choco-factory@.service",
+    ] {
+        let text = std::fs::read_to_string(unit).expect("unit");
+        assert!(
+            text.lines().any(|l| l.starts_with("LimitNOFILE=")),
+            "{unit} sets LimitNOFILE"
+        );
+        let filters: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+            .collect();
+        let denied = filters
+            .iter()
+            .position(|f| f.starts_with('~') && f.contains("@resources"));
+        let allowed = filters.iter().rposition(|f| {
+            !f.starts_with('~') && f.contains("setrlimit") && f.contains("prlimit64")
+        });
+        assert!(
+            matches!((denied, allowed), (Some(d), Some(a)) if a > d) || denied.is_none(),
+            "{unit}: setrlimit and prlimit64 are allowed after @resources is denied: {filters:?}"
+        );
+    }
+}
