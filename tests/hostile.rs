@@ -26,6 +26,8 @@ async fn two_rooms(nats: &Nats, nofile: &str) -> (Factory, (SocketAddr, SocketAd
         HEADER_READ_TIMEOUT.into(),
     ));
     env.push(("CHOCO_LIMITS__IDLE_TIMEOUT".into(), IDLE_TIMEOUT.into()));
+    // Below the idle timeout, as validation requires.
+    env.push(("CHOCO_LIMITS__REQUEST_TIMEOUT".into(), "2500ms".into()));
     let limit = format!("--nofile={nofile}");
     let factory = Factory::start_under(
         &["prlimit", &limit, "--"],

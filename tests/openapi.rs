@@ -10,14 +10,31 @@ use serde_yaml_ng::Value;
 const METHODS: [&str; 5] = ["get", "post", "put", "delete", "patch"];
 
 /// `(path, method)` of every `.route("<path>", <method>(..).<method>(..))`
-/// line in `source`, with axum's `{*rest}` written as OpenAPI's `{rest}`.
+/// call in `source`, on one line or spread over several as rustfmt writes
+/// long ones, with axum's `{*rest}` written as OpenAPI's `{rest}`.
 fn routes_in_source(source: &str, skip: &[&str]) -> BTreeSet<(String, String)> {
     let mut routes = BTreeSet::new();
-    for line in source.lines() {
-        let Some(rest) = line.trim().strip_prefix(".route(\"") else {
+    let mut rest = source;
+    while let Some(at) = rest.find(".route(") {
+        rest = &rest[at + ".route(".len()..];
+        let Some(quoted) = rest.trim_start().strip_prefix('"') else {
             continue;
         };
-        let (path, handlers) = rest.split_once('"').expect("a quoted path");
+        let (path, after) = quoted.split_once('"').expect("a quoted path");
+        // The handlers: up to the parenthesis that closes `.route(`.
+        let mut depth = 1;
+        let end = after
+            .char_indices()
+            .find(|&(_, c)| {
+                depth += match c {
+                    '(' => 1,
+                    ')' => -1,
+                    _ => 0,
+                };
+                depth == 0
+            })
+            .map_or(after.len(), |(i, _)| i);
+        let handlers = &after[..end];
         if skip.contains(&path) {
             continue;
         }
@@ -35,7 +52,7 @@ fn routes_in_source(source: &str, skip: &[&str]) -> BTreeSet<(String, String)> {
                 search = &search[at + called.len()..];
             }
         }
-        assert!(found, "no method found on the route line {line:?}");
+        assert!(found, "no method found on the route {path:?}");
     }
     routes
 }

@@ -402,6 +402,30 @@ fn warn_if_unreplicated(name: &str, info: &stream::Info, storage: &StreamStorage
     );
 }
 
+/// [`ensure_bucket_storage`], where a failure to check or put right the
+/// bucket's settings does not keep a working bucket from opening: it is
+/// logged and reported as drift left in place.
+async fn bucket_storage_or_report(
+    js: &jetstream::Context,
+    stream_name: &str,
+    storage: &BucketStorage,
+) -> Provisioned {
+    match ensure_bucket_storage(js, stream_name, storage).await {
+        Ok(found) => found,
+        Err(reason) => {
+            tracing::warn!(
+                stream = stream_name,
+                error = %reason,
+                "cannot check or update the bucket's replicas and placement; using it as it is"
+            );
+            Provisioned::Drifted {
+                drift: vec![reason],
+                updated: false,
+            }
+        }
+    }
+}
+
 /// Puts a bucket's stream (`KV_<bucket>`, `OBJ_<bucket>`) to the
 /// configured replicas and placement, when provisioning; reports either way.
 async fn ensure_bucket_storage(
@@ -1159,18 +1183,12 @@ impl KvBucket {
         self.store
             .get_or_try_init(|| async move {
                 if let Ok(store) = self.js.get_key_value(&self.bucket).await {
-                    let checked = ensure_bucket_storage(
+                    let checked = bucket_storage_or_report(
                         &self.js,
                         &format!("KV_{}", self.bucket),
                         &self.storage,
                     )
-                    .await
-                    .map_err(|reason| {
-                        super::room::RoomError::Nats(format!(
-                            "key-value bucket {}: {reason}",
-                            self.bucket
-                        ))
-                    })?;
+                    .await;
                     *found_ref.lock().unwrap_or_else(|e| e.into_inner()) = checked;
                     return Ok(store);
                 }
@@ -1404,14 +1422,12 @@ impl ObjectBucket {
         self.store
             .get_or_try_init(|| async {
                 if let Ok(store) = self.js.get_object_store(&self.bucket).await {
-                    ensure_bucket_storage(&self.js, &format!("OBJ_{}", self.bucket), &self.storage)
-                        .await
-                        .map_err(|reason| {
-                            super::room::RoomError::Nats(format!(
-                                "object store {}: {reason}",
-                                self.bucket
-                            ))
-                        })?;
+                    bucket_storage_or_report(
+                        &self.js,
+                        &format!("OBJ_{}", self.bucket),
+                        &self.storage,
+                    )
+                    .await;
                     return Ok(store);
                 }
                 self.js

@@ -873,6 +873,13 @@ fn check_limits(limits: &LimitsConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if limits.request_timeout >= limits.idle_timeout {
+        return Err(ConfigError::invalid(
+            "limits.request_timeout",
+            "must be shorter than limits.idle_timeout (a request that sends nothing back while \
+             it runs would be cut by the idle timeout)",
+        ));
+    }
     if limits.header_read_timeout > limits.idle_timeout {
         return Err(ConfigError::invalid(
             "limits.header_read_timeout",
@@ -1133,6 +1140,19 @@ pub fn validate(
         rooms.push(resolve_room(&factory, name, room)?);
     }
     check_ports(&rooms)?;
+    // JetStream refuses a duplicate window longer than the stream's age.
+    for storage in rooms.iter().map(|room| &room.streams) {
+        if !storage.max_age.is_zero() && storage.max_age < factory.nats.duplicate_window {
+            return Err(ConfigError::invalid(
+                format!("{}.max_age", storage.key),
+                format!(
+                    "{} is shorter than nats.duplicate_window ({}), which JetStream refuses",
+                    humantime::format_duration(storage.max_age),
+                    humantime::format_duration(factory.nats.duplicate_window)
+                ),
+            ));
+        }
+    }
     let dlq_storage = factory
         .streams
         .for_dlq(&rooms.iter().map(|room| &room.streams).collect::<Vec<_>>())?;
@@ -1818,6 +1838,43 @@ mod tests {
         assert!(
             err.to_string()
                 .starts_with("streams.replicas: 0 is not 1–5"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn connection_and_retention_limits_are_checked_against_each_other() {
+        let mut factory = builtin();
+        factory.limits.idle_timeout = Duration::from_secs(5);
+        let err = validate(factory, None)
+            .map(|_| ())
+            .expect_err("request >= idle");
+        assert!(
+            err.to_string().starts_with("limits.request_timeout:"),
+            "{err}"
+        );
+        let mut factory = builtin();
+        factory.limits.max_connections_per_listener = factory.limits.max_connections + 1;
+        let err = validate(factory, None)
+            .map(|_| ())
+            .expect_err("listener > process");
+        assert!(
+            err.to_string()
+                .starts_with("limits.max_connections_per_listener:"),
+            "{err}"
+        );
+        let mut factory = builtin();
+        factory
+            .rooms
+            .get_mut("mould")
+            .expect("mould")
+            .streams
+            .max_age = Some(Duration::from_secs(60));
+        let err = validate(factory, None)
+            .map(|_| ())
+            .expect_err("age < window");
+        assert!(
+            err.to_string().starts_with("rooms.mould.streams.max_age:"),
             "{err}"
         );
     }

@@ -408,18 +408,24 @@ impl Engine {
             // this one message waits for a slot; with `pinned` the server
             // bounds unacked messages by `max_in_flight`, so the wait is
             // short.
-            let permit = tokio::select! {
-                _ = intake.cancelled() => {
-                    hand_back(message).await;
-                    break Ok(());
-                }
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => {
-                        hand_back(message).await;
-                        break Ok(());
+            // While every slot is held (lanes holding inputs for a failing
+            // NATS, say), the waiting message is kept alive so it does not
+            // come back as a counted redelivery.
+            let keepalive = cfg.ack_wait / 3;
+            let acquire = slots.clone().acquire_owned();
+            tokio::pin!(acquire);
+            let permit = loop {
+                tokio::select! {
+                    _ = intake.cancelled() => break None,
+                    permit = &mut acquire => break permit.ok(),
+                    _ = tokio::time::sleep(keepalive) => {
+                        let _ = message.ack_with(AckKind::Progress).await;
                     }
-                },
+                }
+            };
+            let Some(permit) = permit else {
+                hand_back(message).await;
+                break Ok(());
             };
             self.metrics.in_flight.inc();
             let slot = Slot {
@@ -783,11 +789,10 @@ impl Engine {
                         if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => {}
                 Ok(Err(_)) => return true,
                 Ok(Ok(stream)) => {
-                    let leaderless = stream
-                        .cached_info()
-                        .cluster
-                        .as_ref()
-                        .is_some_and(|cluster| cluster.leader.is_none());
+                    let leaderless = stream.cached_info().cluster.is_some()
+                        && bus::Replication::from_info(stream.cached_info().cluster.as_ref())
+                            .leader
+                            .is_none();
                     if leaderless {
                         return true;
                     }
@@ -802,6 +807,9 @@ impl Engine {
     async fn wait_holding(&self, message: &jetstream::Message, delay: Duration) -> bool {
         let keepalive = self.settings.consumer.ack_wait / 3;
         let until = Instant::now() + delay;
+        // At once too: the failed attempt itself may have taken most of
+        // an ack wait (a store call that timed out).
+        let _ = message.ack_with(AckKind::Progress).await;
         loop {
             let now = Instant::now();
             if now >= until {

@@ -317,7 +317,7 @@ impl RoomMetrics {
         registry.register(
             "choco_stream_current_replicas",
             "Copies of the room's stream that are up to date: its leader and every current replica \
-             (sampled; 0 while it has no leader)",
+             (sampled)",
             m.stream_current_replicas.clone(),
         );
         registry.register(
@@ -332,8 +332,8 @@ impl RoomMetrics {
         );
         registry.register(
             "choco_stream_messages_removed_unconsumed",
-            "Messages the stream's limits (max_age, max_bytes) removed before the room's consumer \
-             acknowledged them",
+            "Messages the stream's limits (max_age, max_bytes) removed before they were ever \
+             delivered to the room",
             m.stream_removed_unconsumed.clone(),
         );
         registry.register(

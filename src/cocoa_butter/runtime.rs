@@ -613,12 +613,14 @@ async fn sample_lag(
                 sampled.leader = Some(now.clone());
             }
             // Messages below the stream's first sequence are gone; those
-            // above the consumer's ack floor were gone before the room
-            // acknowledged them (discard-old is otherwise a silent drop).
+            // above the last one delivered to the room were gone before it
+            // ever saw them (discard-old is otherwise a silent drop). Not
+            // the ack floor: lanes acknowledge out of order, so the floor
+            // can sit far below what was handled.
             if let Ok(consumer_info) = &consumer_info {
                 let removed_upto = info.state.first_sequence.saturating_sub(1);
                 let floor = consumer_info
-                    .ack_floor
+                    .delivered
                     .stream_sequence
                     .max(sampled.removals_counted_upto.unwrap_or(0));
                 if removed_upto > floor {
@@ -633,7 +635,7 @@ async fn sample_lag(
             }
         }
         let leaderless = |cluster: Option<&jetstream::stream::ClusterInfo>| {
-            cluster.is_some_and(|c| c.leader.is_none())
+            cluster.is_some() && bus::Replication::from_info(cluster).leader.is_none()
         };
         let fault = match (&stream_info, &consumer_info) {
             (Ok(info), _) if leaderless(info.cluster.as_ref()) => Some(format!(

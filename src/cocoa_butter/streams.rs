@@ -26,6 +26,11 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(180 * 24 * 60 * 60);
 /// subject, stream and sequence, and the original's own headers).
 pub const DEAD_LETTER_HEADER_BYTES: i64 = 16 * 1024;
 
+/// Room for the headers on an envelope the factory publishes (message id,
+/// event type, correlation id, trace context): the server counts them in a
+/// message's size against `max_msg_size`.
+pub const ENVELOPE_HEADER_BYTES: usize = 8 * 1024;
+
 /// A refused `[streams]` setting, naming its key.
 #[derive(Debug, thiserror::Error)]
 #[error("{key}: {message}")]
@@ -260,12 +265,14 @@ impl StreamsConfig {
             format!("rooms.{room}.streams")
         };
         let storage = self.resolve(&key, over)?;
-        if storage.max_msg_size >= 0 && (storage.max_msg_size as usize) < max_envelope_bytes {
+        let needed = max_envelope_bytes.saturating_add(ENVELOPE_HEADER_BYTES);
+        if storage.max_msg_size >= 0 && (storage.max_msg_size as usize) < needed {
             return Err(invalid(
                 &format!("{key}.max_msg_size"),
                 format!(
-                    "{} is below limits.max_envelope_bytes ({max_envelope_bytes}): envelopes the \
-                     room accepts could not be stored",
+                    "{} is below limits.max_envelope_bytes ({max_envelope_bytes}) plus \
+                     {ENVELOPE_HEADER_BYTES} bytes of headers: envelopes the room accepts could \
+                     not be stored",
                     storage.max_msg_size
                 ),
             ));
@@ -604,6 +611,14 @@ mod tests {
             .for_room("mould", &StreamOverrides::default(), 4096)
             .unwrap_err();
         assert_eq!(err.key, "streams.max_msg_size");
+        let config = StreamsConfig {
+            max_msg_size: 4096 + ENVELOPE_HEADER_BYTES as u32 - 1,
+            ..Default::default()
+        };
+        let err = config
+            .for_room("mould", &StreamOverrides::default(), 4096)
+            .unwrap_err();
+        assert!(err.message.contains("bytes of headers"), "{err}");
     }
 
     #[test]
