@@ -259,21 +259,61 @@ async fn the_production_config_runs_on_a_three_node_cluster() {
 async fn the_stream_leader_killed_mid_stream_loses_nothing() {
     const WRITES: usize = 600;
     let mut cluster = Cluster::start().await;
-    let (_client, js) = cluster.client().await;
+    let (client, js) = cluster.client().await;
     let factory = Factory::start_with(conch_on(&cluster), &["serve", "--rooms", "conch"]).await;
     factory.wait_ready().await;
     assert_eq!(replicas_of(&js, COORDINATION).await, 3);
+
+    // The failover as a client sees it, measured (never asserted): when
+    // the server's leader-elected advisory arrives, and the longest gap
+    // between two outputs of the room around the kill.
+    let mut elected = client
+        .subscribe(format!(
+            "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.{COORDINATION}"
+        ))
+        .await
+        .expect("advisories");
+    let mut outputs = client.subscribe(COMPLETED).await.expect("outputs");
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+    let recorder = {
+        let arrivals = arrivals.clone();
+        tokio::spawn(async move {
+            while futures::StreamExt::next(&mut outputs).await.is_some() {
+                arrivals.lock().expect("arrivals").push(Instant::now());
+            }
+        })
+    };
 
     let load = steady_writes(js.clone(), "leader-kill", WRITES, 100);
     wait_for(&js, COORDINATION, COMPLETED, 100, Duration::from_secs(60)).await;
     let leader = cluster.stream_leader(&js, COORDINATION).await;
     eprintln!("killing the stream leader n{}", leader + 1);
+    let killed = Instant::now();
     cluster.nodes[leader].kill().await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let election = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::StreamExt::next(&mut elected),
+    )
+    .await
+    .ok()
+    .map(|_| killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(killed.elapsed())).await;
     cluster.nodes[leader].restart().await.expect("same store");
     load.await.expect("publisher");
     assert_each_write_once(&js, WRITES).await;
     factory.wait_ready().await;
+    recorder.abort();
+    let arrivals = arrivals.lock().expect("arrivals").clone();
+    let stall = arrivals
+        .windows(2)
+        .filter(|pair| pair[1] >= killed)
+        .map(|pair| pair[1] - pair[0])
+        .max();
+    eprintln!(
+        "failover: leader elected {election:?} after the kill (server advisory); longest gap \
+         between outputs {stall:?}; the runtime's share {:?}",
+        stall.zip(election).map(|(s, e)| s.saturating_sub(e))
+    );
 
     // The room's metrics saw the new leader, and all three copies are
     // current again once the restarted server caught up.

@@ -275,3 +275,38 @@ fn the_units_set_a_descriptor_limit_and_allow_the_raise() {
         );
     }
 }
+
+/// Whoever may publish on a room's prefix cannot create metric series:
+/// three made-up event types share one `unknown` label value, while their
+/// dead letters keep the real subjects.
+#[tokio::test]
+async fn made_up_event_types_share_one_unknown_label() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+    let actions = ["made_up.one", "invented.two", "random.three"];
+    for action in actions {
+        let event_type = format!("coordination.{action}");
+        let event = envelope(&event_type, "doc-x", &serde_json::json!({}));
+        publish(&js, &format!("choco.events.{event_type}"), &event).await;
+    }
+    let letters = exactly(&js, "choco:dlq", "choco.dlq.>", 3).await;
+    for action in actions {
+        let subject = format!("choco.dlq.conch.coordination.{action}");
+        assert!(letters.iter().any(|l| l.subject == subject), "{subject}");
+    }
+    let text = scrape(factory.metrics).await;
+    for action in actions {
+        assert!(!text.contains(action), "no series for {action}:\n{text}");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "choco_consumer_dlq_messages_total",
+            r#"event_type="unknown""#
+        ),
+        3.0,
+        "{text}"
+    );
+}

@@ -469,7 +469,7 @@ impl Engine {
             .unwrap_or(&subject)
             .to_string();
         let event_type = self.settings.event_type(&action);
-        self.metrics.received(&event_type);
+        self.metrics.received(self.metric_label(&event_type));
 
         if self.room.outputs().contains(&action.as_str()) {
             let engine = self.clone();
@@ -885,6 +885,7 @@ impl Engine {
         err: HandleError,
     ) -> Option<AwaitRedelivery> {
         let max_deliver = self.settings.consumer.max_deliver;
+        let label = self.metric_label(event_type);
         tracing::Span::current().set_status(Status::error(err.to_string()));
         let (reason, detail) = match err {
             HandleError::Permanent { reason, detail } => (reason, detail),
@@ -910,7 +911,7 @@ impl Engine {
                     tracing::warn!(error = %err, "nak failed; the server redelivers after ack_wait");
                 }
                 self.metrics
-                    .finished(event_type, Outcome::Retried, secs(started));
+                    .finished(label, Outcome::Retried, secs(started));
                 return Some(AwaitRedelivery {
                     sequence,
                     until: Instant::now() + delay + self.settings.consumer.ack_wait,
@@ -937,9 +938,9 @@ impl Engine {
                 if let Err(err) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(error = %err, "term ack failed; the dead letter is deduplicated on redelivery");
                 }
-                self.metrics.dead_lettered(event_type, &reason);
+                self.metrics.dead_lettered(label, &reason);
                 self.metrics
-                    .finished(event_type, Outcome::DeadLettered, secs(started));
+                    .finished(label, Outcome::DeadLettered, secs(started));
                 None
             }
             Err(err) => {
@@ -950,12 +951,28 @@ impl Engine {
                     .record_error(format!("{event_type}: dead-lettering failed: {err}"));
                 let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
                 self.metrics
-                    .finished(event_type, Outcome::Retried, secs(started));
+                    .finished(label, Outcome::Retried, secs(started));
                 Some(AwaitRedelivery {
                     sequence,
                     until: Instant::now() + delay + self.settings.consumer.ack_wait,
                 })
             }
+        }
+    }
+
+    /// The `event_type` label of the room's metrics: a declared input or
+    /// output, else `unknown`, so that whoever may publish on the room's
+    /// prefix cannot create metric series (the dead letter keeps the real
+    /// subject, and its log line the real type).
+    fn metric_label<'a>(&self, event_type: &'a str) -> &'a str {
+        let action = event_type
+            .strip_prefix(self.settings.domain.as_str())
+            .and_then(|rest| rest.strip_prefix('.'))
+            .unwrap_or(event_type);
+        if self.room.inputs().contains(&action) || self.room.outputs().contains(&action) {
+            event_type
+        } else {
+            "unknown"
         }
     }
 
