@@ -549,3 +549,103 @@ async fn compare_and_set_through_a_key_value_leader_change_applies_each_write_on
         }
     }
 }
+
+/// The third server cut off from the other two without being killed (its
+/// routes pass through proxies that stop forwarding), with one publisher
+/// attached to it alone, then healed: nothing it acknowledged to that
+/// publisher is missing from the stream, nothing is stored twice, and the
+/// room, on the majority side, goes on and loses nothing.
+#[tokio::test]
+async fn a_partitioned_server_loses_nothing_it_acknowledged() {
+    const WRITES: usize = 600;
+    const LONE: usize = 50;
+    let cluster = Cluster::start_partitionable().await;
+    let (_client, js) = cluster.client().await;
+    let factory = Factory::start_with(conch_on(&cluster), &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    let lone = async_nats::ConnectOptions::new()
+        .connect(cluster.nodes[2].url())
+        .await
+        .expect("a client of n3 alone");
+    let lone_js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(lone);
+
+    // Before the cut the lone client's publishes are acknowledged: the
+    // refusals below are the partition's doing.
+    let mut lone_ids = Vec::new();
+    let before = envelope(
+        "coordination.property_sync.requested",
+        "lone-before",
+        &sync_payload(
+            "lone-before",
+            "t",
+            json!(1),
+            0,
+            "bo",
+            "2026-03-01T10:00:00Z",
+        ),
+    );
+    lone_ids.push(before.event_id.clone());
+    lone_js
+        .send_publish(
+            REQUESTED.to_string(),
+            jetstream::message::PublishMessage::build()
+                .payload(before.encode().into())
+                .message_id(&before.event_id),
+        )
+        .await
+        .expect("sent")
+        .await
+        .expect("n3 acknowledges while it is part of the cluster");
+
+    let load = steady_writes(js.clone(), "partition", WRITES, 100);
+    wait_for(&js, COORDINATION, COMPLETED, 100, Duration::from_secs(60)).await;
+    cluster.cut_off_third();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut acknowledged = Vec::new();
+    for i in 0..LONE {
+        let doc = format!("lone-{}", i % 10);
+        let payload = sync_payload(
+            &doc,
+            &format!("q{i}"),
+            json!(i),
+            0,
+            "bo",
+            "2026-03-01T10:00:00Z",
+        );
+        let event = envelope("coordination.property_sync.requested", &doc, &payload);
+        lone_ids.push(event.event_id.clone());
+        let message = jetstream::message::PublishMessage::build()
+            .payload(event.encode().into())
+            .message_id(&event.event_id);
+        if let Ok(ack) = lone_js.send_publish(REQUESTED.to_string(), message).await
+            && ack.await.is_ok()
+        {
+            acknowledged.push(event.event_id.clone());
+        }
+    }
+    eprintln!(
+        "the cut-off server acknowledged {} of {LONE}",
+        acknowledged.len()
+    );
+    cluster.heal_third();
+    cluster.wait_healthy(Duration::from_secs(60)).await;
+    load.await.expect("publisher");
+
+    // Inputs in the stream, each once; every acknowledged lone one there.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let inputs = read_all(&js, COORDINATION, REQUESTED).await;
+    let mut by_id: HashMap<String, usize> = HashMap::new();
+    for input in &inputs {
+        *by_id.entry(input.envelope().event_id).or_default() += 1;
+    }
+    assert!(by_id.values().all(|&n| n == 1), "nothing stored twice");
+    for id in &acknowledged {
+        assert!(by_id.contains_key(id), "acknowledged {id} is in the stream");
+    }
+    let stored_lone = lone_ids.iter().filter(|id| by_id.contains_key(*id)).count();
+    eprintln!("lone inputs stored after the heal: {stored_lone}");
+    assert_each_write_once(&js, WRITES + stored_lone).await;
+    factory.wait_ready().await;
+}

@@ -9,12 +9,16 @@ use async_nats::jetstream;
 use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
 
 use super::free_port;
+use super::proxy::Proxy;
 
 pub const NODES: usize = 3;
 
 pub struct Cluster {
     pub nodes: Vec<ManagedNats>,
     _dir: tempfile::TempDir,
+    /// With [`Cluster::start_partitionable`]: every route to and from the
+    /// third server passes through one of these.
+    partition: Vec<Proxy>,
     /// One cluster at a time in a test binary: three servers and the
     /// binary already share two cores.
     _turn: tokio::sync::MutexGuard<'static, ()>,
@@ -31,27 +35,79 @@ impl Cluster {
     /// Three servers in one cluster, each with JetStream, ready once an R3
     /// stream can be placed.
     pub async fn start() -> Cluster {
+        Self::start_with(false).await
+    }
+
+    /// Like [`Cluster::start`], with every route of the third server (`n3`)
+    /// through a TCP proxy of the harness, so that [`Cluster::cut_off_third`]
+    /// partitions it from the other two without killing anything. Servers
+    /// gossip no addresses to clients (`no_advertise`), so a client of `n3`
+    /// stays on `n3`; `n3` advertises a proxy as its route address, so no
+    /// implicit route can bypass the proxies; routes ping every 2 s, so a
+    /// silent route is noticed in seconds.
+    pub async fn start_partitionable() -> Cluster {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(partitionable: bool) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
         let route_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
         let client_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+        let route_to = |port: u16| format!("nats-route://127.0.0.1:{port}");
+        let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Proxies of n3's routes: n1 → n3, n2 → n3, n3 → n1, n3 → n2.
+        let mut partition = Vec::new();
+        if partitionable {
+            for target in [2, 2, 0, 1] {
+                partition.push(Proxy::start(0, local(route_ports[target])).await);
+            }
+        }
         let mut nodes = Vec::with_capacity(NODES);
         for index in 0..NODES {
-            let routes: Vec<String> = (0..NODES)
-                .filter(|&other| other != index)
-                .map(|other| format!("nats-route://127.0.0.1:{}", route_ports[other]))
-                .collect();
+            let routes: Vec<String> = if partitionable {
+                match index {
+                    0 => vec![route_to(route_ports[1]), route_to(partition[0].addr.port())],
+                    1 => vec![route_to(route_ports[0]), route_to(partition[1].addr.port())],
+                    _ => vec![
+                        route_to(partition[2].addr.port()),
+                        route_to(partition[3].addr.port()),
+                    ],
+                }
+            } else {
+                (0..NODES)
+                    .filter(|&other| other != index)
+                    .map(|other| route_to(route_ports[other]))
+                    .collect()
+            };
+            // The partitionable cluster's settings (see start_partitionable).
+            let (top, in_cluster) = if !partitionable {
+                (String::new(), String::new())
+            } else if index == 2 {
+                (
+                    "ping_interval: \"2s\"\nping_max: 2\n".to_string(),
+                    format!(
+                        "  no_advertise: true\n  advertise: \"127.0.0.1:{}\"\n",
+                        partition[0].addr.port()
+                    ),
+                )
+            } else {
+                (
+                    "ping_interval: \"2s\"\nping_max: 2\n".to_string(),
+                    "  no_advertise: true\n".to_string(),
+                )
+            };
             // Every message on disk before it is acknowledged (as the fault
             // tests' single server does), and room for the production
             // config's per-stream `max_bytes`: JetStream reserves a stream's
             // limit against the server's store size, which by default is a
             // share of this machine's free disk.
             let config = format!(
-                "server_name: {name}\n\
+                "server_name: {name}\n{top}\
                  jetstream {{\n  sync_interval: always\n  max_file_store: 2T\n}}\n\
                  cluster {{\n  name: choco-test\n  listen: 127.0.0.1:{listen}\n  \
-                 routes: [{routes}]\n}}\n",
+                 routes: [{routes}]\n{in_cluster}}}\n",
                 name = node_name(index),
                 listen = route_ports[index],
                 routes = routes.join(", "),
@@ -74,10 +130,22 @@ impl Cluster {
         let cluster = Cluster {
             nodes,
             _dir: dir,
+            partition,
             _turn: turn,
         };
         cluster.wait_healthy(Duration::from_secs(60)).await;
         cluster
+    }
+
+    /// Stops forwarding every route of `n3` (partitionable clusters only):
+    /// it runs on, cut off from the majority.
+    pub fn cut_off_third(&self) {
+        assert!(!self.partition.is_empty(), "start_partitionable");
+        self.partition.iter().for_each(Proxy::blackhole);
+    }
+
+    pub fn heal_third(&self) {
+        self.partition.iter().for_each(Proxy::heal);
     }
 
     /// Every server, comma-separated, as `nats.url` takes them.
