@@ -150,12 +150,25 @@ async fn the_production_config_runs_on_a_three_node_cluster() {
     env.push(("OTEL_SDK_DISABLED".into(), "true".into()));
     let factory =
         Factory::start_with(env, &["--config", config.to_str().expect("utf-8"), "serve"]).await;
-    wait_until(Duration::from_secs(60), || async {
-        reqwest::get(factory.url("/readyz"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    // Every room ready: each has made its stream, consumer and buckets.
+    for label in [
+        "Winnowing Room",
+        "Fudge Room",
+        "Moulding Room",
+        "Wrapping Room",
+    ] {
+        let mut http = None;
+        wait_until(Duration::from_secs(20), || {
+            http = factory.room_addrs(label).map(|(http, _, _)| http);
+            std::future::ready(http.is_some())
+        })
+        .await;
+        let url = format!("http://{}/readyz", http.expect("listening"));
+        wait_until(Duration::from_secs(60), || async {
+            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
 
     // Every stream the runtime made: the four domains, the DLQ, the
     // rooms' buckets and object store, the control and replay buckets.
@@ -414,6 +427,7 @@ async fn quorum_lost_and_regained_loses_nothing() {
     // The third back too (an ephemeral consumer of the checks below may
     // be placed on any of the stream's peers), then: once each, no loss.
     cluster.nodes[2].restart().await.expect("back on its store");
+    cluster.wait_healthy(Duration::from_secs(90)).await;
     assert_each_write_once(&js, WRITES).await;
     factory.wait_ready().await;
 }

@@ -214,7 +214,12 @@ async fn dead_letters_show_in_stats_and_info_and_are_worked_over_http() {
         let stats: Value = serde_json::from_slice(&reply.payload).expect("json");
         assert_eq!(stats["name"], "the-conch");
         let data = stats["endpoints"][0]["data"].clone();
-        if data["dead_letters"] == 2 || std::time::Instant::now() > deadline {
+        // The gauges are sampled every 5 s: wait for a sample taken after
+        // the dead letters were acknowledged.
+        let settled = ["pending", "ack_pending", "redeliveries"]
+            .iter()
+            .all(|gauge| data[*gauge].as_i64() == Some(0));
+        if (data["dead_letters"] == 2 && settled) || std::time::Instant::now() > deadline {
             break data;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

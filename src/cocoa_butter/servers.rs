@@ -18,7 +18,7 @@ use axum::routing::get;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
+use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::config::RoomSettings;
 use super::consumer::RoomState;
@@ -356,27 +356,13 @@ pub async fn serve_grpc(
     conn: ConnectionSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    // Health answers from the room's state at each call, the one source
+    // of readiness, so an HTTP probe and a gRPC probe never disagree (a
+    // reporter updated by polling lagged `/readyz` by up to 250 ms).
     let service_name = service.name;
-    let watch_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            let status = if state.ready() {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
-            if last != Some(status) {
-                reporter.set_service_status("", status).await;
-                reporter.set_service_status(service_name, status).await;
-                last = Some(status);
-            }
-            tokio::select! {
-                _ = watch_shutdown.cancelled() => break,
-                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-            }
-        }
+    let health = tonic_health::pb::health_server::HealthServer::new(ReadinessHealth {
+        state: state.clone(),
+        service: service_name,
     });
 
     let reflection = |builder: tonic_reflection::server::Builder<'static>| {
@@ -425,6 +411,86 @@ pub async fn serve_grpc(
         )
         .await
         .map_err(|err| ServerError::Grpc(err.to_string()))
+}
+
+/// `grpc.health.v1.Health` for the room's service and for "" (the server):
+/// SERVING while the room is ready, NOT_SERVING otherwise; any other
+/// service is NOT_FOUND on Check and SERVICE_UNKNOWN on Watch.
+struct ReadinessHealth {
+    state: Arc<RoomState>,
+    service: &'static str,
+}
+
+impl ReadinessHealth {
+    fn status(&self, service: &str) -> ServingStatus {
+        if !service.is_empty() && service != self.service {
+            ServingStatus::ServiceUnknown
+        } else if self.state.ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        }
+    }
+}
+
+type HealthStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>>
+            + Send,
+    >,
+>;
+
+/// How often a Watch looks at the room's state for a change to send.
+const HEALTH_WATCH_TICK: Duration = Duration::from_millis(100);
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for ReadinessHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        let service = request.into_inner().service;
+        match self.status(&service) {
+            ServingStatus::ServiceUnknown => Err(tonic::Status::not_found(format!(
+                "unknown service {service:?}"
+            ))),
+            status => Ok(tonic::Response::new(
+                tonic_health::pb::HealthCheckResponse {
+                    status: status as i32,
+                },
+            )),
+        }
+    }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        let service = request.into_inner().service;
+        let watcher = ReadinessHealth {
+            state: self.state.clone(),
+            service: self.service,
+        };
+        // The current status at once, then each change.
+        let stream = futures::stream::unfold(
+            (watcher, service, None::<ServingStatus>),
+            |(watcher, service, last)| async move {
+                loop {
+                    let status = watcher.status(&service);
+                    if last != Some(status) {
+                        let answer = tonic_health::pb::HealthCheckResponse {
+                            status: status as i32,
+                        };
+                        return Some((Ok(answer), (watcher, service, Some(status))));
+                    }
+                    tokio::time::sleep(HEALTH_WATCH_TICK).await;
+                }
+            },
+        );
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
 }
 
 /// Why a readiness probe (`choco-factory health`) failed.

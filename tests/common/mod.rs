@@ -339,7 +339,7 @@ pub async fn read_all(js: &jetstream::Context, stream: &str, filter: &str) -> Ve
     }
     // Retried: on a cluster that just regained its quorum the first
     // requests may time out while leaders are elected.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let consumer = loop {
         match stream
             .create_consumer(consumer::pull::OrderedConfig {
