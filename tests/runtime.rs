@@ -589,3 +589,57 @@ fn systemd_units_verify() {
         assert!(!said.contains(instance), "{instance} has warnings: {said}");
     }
 }
+
+/// The consumer series of every declared event type exist at 0 from the
+/// first scrape, before any event arrived, so rates and alerts work at once.
+#[tokio::test]
+async fn known_consumer_series_exist_at_zero_from_the_start() {
+    let nats = Nats::start().await;
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+    let text = reqwest::get(format!("http://{}/metrics", factory.metrics))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let series = |name: &str, labels: &[&str]| {
+        text.lines().any(|line| {
+            line.starts_with(name)
+                && labels.iter().all(|label| line.contains(label))
+                && line.ends_with(" 0")
+        })
+    };
+    let input = r#"event_type="coordination.property_sync.requested""#;
+    for outcome in ["ok", "retried", "dead_lettered"] {
+        let outcome = format!(r#"outcome="{outcome}""#);
+        assert!(
+            series(
+                "choco_consumer_messages_processed_total",
+                &[input, &outcome]
+            ),
+            "{outcome} at 0:\n{text}"
+        );
+    }
+    assert!(
+        series("choco_consumer_messages_received_total", &[input]),
+        "{text}"
+    );
+    assert!(
+        series(
+            "choco_consumer_messages_received_total",
+            &[r#"event_type="unknown""#]
+        ),
+        "{text}"
+    );
+    assert!(
+        series(
+            "choco_consumer_messages_processed_total",
+            &[
+                r#"event_type="coordination.property_sync.completed""#,
+                r#"outcome="skipped""#
+            ]
+        ),
+        "{text}"
+    );
+}

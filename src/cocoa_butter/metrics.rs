@@ -432,6 +432,43 @@ impl RoomMetrics {
         }
     }
 
+    /// Makes the consumer series of the room's declared event types exist at
+    /// 0 from the start (as Prometheus advises for known label sets), so
+    /// `rate()` and the alerts over them work from the first scrape: for
+    /// each input what it is received, processed and timed as, for each
+    /// output its `skipped` (seen back on the prefix), and the `unknown`
+    /// bucket of undeclared types.
+    pub fn init_event_types(&self, inputs: &[String], outputs: &[String]) {
+        let unknown = "unknown".to_string();
+        for event_type in inputs
+            .iter()
+            .chain(outputs)
+            .chain(std::iter::once(&unknown))
+        {
+            let _ = self.received.get_or_create(&EventLabels {
+                event_type: event_type.clone(),
+            });
+        }
+        for event_type in inputs {
+            for outcome in [Outcome::Ok, Outcome::Retried, Outcome::DeadLettered] {
+                let labels = OutcomeLabels {
+                    event_type: event_type.clone(),
+                    outcome,
+                };
+                let _ = self.processed.get_or_create(&labels);
+                let _ = self.duration.get_or_create(&labels);
+            }
+        }
+        for event_type in outputs {
+            let labels = OutcomeLabels {
+                event_type: event_type.clone(),
+                outcome: Outcome::Skipped,
+            };
+            let _ = self.processed.get_or_create(&labels);
+            let _ = self.duration.get_or_create(&labels);
+        }
+    }
+
     /// Makes the room's stream's series exist at 0 before the first sample,
     /// so rules over them work from the first scrape.
     pub fn init_stream(&self, stream: &str) {

@@ -190,6 +190,10 @@ pub async fn run(
             store_streams: store_streams.clone(),
         })
         .map_err(|err| RuntimeError::Refused(err.to_string()))?;
+        let declared = |actions: &[&str]| -> Vec<String> {
+            actions.iter().map(|a| settings.event_type(a)).collect()
+        };
+        metrics.init_event_types(&declared(room.inputs()), &declared(room.outputs()));
         let addrs = listeners
             .addrs()
             .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
