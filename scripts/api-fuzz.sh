@@ -118,9 +118,20 @@ fuzz() {
   local spec="$1" addr="$2" name
   name="$(basename "${spec}" .yaml)"
   echo "== schemathesis ${spec} against http://${addr} (${EXAMPLES} examples per operation)"
-  if ! (cd "${work}" && schemathesis run "${OLDPWD}/${spec}" \
+  # The coverage phase is left out: on this CPython (3.11.7) it fails at
+  # random inside schemathesis ("AST constructor recursion depth
+  # mismatch"), before any request is judged.
+  # /readyz takes no input and answers 503 by design while the room is
+  # paused, which the fuzzed /admin/pause does at random; its answers are
+  # tested in tests/ instead.
+  local skip=()
+  if [ "${name}" = "core" ]; then
+    skip=(--exclude-path /readyz)
+  fi
+  if ! (cd "${work}" && schemathesis run "${OLDPWD}/${spec}" "${skip[@]}" \
     --url "http://${addr}" \
     --checks not_a_server_error \
+    --phases examples,fuzzing \
     --max-examples "${EXAMPLES}" \
     --workers 2 \
     --request-timeout 20 \
