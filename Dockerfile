@@ -26,6 +26,10 @@ FROM debian:bookworm-slim
 # runAsNonRoot can rely on it.
 RUN groupadd --system --gid 10001 choco \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin choco
+# The system's trusted roots, for tls:// NATS and an https:// OTLP
+# collector: Debian's bundle from the build stage, where
+# ca-certificates is installed (no package manager run in this stage).
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=build /src/target/release/choco-factory /usr/local/bin/choco-factory
 COPY rooms.toml /etc/choco-factory/rooms.toml
 COPY config /etc/choco-factory/config
@@ -39,10 +43,13 @@ ENV CHOCO_BIND=0.0.0.0 \
     CHOCO_LOG__FORMAT=json
 USER 10001:10001
 EXPOSE 8086 8087 8088 8089 7076 7077 7078 7079 9101 9102 9103 9104
-# Ready = every enabled room answers /readyz (NATS connected, consumer
-# bound, servers up); the binary asks them itself, no curl in the image.
+# Alive = every enabled room's metrics port answers /healthz. Liveness, not
+# readiness: a process waiting for NATS is doing the right thing, and an
+# orchestrator acting on "unhealthy" would kill it for that. Readiness
+# (`health` without --live, or /readyz) is for load balancers. The binary
+# asks the ports itself, no curl in the image.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["/usr/local/bin/choco-factory", "health", "--timeout", "2s"]
+    CMD ["/usr/local/bin/choco-factory", "health", "--live", "--timeout", "2s"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/choco-factory"]
 CMD ["serve"]

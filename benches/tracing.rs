@@ -106,6 +106,7 @@ fn bench(c: &mut Criterion) {
             endpoint: Some(format!("http://{addr}")),
             protocol: Some(OtlpProtocol::Grpc),
             service_name: None,
+            ca_file: None,
         })
         .expect("provider")
         .expect("an endpoint turns export on")

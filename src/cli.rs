@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cocoa_butter::config::{self, CliOverrides, ConfigSources, LogFormat, ValidatedConfig};
 use crate::cocoa_butter::nats_server::{self, ManagedNats};
+use crate::cocoa_butter::servers::Probe;
 use crate::cocoa_butter::{bus, runtime, telemetry};
 use crate::rooms::REGISTRY;
 
@@ -77,8 +78,8 @@ enum Command {
     Publish(PublishArgs),
     /// Follow a subject and print each envelope, payload decoded, one per line.
     Tail(TailArgs),
-    /// Ask every enabled room's /readyz (on its metrics port); exit 0 when
-    /// all are ready, 1 naming those that are not (a container HEALTHCHECK).
+    /// Ask every enabled room's /readyz (or /healthz with --live) on its
+    /// metrics port; exit 0 when all answer 200, 1 naming those that do not.
     Health(HealthArgs),
 }
 
@@ -87,6 +88,11 @@ struct HealthArgs {
     /// How long each room may take to answer.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+    /// Ask whether the process lives (/healthz) rather than whether the
+    /// rooms are ready: what a container HEALTHCHECK should ask, since a
+    /// room waiting for NATS is not broken and must not be restarted.
+    #[arg(long)]
+    live: bool,
 }
 
 #[derive(Debug, Args, Clone, Default)]
@@ -340,7 +346,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Health(args) => {
             let config = load_bus_only(&cli.sources(None))?;
-            health(&config, args.timeout)
+            let probe = if args.live { Probe::Live } else { Probe::Ready };
+            health(&config, probe, args.timeout)
         }
         Command::Rooms => {
             let config = cli
@@ -374,7 +381,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn health(config: &ValidatedConfig, timeout: std::time::Duration) -> anyhow::Result<()> {
+fn health(
+    config: &ValidatedConfig,
+    probe: Probe,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -382,13 +393,13 @@ fn health(config: &ValidatedConfig, timeout: std::time::Duration) -> anyhow::Res
     let rooms: Vec<_> = config.enabled_rooms().collect();
     let results =
         runtime.block_on(futures::future::join_all(rooms.iter().map(|room| {
-            crate::cocoa_butter::servers::probe_ready(room.metrics_addr, timeout)
+            crate::cocoa_butter::servers::probe(room.metrics_addr, probe, timeout)
         })));
     let mut out = String::new();
     let mut failed = Vec::new();
     for (room, result) in rooms.iter().zip(results) {
         match result {
-            Ok(()) => writeln!(out, "{}: ready", room.name)?,
+            Ok(()) => writeln!(out, "{}: {probe}", room.name)?,
             Err(err) => {
                 writeln!(out, "{}: {err}", room.name)?;
                 failed.push(room.name.as_str());
@@ -399,7 +410,7 @@ fn health(config: &ValidatedConfig, timeout: std::time::Duration) -> anyhow::Res
     if failed.is_empty() {
         Ok(())
     } else {
-        anyhow::bail!("not ready: {}", failed.join(", "))
+        anyhow::bail!("not {probe}: {}", failed.join(", "))
     }
 }
 

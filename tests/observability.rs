@@ -153,6 +153,43 @@ async fn grpc_receiver() -> (Received, SocketAddr) {
     (received, addr)
 }
 
+/// An OTLP/gRPC trace receiver behind TLS: a test CA's certificate for
+/// localhost. Returns the receiver, its port and the CA's PEM file.
+async fn tls_grpc_receiver(dir: &std::path::Path) -> (Received, SocketAddr, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("params")
+        .signed_by(&key, &issuer)
+        .expect("sign");
+    let ca_file = dir.join("otlp-ca.pem");
+    std::fs::write(&ca_file, ca_pem).expect("write CA");
+
+    let received = Received::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let identity = tonic::transport::Identity::from_pem(cert.pem(), key.serialize_pem());
+    let service = TraceServiceServer::new(received.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .expect("server TLS")
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .expect("receiver serves");
+    });
+    (received, addr, ca_file)
+}
+
 /// An OTLP/HTTP (protobuf) trace receiver on an ephemeral port.
 async fn http_receiver() -> (Received, SocketAddr) {
     let received = Received::default();
@@ -464,6 +501,46 @@ async fn spans_are_exported_over_otlp_http_protobuf_too() {
         })
         .await;
     assert_eq!(process.parent_span_id, PARENT_SPAN);
+}
+
+/// OTLP over TLS: an `https://` collector whose certificate chains to the
+/// CA of `tracing.ca_file` receives the spans; http/protobuf over https is
+/// refused at start, naming the key, rather than failing at every export.
+#[tokio::test]
+async fn spans_are_exported_to_an_https_collector_trusting_its_ca() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (received, addr, ca_file) = tls_grpc_receiver(dir.path()).await;
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let endpoint = format!("https://localhost:{}", addr.port());
+    let mut env = traced_env(&nats.url(), endpoint.clone(), "grpc");
+    env.push((
+        "CHOCO_TRACING__CA_FILE".into(),
+        ca_file.display().to_string(),
+    ));
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    publish_traced(&js, "doc-tls", &format!("00-{TRACE_ID}-{PARENT_SPAN}-01")).await;
+    let process = received
+        .wait_for(TRACE_ID, "consumer", |s| {
+            s.kind == SpanKind::Consumer as i32
+        })
+        .await;
+    assert_eq!(process.parent_span_id, PARENT_SPAN);
+    drop(factory);
+
+    let refused = tokio::process::Command::new(BIN)
+        .args(["serve", "--rooms", "conch"])
+        .envs(traced_env(&nats.url(), endpoint, "http/protobuf"))
+        .output()
+        .await
+        .expect("run serve");
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("tracing.protocol") && stderr.contains("https"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -478,29 +478,63 @@ async fn drifted_consumers_are_updated_and_conflicting_streams_refused() {
     assert!(line.contains("choco:events:coordination"), "{line}");
 }
 
+/// A `NOTIFY_SOCKET` listener standing in for systemd: what the unit hears.
+struct SystemdSocket {
+    socket: tokio::net::UnixDatagram,
+    path: std::path::PathBuf,
+    heard: String,
+    _dir: tempfile::TempDir,
+}
+
+impl SystemdSocket {
+    fn bind() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).expect("notify socket");
+        SystemdSocket {
+            socket,
+            path,
+            heard: String::new(),
+            _dir: dir,
+        }
+    }
+
+    fn env(&self) -> (String, String) {
+        ("NOTIFY_SOCKET".into(), self.path.display().to_string())
+    }
+
+    /// Reads notifications until one holds `wanted`; returns that datagram.
+    async fn until(&mut self, wanted: &str, within: Duration) -> String {
+        let mut buf = vec![0u8; 4096];
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let n = tokio::time::timeout(left, self.socket.recv(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("no {wanted} in {within:?}; heard: {}", self.heard))
+                .expect("recv");
+            let note = String::from_utf8_lossy(&buf[..n]).to_string();
+            self.heard.push_str(&note);
+            self.heard.push('\n');
+            if note.contains(wanted) {
+                return note;
+            }
+        }
+    }
+}
+
 /// Under systemd (`Type=notify`): READY=1 once every room is ready,
 /// STOPPING=1 when a SIGTERM starts the shutdown.
 #[tokio::test]
 async fn systemd_hears_ready_and_stopping() {
     let nats = Nats::start().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket_path = dir.path().join("notify.sock");
-    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    let mut systemd = SystemdSocket::bind();
     let mut env = conch_env(&nats.url());
-    env.push(("NOTIFY_SOCKET".into(), socket_path.display().to_string()));
+    env.push(systemd.env());
     let mut factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
 
-    let mut buf = vec![0u8; 4096];
-    let mut heard = String::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !heard.contains("READY=1") {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let n = tokio::time::timeout(left, socket.recv(&mut buf))
-            .await
-            .expect("READY=1 in time")
-            .expect("recv");
-        heard.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let ready = systemd.until("READY=1", Duration::from_secs(20)).await;
+    assert!(ready.contains("STATUS=1 room(s): 1 ready"), "{ready}");
     // Ready means ready: the room answers /readyz with 200 by now.
     assert_eq!(
         reqwest::get(factory.url("/readyz"))
@@ -511,19 +545,49 @@ async fn systemd_hears_ready_and_stopping() {
     );
 
     factory.signal(nix::sys::signal::Signal::SIGTERM);
-    let mut stopping = String::new();
-    while !stopping.contains("STOPPING=1") {
-        let n = tokio::time::timeout(Duration::from_secs(10), socket.recv(&mut buf))
-            .await
-            .expect("STOPPING=1")
-            .expect("recv");
-        stopping.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    systemd.until("STOPPING=1", Duration::from_secs(10)).await;
     assert!(factory.wait_exit(Duration::from_secs(20)).await.success());
 }
 
-/// `choco-factory health` (the container's HEALTHCHECK) says ready while
-/// the room is, and exits 1 naming it when it is not.
+/// A pause survives restarts, so a unit restarted with a paused room must
+/// still finish starting: READY=1 once the paused room is bound and
+/// waiting, STATUS naming it; a resume updates STATUS.
+#[tokio::test]
+async fn systemd_start_completes_with_a_paused_room() {
+    let nats = Nats::start().await;
+    let (ok, out, err) = cli(
+        &nats.url(),
+        &["room", "pause", "conch", "--reason", "audit"],
+    );
+    assert!(ok, "{out}{err}");
+    let mut systemd = SystemdSocket::bind();
+    let mut env = conch_env(&nats.url());
+    env.push(systemd.env());
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+
+    let ready = systemd.until("READY=1", Duration::from_secs(20)).await;
+    assert!(
+        ready.contains("STATUS=1 room(s): 0 ready, paused: conch"),
+        "{ready}"
+    );
+    // Started is not ready: the paused room still says 503 to probes.
+    assert_eq!(
+        reqwest::get(factory.url("/readyz"))
+            .await
+            .expect("readyz")
+            .status(),
+        503
+    );
+    let (ok, out, err) = cli(&nats.url(), &["room", "resume", "conch"]);
+    assert!(ok, "{out}{err}");
+    systemd
+        .until("STATUS=1 room(s): 1 ready", Duration::from_secs(10))
+        .await;
+}
+
+/// `choco-factory health` says ready while the room is, and exits 1 naming
+/// it when it is not; `health --live` (the container's HEALTHCHECK) passes
+/// while the process lives, NATS or not.
 #[tokio::test]
 async fn the_health_command_follows_readiness() {
     let mut nats = Nats::start().await;
@@ -533,11 +597,12 @@ async fn the_health_command_follows_readiness() {
         env.retain(|(k, _)| k != &format!("CHOCO_ROOMS__CONCH__{key}"));
         env.push((format!("CHOCO_ROOMS__CONCH__{key}"), port.to_string()));
     }
-    let factory = Factory::start_with(env.clone(), &["serve", "--rooms", "conch"]).await;
+    let mut factory = Factory::start_with(env.clone(), &["serve", "--rooms", "conch"]).await;
     factory.wait_ready().await;
-    let health = |env: Vec<(String, String)>| async move {
+    let health = |env: Vec<(String, String)>, mode: &'static [&'static str]| async move {
         tokio::process::Command::new(BIN)
             .args(["health", "--timeout", "2s"])
+            .args(mode)
             .env("CHOCO_ROOMS__WINNOWER__ENABLED", "false")
             .env("CHOCO_ROOMS__MOULD__ENABLED", "false")
             .env("CHOCO_ROOMS__WRAPPER__ENABLED", "false")
@@ -546,16 +611,26 @@ async fn the_health_command_follows_readiness() {
             .await
             .expect("run health")
     };
-    let ready = health(env.clone()).await;
+    let ready = health(env.clone(), &[]).await;
     assert!(ready.status.success(), "{ready:?}");
     assert!(String::from_utf8_lossy(&ready.stdout).contains("conch: ready"));
 
     nats.server.kill().await;
     factory.wait_not_ready().await;
-    let not_ready = health(env).await;
+    let not_ready = health(env.clone(), &[]).await;
     assert_eq!(not_ready.status.code(), Some(1), "{not_ready:?}");
     assert!(String::from_utf8_lossy(&not_ready.stdout).contains("conch:"));
     assert!(String::from_utf8_lossy(&not_ready.stderr).contains("not ready: conch"));
+    // Waiting for NATS is not broken: the liveness probe (the container's
+    // HEALTHCHECK) still passes, so no orchestrator restarts the process.
+    let live = health(env.clone(), &["--live"]).await;
+    assert!(live.status.success(), "{live:?}");
+    assert!(String::from_utf8_lossy(&live.stdout).contains("conch: live"));
+    factory.signal(nix::sys::signal::Signal::SIGKILL);
+    factory.wait_exit(Duration::from_secs(10)).await;
+    let gone = health(env, &["--live"]).await;
+    assert_eq!(gone.status.code(), Some(1), "{gone:?}");
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("not live: conch"));
 }
 
 /// The unit files pass `systemd-analyze verify` (systemd ships on this

@@ -417,6 +417,10 @@ pub struct TracingConfig {
     pub protocol: Option<OtlpProtocol>,
     /// Unset: `OTEL_SERVICE_NAME`, else `choco-factory`.
     pub service_name: Option<String>,
+    /// PEM CA certificate(s) an `https://` endpoint's certificate must chain
+    /// to. Unset: `OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE` or
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE`, else the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Verification of bearer JWTs minted by the platform's auth service, done

@@ -255,8 +255,31 @@ impl RoomState {
         self.not_ready_reason().is_none()
     }
 
+    /// Running as its operator wants it: ready, or paused on purpose with
+    /// nothing else wrong. What systemd's READY=1 waits for: a pause
+    /// survives restarts, so a paused room is a desired state of a
+    /// started unit, not a start that has not finished.
+    pub fn as_desired(&self) -> bool {
+        self.fault().is_none()
+    }
+
     /// Why the room is not ready, or `None` when it is.
     pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some(fault) = self.fault() {
+            return Some(fault);
+        }
+        let desired = self.desired.borrow();
+        if desired.paused {
+            return Some(match &desired.reason {
+                Some(reason) => format!("paused by an operator: {reason}"),
+                None => "paused by an operator".into(),
+            });
+        }
+        None
+    }
+
+    /// What keeps the room from serving other than an operator's pause.
+    fn fault(&self) -> Option<String> {
         if !self.nats_connected() {
             return Some("not connected to NATS".into());
         }
@@ -276,13 +299,6 @@ impl RoomState {
             return Some(format!(
                 "holding inputs until NATS answers (not counted as deliveries): {fault}"
             ));
-        }
-        let desired = self.desired.borrow();
-        if desired.paused {
-            return Some(match &desired.reason {
-                Some(reason) => format!("paused by an operator: {reason}"),
-                None => "paused by an operator".into(),
-            });
         }
         None
     }

@@ -171,7 +171,7 @@ pub async fn run(
         .build(client.clone());
 
     let intake = CancellationToken::new();
-    let mut states: Vec<Arc<RoomState>> = Vec::new();
+    let mut states: Vec<(String, Arc<RoomState>)> = Vec::new();
     let stop_servers = CancellationToken::new();
     let consumers = TaskTracker::new();
     let servers = TaskTracker::new();
@@ -202,7 +202,7 @@ pub async fn run(
             nats.clone(),
             config.bucket_storage.clone(),
         ));
-        states.push(state.clone());
+        states.push((settings.name.clone(), state.clone()));
         let grpc = room.clone().grpc_service();
         let info = Arc::new(RoomInfo {
             room: settings.name.clone(),
@@ -344,25 +344,33 @@ pub async fn run(
     Ok(())
 }
 
-/// Tells systemd (`Type=notify`) when every enabled room is ready, and pings
-/// its watchdog while the runtime is alive. Without `NOTIFY_SOCKET` the
-/// notifications are no-ops.
-async fn notify_systemd(states: Vec<Arc<RoomState>>, shutdown: CancellationToken) {
+/// Tells systemd (`Type=notify`) READY=1 once every enabled room runs as
+/// its operator wants it (ready, or paused on purpose), keeps STATUS saying
+/// which rooms are ready, paused or waiting, and pings its watchdog while
+/// the runtime is alive. Without `NOTIFY_SOCKET` the notifications are
+/// no-ops.
+async fn notify_systemd(states: Vec<(String, Arc<RoomState>)>, shutdown: CancellationToken) {
     use sd_notify::NotifyState;
     let mut announced = false;
+    let mut last_status = String::new();
     let watchdog = sd_notify::watchdog_enabled();
     let tick = watchdog.map_or(Duration::from_millis(100), |w| {
         (w / 2).min(Duration::from_millis(100))
     });
     let mut last_ping = std::time::Instant::now();
     loop {
-        if !announced && states.iter().all(|state| state.ready()) {
-            let status = format!("{} room(s) ready", states.len());
-            if let Err(err) = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status(&status)])
-            {
+        let status = systemd_status(&states);
+        let started = states.iter().all(|(_, state)| state.as_desired());
+        if (started && !announced) || (announced && status != last_status) {
+            let mut notes = vec![NotifyState::Status(&status)];
+            if !announced {
+                notes.insert(0, NotifyState::Ready);
+            }
+            if let Err(err) = sd_notify::notify(&notes) {
                 tracing::warn!(error = %err, "cannot notify systemd");
             }
             announced = true;
+            last_status.clone_from(&status);
         }
         if let Some(interval) = watchdog
             && last_ping.elapsed() >= interval / 2
@@ -375,6 +383,31 @@ async fn notify_systemd(states: Vec<Arc<RoomState>>, shutdown: CancellationToken
             _ = tokio::time::sleep(tick) => {}
         }
     }
+}
+
+/// The unit's one-line STATUS: `4 room(s): 3 ready, paused: conch`, with a
+/// `waiting: <room>` part for rooms that are neither.
+fn systemd_status(states: &[(String, Arc<RoomState>)]) -> String {
+    let mut ready = 0;
+    let mut paused = Vec::new();
+    let mut waiting = Vec::new();
+    for (name, state) in states {
+        if state.ready() {
+            ready += 1;
+        } else if state.as_desired() {
+            paused.push(name.as_str());
+        } else {
+            waiting.push(name.as_str());
+        }
+    }
+    let mut status = format!("{} room(s): {ready} ready", states.len());
+    if !paused.is_empty() {
+        status.push_str(&format!(", paused: {}", paused.join(" ")));
+    }
+    if !waiting.is_empty() {
+        status.push_str(&format!(", waiting: {}", waiting.join(" ")));
+    }
+    status
 }
 
 /// Keeps one room's consumer running: provisions, binds, consumes; after a

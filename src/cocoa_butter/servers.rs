@@ -284,9 +284,10 @@ pub async fn serve_http(
     Ok(())
 }
 
-/// The operations port: `/metrics`, and `/readyz` again, so probes that
-/// sit next to the process (`choco-factory health`, the container's health
-/// check) need neither the API's TLS nor its tokens.
+/// The operations port: `/metrics`, and `/healthz` and `/readyz` again, so
+/// probes that sit next to the process (`choco-factory health`, the
+/// container's health check, Kubernetes' probes) need neither the API's TLS
+/// nor its tokens.
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: RoomMetrics,
@@ -297,6 +298,7 @@ pub async fn serve_metrics(
     let router = Router::new()
         .route("/metrics", get(metrics_route))
         .with_state((metrics, state.clone()))
+        .route("/healthz", get(healthz))
         .route(
             "/readyz",
             get(move || {
@@ -500,14 +502,45 @@ pub enum ProbeError {
     Timeout(SocketAddr, Duration),
     #[error("{0}: {1}")]
     Unreachable(SocketAddr, String),
-    #[error("{0}: not ready (HTTP {1})")]
-    NotReady(SocketAddr, u16),
+    #[error("{0}: not {1} (HTTP {2})")]
+    Refused(SocketAddr, Probe, u16),
 }
 
-/// Asks a room's `/readyz` on its metrics port (plain HTTP and open even
-/// when the API has TLS and tokens), the way a container runtime's health
-/// check would. A room bound to every interface is asked on loopback.
-pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Result<(), ProbeError> {
+/// What a probe asks: whether the process lives, or whether the room serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `/healthz`: the process answers, whatever NATS does. What a
+    /// liveness check (a container HEALTHCHECK, Kubernetes' livenessProbe)
+    /// should ask: a room waiting for NATS is correct and must not be
+    /// restarted for it.
+    Live,
+    /// `/readyz`: the room is ready to take work. For readiness checks.
+    Ready,
+}
+
+impl Probe {
+    fn path(self) -> &'static str {
+        match self {
+            Probe::Live => "/healthz",
+            Probe::Ready => "/readyz",
+        }
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Probe::Live => "live",
+            Probe::Ready => "ready",
+        })
+    }
+}
+
+/// Asks a room's `/healthz` or `/readyz` on its metrics port (plain HTTP
+/// and open even when the API has TLS and tokens), the way a container
+/// runtime's health check would. A room bound to every interface is asked
+/// on loopback.
+pub async fn probe(addr: SocketAddr, probe: Probe, timeout: Duration) -> Result<(), ProbeError> {
     let mut target = addr;
     if target.ip().is_unspecified() {
         target.set_ip(match target {
@@ -517,7 +550,7 @@ pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Result<(), Prob
     }
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri = format!("http://{target}/readyz")
+    let uri = format!("http://{target}{}", probe.path())
         .parse::<axum::http::Uri>()
         .map_err(|err| ProbeError::Unreachable(target, err.to_string()))?;
     let response = tokio::time::timeout(timeout, client.get(uri))
@@ -527,6 +560,10 @@ pub async fn probe_ready(addr: SocketAddr, timeout: Duration) -> Result<(), Prob
     if response.status() == StatusCode::OK {
         Ok(())
     } else {
-        Err(ProbeError::NotReady(target, response.status().as_u16()))
+        Err(ProbeError::Refused(
+            target,
+            probe,
+            response.status().as_u16(),
+        ))
     }
 }

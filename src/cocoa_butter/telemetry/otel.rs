@@ -1,8 +1,10 @@
 //! The OpenTelemetry tracer provider: OTLP over gRPC or HTTP/protobuf,
 //! configured by `[tracing]` and the standard `OTEL_*` variables.
 
+use std::path::PathBuf;
+
 use opentelemetry::KeyValue;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::resource::EnvResourceDetector;
 use opentelemetry_sdk::trace::{SdkTracerProvider, span_processor_with_async_runtime};
@@ -54,13 +56,31 @@ pub(super) fn tracer_provider(
         None => config.protocol.unwrap_or(OtlpProtocol::Grpc),
     };
 
+    let effective = configured.clone().or(env_endpoint).unwrap_or_default();
+    let https = effective
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
     let built = match protocol {
         OtlpProtocol::Grpc => {
             let mut builder = opentelemetry_otlp::SpanExporter::builder().with_tonic();
             if let Some(endpoint) = configured {
                 builder = builder.with_endpoint(endpoint);
             }
+            if https {
+                builder = builder.with_tls_config(client_tls(config)?);
+            }
             builder.build()
+        }
+        // The HTTP exporter runs on a plain hyper client (no TLS stack of
+        // its own, so no second one in the build); https goes over gRPC.
+        OtlpProtocol::HttpProtobuf if https => {
+            return Err(TelemetryError::Tracing {
+                key: "tracing.protocol",
+                message: format!(
+                    "{effective}: https is supported with protocol \"grpc\" only; \
+                     http/protobuf is sent in the clear"
+                ),
+            });
         }
         OtlpProtocol::HttpProtobuf => {
             let mut builder = opentelemetry_otlp::SpanExporter::builder()
@@ -98,6 +118,32 @@ pub(super) fn tracer_provider(
             .with_resource(resource(config))
             .build(),
     ))
+}
+
+/// TLS for an `https://` gRPC endpoint: the CA file of `tracing.ca_file`
+/// or the OTLP certificate variables when one is set, else the system's
+/// roots (the container image carries Debian's bundle).
+fn client_tls(config: &TracingConfig) -> Result<tonic::transport::ClientTlsConfig, TelemetryError> {
+    let (key, ca_file) = match env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+        .map(|file| ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", PathBuf::from(file)))
+        .or_else(|| {
+            env("OTEL_EXPORTER_OTLP_CERTIFICATE")
+                .map(|file| ("OTEL_EXPORTER_OTLP_CERTIFICATE", PathBuf::from(file)))
+        }) {
+        Some(found) => (found.0, Some(found.1)),
+        None => ("tracing.ca_file", config.ca_file.clone()),
+    };
+    let tls = tonic::transport::ClientTlsConfig::new();
+    match ca_file {
+        None => Ok(tls.with_native_roots()),
+        Some(path) => {
+            let pem = std::fs::read(&path).map_err(|err| TelemetryError::Tracing {
+                key,
+                message: format!("cannot read {}: {err}", path.display()),
+            })?;
+            Ok(tls.ca_certificate(tonic::transport::Certificate::from_pem(pem)))
+        }
+    }
 }
 
 /// service.name (OTEL_SERVICE_NAME > OTEL_RESOURCE_ATTRIBUTES > config >
