@@ -3,7 +3,7 @@
 //! drift when present), publishing envelopes and dead letters.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
@@ -14,7 +14,9 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
-use super::config::{ConsumerConfig, NatsAuth, NatsConfig, NatsTls, ReplicaOrdering, RoomSettings};
+use super::config::{
+    ConsumerConfig, NatsAuth, NatsConfig, NatsTls, ReplicaOrdering, RoomSettings, ServerUrls,
+};
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::{ConnectionMetrics, RoomMetrics, StoreLabels};
 use super::room::Outbound;
@@ -95,9 +97,12 @@ pub async fn connect_options(
     tls: &NatsTls,
 ) -> Result<async_nats::ConnectOptions, BusError> {
     let mut options = async_nats::ConnectOptions::new()
-        .name(&nats.connection_name)
+        .name(nats.connection_name.as_deref().unwrap_or("choco-factory"))
         .request_timeout(Some(nats.request_timeout))
         .require_tls(tls.required);
+    if let Some(prefix) = &nats.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
     if let Some(ca) = &tls.ca_file {
         options = options.add_root_certificates(ca.clone());
     }
@@ -173,8 +178,7 @@ pub async fn connect(
     let was_connected = Arc::new(AtomicBool::new(false));
     let auth_for_events = auth.clone();
     let tls_configured = tls.required || tls.ca_file.is_some() || tls.identity.is_some();
-    // One hint per run of failures, not one per attempt.
-    let hinted = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(ConnectFailures::new(nats.url.clone()));
     connect_options(nats, auth, tls)
         .await?
         .retry_on_initial_connect()
@@ -183,11 +187,11 @@ pub async fn connect(
             let metrics = metrics.clone();
             let was_connected = was_connected.clone();
             let auth = auth_for_events.clone();
-            let hinted = hinted.clone();
+            let failures = failures.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
-                        hinted.store(false, Ordering::Release);
+                        failures.reset();
                         metrics.connected.set(1);
                         if was_connected.swap(true, Ordering::AcqRel) {
                             metrics.reconnects.inc();
@@ -207,20 +211,7 @@ pub async fn connect(
                                 error = %reason,
                                 "{hint}; the rooms stay not ready and the client keeps retrying"
                             ),
-                            // async-nats reports a failed TLS handshake
-                            // (a certificate either side rejects) as a
-                            // plain I/O error, like a server that is down.
-                            None if tls_configured && !hinted.swap(true, Ordering::AcqRel) => {
-                                tracing::warn!(
-                                    error = %reason,
-                                    "cannot connect to NATS: the server is unreachable or the TLS \
-                                     handshake failed; check nats.url, nats.tls.ca_file (does it \
-                                     sign the server's certificate, for the host in nats.url?) and \
-                                     nats.tls.cert_file / key_file (does the server trust them?); \
-                                     log.filter async_nats=debug shows the cause"
-                                )
-                            }
-                            None => tracing::info!(event = %reason, "NATS connection event"),
+                            None => failures.report(&reason, tls_configured).await,
                         }
                     }
                     // The server can also drop an established connection
@@ -242,6 +233,89 @@ pub async fn connect(
             url: nats.url.redacted(),
             reason: err.to_string(),
         })
+}
+
+/// How often a run of failed connection attempts is reported again.
+const CONNECT_FAILURE_EVERY: Duration = Duration::from_secs(30);
+
+/// A run of failed connection attempts, reported as a warning at its first
+/// attempt and every [`CONNECT_FAILURE_EVERY`] after, with the redacted
+/// servers and why each one fails. async-nats says only "IO error" for a
+/// refused port, a DNS failure and a failed TLS handshake alike, so the
+/// report tries a TCP connection to each server itself to tell them apart.
+struct ConnectFailures {
+    urls: ServerUrls,
+    attempts: AtomicU64,
+    last_report: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ConnectFailures {
+    fn new(urls: ServerUrls) -> Self {
+        ConnectFailures {
+            urls,
+            attempts: AtomicU64::new(0),
+            last_report: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn reset(&self) {
+        self.attempts.store(0, Ordering::Relaxed);
+        *self.last_report.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    async fn report(&self, reason: &str, tls_configured: bool) {
+        let attempts = self.attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let due = {
+            let mut last = self.last_report.lock().unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|at| at.elapsed() >= CONNECT_FAILURE_EVERY);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if !due {
+            tracing::debug!(error = %reason, attempts, "NATS connection attempt failed");
+            return;
+        }
+        let servers =
+            futures::future::join_all(self.urls.as_slice().iter().map(|url| probe_tcp(url)))
+                .await
+                .join("; ");
+        let tls_hint = if tls_configured {
+            " A server that accepts TCP but refuses the connection may reject the TLS handshake: \
+             check nats.tls.ca_file (does it sign the server's certificate, for the host in \
+             nats.url?) and nats.tls.cert_file / key_file (does the server trust them?)."
+        } else {
+            ""
+        };
+        tracing::warn!(
+            url = %self.urls.redacted(),
+            error = %reason,
+            attempts,
+            servers = %servers,
+            "cannot connect to NATS; the rooms stay not ready and the client keeps retrying \
+             (each further attempt is logged at debug).{tls_hint}"
+        );
+    }
+}
+
+/// `host:port: <why>` for one server URL, from a plain TCP connection.
+async fn probe_tcp(url: &str) -> String {
+    let addr = match url.parse::<async_nats::ServerAddr>() {
+        Ok(addr) => addr,
+        Err(err) => return format!("{}: {err}", crate::cocoa_butter::config::redact_url(url)),
+    };
+    let target = format!("{}:{}", addr.host(), addr.port());
+    match tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(&target),
+    )
+    .await
+    {
+        Err(_) => format!("{target}: no answer to a TCP connection within 2s"),
+        Ok(Err(err)) => format!("{target}: {err}"),
+        Ok(Ok(_)) => format!("{target}: accepts TCP connections"),
+    }
 }
 
 /// The stream configuration the runtime creates for a domain or the DLQ.

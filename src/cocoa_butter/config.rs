@@ -199,8 +199,15 @@ pub struct NatsConfig {
     /// Every server of the cluster (or the one server): the client connects
     /// to one and fails over to the others on its own.
     pub url: ServerUrls,
-    /// Name the connection carries on the server (`nats server report connections`).
-    pub connection_name: String,
+    /// Name the connection carries on the server (`nats server report
+    /// connections`). Unset: `choco-factory` for a process hosting every
+    /// room, `choco-factory:<room>+<room>` for one hosting fewer, so
+    /// `serve --rooms conch` is told apart from the rest.
+    pub connection_name: Option<String>,
+    /// Prefix of the reply subjects this client subscribes to (default
+    /// `_INBOX`). Accounts that grant a narrow set of subjects give each
+    /// user its own, e.g. `_INBOX_choco`; see deploy/nats/.
+    pub inbox_prefix: Option<String>,
     /// Create missing streams and consumers, and update drifted consumers.
     /// With `false` the runtime only checks and reports.
     pub provision: bool,
@@ -348,7 +355,8 @@ impl Default for NatsConfig {
     fn default() -> Self {
         NatsConfig {
             url: ServerUrls::one("nats://127.0.0.1:4222"),
-            connection_name: "choco-factory".into(),
+            connection_name: None,
+            inbox_prefix: None,
             provision: true,
             duplicate_window: Duration::from_secs(120),
             request_timeout: Duration::from_secs(5),
@@ -1085,6 +1093,9 @@ pub fn validate(
 ) -> Result<ValidatedConfig, ConfigError> {
     factory.nats.url.check()?;
     check_name("nats.dlq_stream", &factory.nats.dlq_stream)?;
+    if let Some(prefix) = &factory.nats.inbox_prefix {
+        check_subject("nats.inbox_prefix", prefix, false)?;
+    }
     check_subject(
         "nats.dlq_subject_prefix",
         &factory.nats.dlq_subject_prefix,
@@ -1167,6 +1178,9 @@ pub fn validate(
         provision: factory.nats.provision,
         ..factory.streams.for_buckets()?
     };
+    if factory.nats.connection_name.is_none() {
+        factory.nats.connection_name = Some(default_connection_name(&rooms));
+    }
     let nats_auth = resolve_nats_auth(&factory.nats)?;
     let nats_tls = resolve_nats_tls(&factory.nats.tls)?;
     let listener_tls = resolve_listener_tls(&factory.tls)?;
@@ -1180,6 +1194,20 @@ pub fn validate(
         listener_tls,
         token_verifier,
     })
+}
+
+/// `choco-factory`, or `choco-factory:conch+mould` when only some rooms run.
+fn default_connection_name(rooms: &[RoomSettings]) -> String {
+    let enabled: Vec<&str> = rooms
+        .iter()
+        .filter(|room| room.enabled)
+        .map(|room| room.name.as_str())
+        .collect();
+    if enabled.len() == rooms.len() {
+        "choco-factory".into()
+    } else {
+        format!("choco-factory:{}", enabled.join("+"))
+    }
 }
 
 /// A NATS URL (or a comma-separated list) with any `user:password@` or

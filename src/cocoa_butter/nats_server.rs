@@ -111,6 +111,13 @@ impl ManagedNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's HTTP monitoring endpoint (`/varz`, `/connz`, `/jsz`),
+    /// on an ephemeral port of loopback.
+    pub fn monitoring_url(&self) -> Option<String> {
+        read_port(&self.data_dir.join("ports"), "monitoring")
+            .map(|port| format!("http://127.0.0.1:{port}"))
+    }
+
     fn log_path(&self) -> PathBuf {
         self.data_dir.join("nats-server.log")
     }
@@ -157,8 +164,9 @@ impl ManagedNats {
             .arg("127.0.0.1")
             .arg("--port")
             .arg(&port_arg)
+            // Monitoring on an ephemeral port (-1), named in the ports file.
             .arg("--http_port")
-            .arg("0")
+            .arg("-1")
             .arg("--ports_file_dir")
             .arg(&ports_dir)
             .stdin(Stdio::null())
@@ -259,12 +267,18 @@ impl ManagedNats {
 /// nats-server writes `<dir>/<exe>_<pid>.ports` as JSON naming its client
 /// URLs once it listens.
 fn read_ports_file(dir: &Path) -> Option<u16> {
+    read_port(dir, "nats")
+}
+
+/// The first port the server's ports file lists for `kind` (`nats`,
+/// `monitoring`).
+fn read_port(dir: &Path, kind: &str) -> Option<u16> {
     let file = std::fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .find(|entry| entry.path().extension().is_some_and(|ext| ext == "ports"))?;
     let text = std::fs::read_to_string(file.path()).ok()?;
     let ports: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let url = ports.get("nats")?.as_array()?.first()?.as_str()?;
+    let url = ports.get(kind)?.as_array()?.first()?.as_str()?;
     url.rsplit(':').next()?.parse().ok()
 }
