@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what choco-factory needs besides the Rust toolchain: a nats-server
 # with JetStream (required), hadolint for the Dockerfile, and promtool, to check the alerting rules under
-# config/prometheus (optional: without it that test only parses them).
+# config/prometheus (optional: without it that test only parses them), and
+# the virtual environments of scripts/deploy-check.sh under .tools/.
 # Prints the path of the nats-server binary it will use; idempotent.
 set -euo pipefail
 
@@ -50,5 +51,29 @@ if [ ! -x "${TOOLS_DIR}/bin/promtool" ] && ! command -v promtool >/dev/null 2>&1
   fi
   rm -rf "${scratch}"
 fi
+
+# The offline checks of deploy/kubernetes and compose.yaml
+# (scripts/deploy-check.sh), in virtual environments under .tools/:
+# kubernetes-validate (the Kubernetes schemas) with jsonschema in one;
+# checkov in its own, since it pins dozens of libraries exactly or below
+# their current versions (boto3==1.35.49, packaging<24, networkx<2.7, ...)
+# that would otherwise decide what the schema checks run with. A venv is
+# made again when the versions asked for change.
+KUBE_VALIDATE_VERSION="${KUBE_VALIDATE_VERSION:-1.37.0}"
+JSONSCHEMA_VERSION="${JSONSCHEMA_VERSION:-4.26.0}"
+CHECKOV_VERSION="${CHECKOV_VERSION:-3.3.30}"
+make_venv() {
+  local dir="$1"; shift
+  if [ -x "${dir}/bin/python" ] && [ "$(cat "${dir}/.requirements" 2>/dev/null)" = "$*" ]; then
+    return 0
+  fi
+  echo "setup: installing $* into ${dir} from PyPI" >&2
+  rm -rf "${dir}"
+  python3 -m venv "${dir}"
+  "${dir}/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >&2
+  echo "$*" >"${dir}/.requirements"
+}
+make_venv "${TOOLS_DIR}/venv-kube" "kubernetes-validate==${KUBE_VALIDATE_VERSION}" "jsonschema==${JSONSCHEMA_VERSION}"
+make_venv "${TOOLS_DIR}/venv-checkov" "checkov==${CHECKOV_VERSION}"
 
 find_nats || { echo "setup: nats-server is still not available" >&2; exit 1; }

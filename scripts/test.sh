@@ -15,6 +15,8 @@ echo "== nats-server: ${NATS_SERVER_BIN} ($("${NATS_SERVER_BIN}" --version))"
 echo "== hadolint Dockerfile"
 PY_SCRIPTS="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
 "$(command -v hadolint || echo "${PY_SCRIPTS}/hadolint")" Dockerfile
+echo "== deploy/kubernetes and compose.yaml: schemas, references, checkov (scripts/deploy-check.sh)"
+scripts/deploy-check.sh
 # rustfmt on every .rs file by path, not only the modules `cargo fmt`
 # reaches by following `mod` lines (a macro-declared module hid 13 files).
 echo "== rustfmt --check on every .rs file"
