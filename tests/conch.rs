@@ -388,6 +388,16 @@ async fn http_and_grpc_apis_follow_the_same_rules() {
     let (status, err) = sync(json!({"document_id": "", "property": "p", "value": 1, "base_revision": 0, "author_id": "a", "updated_at": "2026-03-01T10:00:00Z"})).await;
     assert_eq!(status, 400);
     assert_eq!(err["error"]["field"], "document_id", "{err}");
+    // Every bad field at once, so a caller fixes them in one round.
+    let (status, err) = sync(json!({"document_id": "", "property": "p", "value": 1, "base_revision": 0, "author_id": " ", "updated_at": "2026-03-01T10:00:00Z"})).await;
+    assert_eq!(status, 400);
+    let fields: Vec<&str> = err["error"]["violations"]
+        .as_array()
+        .expect("violations")
+        .iter()
+        .filter_map(|v| v["field"].as_str())
+        .collect();
+    assert_eq!(fields, ["document_id", "author_id"], "{err}");
 
     // gRPC: same store, same rules.
     let mut grpc = pb::conch_client::ConchClient::connect(format!("http://{}", factory.grpc))
@@ -443,7 +453,7 @@ async fn http_and_grpc_apis_follow_the_same_rules() {
         "{}",
         status.message()
     );
-    let mut no_author = request;
+    let mut no_author = request.clone();
     no_author.author_id = String::new();
     let status = grpc.sync_property(no_author).await.expect_err("invalid");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -451,6 +461,30 @@ async fn http_and_grpc_apis_follow_the_same_rules() {
         status.message().starts_with("author_id"),
         "{}",
         status.message()
+    );
+    // Every bad field, as google.rpc.BadRequest field violations in the
+    // status details: what grpcurl and gRPC client libraries decode.
+    use tonic_types::StatusExt;
+    let mut all_wrong = request;
+    all_wrong.updated_at = None;
+    all_wrong.author_id = String::new();
+    all_wrong.document_id = String::new();
+    let status = grpc.sync_property(all_wrong).await.expect_err("invalid");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let bad_request = status
+        .get_details_bad_request()
+        .expect("BadRequest details");
+    let fields: Vec<&str> = bad_request
+        .field_violations
+        .iter()
+        .map(|v| v.field.as_str())
+        .collect();
+    assert_eq!(fields, ["updated_at", "document_id", "author_id"]);
+    assert!(
+        bad_request
+            .field_violations
+            .iter()
+            .all(|v| !v.description.is_empty())
     );
 }
 

@@ -1,6 +1,8 @@
 //! Helpers every room's HTTP and gRPC APIs share, so errors look the same
-//! on every port: HTTP `{"error": {"code", "field", "message"}}`, gRPC
-//! status codes with the field first in the message and in `x-choco-field`.
+//! on every port: HTTP `{"error": {"code", "field", "message",
+//! "violations"}}`, gRPC status codes with the field first in the message
+//! and every bad field in `google.rpc.BadRequest` details (what grpcurl and
+//! every gRPC client library decode).
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -48,18 +50,71 @@ pub fn handle_error_http(err: HandleError) -> Response {
     }
 }
 
+/// One bad field of a request and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldViolation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// `field: message`, unless the message already starts with the field.
+    fn text(&self) -> String {
+        if self.message.starts_with(&self.field) {
+            self.message.clone()
+        } else {
+            format!("{}: {}", self.field, self.message)
+        }
+    }
+}
+
 /// INVALID_ARGUMENT naming the field.
 pub fn invalid_argument(field: &str, message: &str) -> Status {
-    let text = if message.starts_with(field) {
-        message.to_string()
-    } else {
-        format!("{field}: {message}")
-    };
-    let mut status = Status::invalid_argument(text);
-    if let Ok(value) = field.parse() {
-        status.metadata_mut().insert("x-choco-field", value);
-    }
-    status
+    invalid_arguments(&[FieldViolation::new(field, message)])
+}
+
+/// INVALID_ARGUMENT naming every bad field: each one in the message (the
+/// first leading it) and as a `google.rpc.BadRequest` field violation.
+pub fn invalid_arguments(violations: &[FieldViolation]) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    let text = violations
+        .iter()
+        .map(FieldViolation::text)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let details = ErrorDetails::with_bad_request(
+        violations
+            .iter()
+            .map(|v| tonic_types::FieldViolation::new(&v.field, &v.message))
+            .collect::<Vec<_>>(),
+    );
+    Status::with_error_details(tonic::Code::InvalidArgument, text, details)
+}
+
+/// 400 naming every bad field: the first in `field`, all in `violations`.
+pub fn bad_request_fields(violations: &[FieldViolation]) -> Response {
+    let text = violations
+        .iter()
+        .map(FieldViolation::text)
+        .collect::<Vec<_>>()
+        .join("; ");
+    let body = json!({ "error": {
+        "code": "invalid_argument",
+        "field": violations.first().map(|v| v.field.as_str()),
+        "message": text,
+        "violations": violations
+            .iter()
+            .map(|v| json!({ "field": v.field, "message": v.message }))
+            .collect::<Vec<_>>(),
+    }});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
 /// Transient → UNAVAILABLE, permanent → INTERNAL.

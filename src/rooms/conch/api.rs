@@ -17,8 +17,8 @@ use tonic::{Request, Status};
 use super::Conch;
 use super::sync::{self, PropertyState, SyncRequest};
 use crate::cocoa_butter::api::{
-    bad_request, correlation_grpc, correlation_http, handle_error_grpc, handle_error_http,
-    invalid_argument as invalid, json_from_pb, json_to_pb,
+    FieldViolation, bad_request_fields, correlation_grpc, correlation_http, handle_error_grpc,
+    handle_error_http, invalid_argument as invalid, invalid_arguments, json_from_pb, json_to_pb,
 };
 use crate::cocoa_butter::{GrpcService, decode_json};
 
@@ -36,13 +36,21 @@ pub fn http_routes(conch: Arc<Conch>) -> Router {
         .with_state(conch)
 }
 
+fn field_violations(errors: Vec<sync::FieldError>) -> Vec<FieldViolation> {
+    errors
+        .into_iter()
+        .map(|error| FieldViolation::new(error.field, error.message))
+        .collect()
+}
+
 async fn sync_http(State(conch): State<Arc<Conch>>, headers: HeaderMap, body: Bytes) -> Response {
     let request: SyncRequest = match decode_json(&body) {
         Ok(request) => request,
         Err(err) => return err.into_response(),
     };
-    if let Err(err) = request.validate() {
-        return bad_request(err.field, &err.to_string());
+    let violations = request.violations();
+    if !violations.is_empty() {
+        return bad_request_fields(&field_violations(violations));
     }
     let correlation = correlation_http(&headers);
     let property = request.property.clone();
@@ -98,12 +106,20 @@ impl pb::conch_server::Conch for ConchGrpc {
     ) -> Result<tonic::Response<pb::SyncPropertyResponse>, Status> {
         let correlation = correlation_grpc(request.metadata());
         let message = request.into_inner();
-        let updated_at = message
-            .updated_at
-            .ok_or_else(|| invalid("updated_at", "is required"))
-            .and_then(|ts| {
-                from_timestamp(&ts).ok_or_else(|| invalid("updated_at", "is out of range"))
-            })?;
+        let mut violations = Vec::new();
+        let updated_at = match message.updated_at.map(|ts| from_timestamp(&ts)) {
+            Some(Some(at)) => at,
+            missing => {
+                let why = if missing.is_none() {
+                    "is required"
+                } else {
+                    "is out of range"
+                };
+                violations.push(FieldViolation::new("updated_at", why));
+                // Only so the other fields are checked too; never used.
+                chrono::DateTime::UNIX_EPOCH
+            }
+        };
         let sync_request = SyncRequest {
             document_id: message.document_id,
             property: message.property,
@@ -113,9 +129,10 @@ impl pb::conch_server::Conch for ConchGrpc {
             updated_at,
             request_id: Some(message.request_id).filter(|id| !id.is_empty()),
         };
-        sync_request
-            .validate()
-            .map_err(|err| invalid(err.field, &err.message))?;
+        violations.extend(field_violations(sync_request.violations()));
+        if !violations.is_empty() {
+            return Err(invalid_arguments(&violations));
+        }
         let property = sync_request.property.clone();
         let result = self
             .conch

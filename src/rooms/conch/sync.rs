@@ -57,30 +57,40 @@ pub struct FieldError {
 }
 
 impl SyncRequest {
+    /// The first bad field, if any (see [`SyncRequest::violations`]).
     pub fn validate(&self) -> Result<(), FieldError> {
+        match self.violations().into_iter().next() {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Every bad field, in the request's field order, so a caller fixes
+    /// them all in one round.
+    pub fn violations(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
         for (field, value) in [
             ("document_id", &self.document_id),
             ("property", &self.property),
             ("author_id", &self.author_id),
         ] {
             if value.trim().is_empty() {
-                return Err(FieldError {
+                errors.push(FieldError {
                     field,
                     message: "must not be empty".into(),
                 });
-            }
-            // Both become parts of keys.
-            if let Some(message) = id_too_long(value) {
-                return Err(FieldError { field, message });
+            } else if let Some(message) = id_too_long(value) {
+                // Both become parts of keys.
+                errors.push(FieldError { field, message });
             }
         }
         if depth(&self.value) > MAX_VALUE_DEPTH {
-            return Err(FieldError {
+            errors.push(FieldError {
                 field: "value",
                 message: format!("must not nest deeper than {MAX_VALUE_DEPTH} levels"),
             });
         }
-        Ok(())
+        errors
     }
 }
 
