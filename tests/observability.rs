@@ -42,6 +42,8 @@ struct Exported {
     attributes: HashMap<String, String>,
     resource: HashMap<String, String>,
     status_code: i32,
+    /// The attributes sent as OTLP integers (the rest only as text above).
+    integers: HashMap<String, i64>,
 }
 
 fn text(value: &Option<AnyValue>) -> String {
@@ -82,6 +84,14 @@ impl Received {
                         parent_span_id: hex::encode(&span.parent_span_id),
                         kind: span.kind,
                         attributes: map(&span.attributes),
+                        integers: span
+                            .attributes
+                            .iter()
+                            .filter_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                any_value::Value::IntValue(i) => Some((kv.key.clone(), *i)),
+                                _ => None,
+                            })
+                            .collect(),
                         resource: resource.clone(),
                         status_code: span.status.map_or(0, |s| s.code),
                     });
@@ -322,6 +332,12 @@ async fn an_event_with_a_traceparent_continues_its_trace_through_the_room() {
             "{key} on {process:#?}"
         );
     }
+    for key in [
+        "messaging.nats.delivery_count",
+        "messaging.nats.stream_sequence",
+    ] {
+        assert_eq!(process.integers.get(key), Some(&1), "{key} as an integer");
+    }
     assert_eq!(process.resource["service.name"], "choco-factory-under-test");
     assert_eq!(
         process.resource["service.version"],
@@ -431,6 +447,35 @@ async fn a_failure_is_recorded_on_the_span_and_untraced_events_start_a_trace() {
         .await;
     assert!(root.parent_span_id.is_empty(), "a root span: {root:#?}");
 
+    // Probes are not traced: a kubelet's or load balancer's every few
+    // seconds would bury the requests worth looking at.
+    let probe_trace = "55555555555555555555555555555555";
+    for path in ["/healthz", "/readyz"] {
+        reqwest::Client::new()
+            .get(factory.url(path))
+            .header(
+                "traceparent",
+                format!("00-{probe_trace}-6666666666666666-01"),
+            )
+            .send()
+            .await
+            .expect("probe");
+    }
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", factory.grpc))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("health connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut check = tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+    check.metadata_mut().insert(
+        "traceparent",
+        format!("00-{probe_trace}-6666666666666666-01")
+            .parse()
+            .expect("metadata"),
+    );
+    health.check(check).await.expect("health check");
+
     // HTTP and gRPC requests continue the caller's trace too.
     let http_trace = "11111111111111111111111111111111";
     let response = reqwest::Client::new()
@@ -453,7 +498,11 @@ async fn a_failure_is_recorded_on_the_span_and_untraced_events_start_a_trace() {
         server.attributes["http.route"],
         "/v1/documents/{document_id}/properties"
     );
-    assert_eq!(server.attributes["http.response.status_code"], "200");
+    assert_eq!(
+        server.integers.get("http.response.status_code"),
+        Some(&200),
+        "an integer, as the HTTP conventions type it: {server:#?}"
+    );
 
     let grpc_trace = "33333333333333333333333333333333";
     let mut client = pb::conch_client::ConchClient::connect(format!("http://{}", factory.grpc))
@@ -480,6 +529,13 @@ async fn a_failure_is_recorded_on_the_span_and_untraced_events_start_a_trace() {
     assert_eq!(server.parent_span_id, "4444444444444444");
     assert_eq!(server.attributes["rpc.system"], "grpc");
     assert_eq!(server.attributes["rpc.method"], "GetProperties");
+    // By now the probes' spans, had there been any, were exported with or
+    // before the requests that came after them.
+    assert!(
+        received.of_trace(probe_trace).is_empty(),
+        "probe spans: {:#?}",
+        received.of_trace(probe_trace)
+    );
 }
 
 #[tokio::test]
@@ -725,6 +781,27 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
     expect("choco_nats_connected", &[]);
     expect("choco_nats_reconnects", &[]);
     expect("choco_build_info", &["version", "git_sha"]);
+    // The process's own families, as every client library exports them.
+    for family in [
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_start_time_seconds",
+    ] {
+        expect(family, &[]);
+    }
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|line| line.starts_with(&format!("{name}{{")))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} sample in\n{text}"))
+    };
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("process_open_fds") > 0.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
     for series in [
         r#"choco_consumer_dlq_messages_total{room="conch",event_type="coordination.property_sync.requested",reason="payload_invalid"} 1"#,
         r#"choco_http_server_requests_total{room="conch",route="/v1/documents/{document_id}/properties",method="GET",status="200"} 1"#,
@@ -747,6 +824,13 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
         "no exemplar with the trace id in\n{text}"
     );
 
+    // OpenMetrics named but refused (q=0) is the text format, not a match.
+    let (content_type, _) = scrape(
+        &factory,
+        Some("application/openmetrics-text;q=0, text/plain;version=0.0.4"),
+    )
+    .await;
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
     // The classic text format for scrapers that do not ask.
     let (content_type, text) = scrape(&factory, None).await;
     assert!(
@@ -761,6 +845,8 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
         "choco_http_server_requests_total",
         "choco_store_operation_duration_seconds",
         "choco_build_info",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
     ] {
         assert!(
             parsed.families.contains_key(family),

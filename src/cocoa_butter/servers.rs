@@ -322,11 +322,12 @@ async fn metrics_route(
     // gauge the paging alert reads can never disagree with `/readyz`.
     metrics.ready.set(i64::from(state.ready()));
     metrics.paused.set(i64::from(state.paused()));
-    let wants_openmetrics = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .any(|accept| accept.contains("application/openmetrics-text"));
+    let wants_openmetrics = metrics::prefers_openmetrics(
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok()),
+    );
     let openmetrics = metrics.encode();
     let (body, content_type) = if wants_openmetrics {
         (

@@ -265,7 +265,8 @@ pub fn message_span(
         messaging.consumer.group.name = %consumer,
         messaging.message.id = tracing::field::Empty,
         messaging.nats.delivery_count = delivered,
-        messaging.nats.stream_sequence = sequence,
+        // As i64: tracing-opentelemetry exports a u64 as its text.
+        messaging.nats.stream_sequence = i64::try_from(sequence).unwrap_or(i64::MAX),
         event_id = tracing::field::Empty,
         correlation_id = tracing::field::Empty,
         aggregate_id = tracing::field::Empty,

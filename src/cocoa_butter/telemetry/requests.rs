@@ -118,7 +118,15 @@ where
                 (span, path)
             }
         };
-        propagation::continue_trace(&span, &incoming);
+        // Probes are counted but not traced: a kubelet's or load
+        // balancer's, every few seconds, would bury the requests worth a
+        // trace (884 probe spans in one short run before this).
+        let span = if is_probe(layer.protocol, &route) {
+            tracing::Span::none()
+        } else {
+            propagation::continue_trace(&span, &incoming);
+            span
+        };
         let response = self.inner.call(request);
         let record_span = span.clone();
         Box::pin(
@@ -128,7 +136,8 @@ where
                 match layer.protocol {
                     Protocol::Http => {
                         let status = response.status().as_u16();
-                        record_span.record("http.response.status_code", status);
+                        // As i64: tracing-opentelemetry exports a u16 as text.
+                        record_span.record("http.response.status_code", i64::from(status));
                         if status >= 500 {
                             record_span.record("otel.status_code", "ERROR");
                         }
@@ -174,6 +183,14 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Health and readiness probes: `/healthz`, `/readyz`, and gRPC health.
+fn is_probe(protocol: Protocol, route: &str) -> bool {
+    match protocol {
+        Protocol::Http => route == "/healthz" || route == "/readyz",
+        Protocol::Grpc => route.starts_with("/grpc.health.v1.Health/"),
     }
 }
 

@@ -5,10 +5,17 @@
 //! label of every series. The consumer names follow the platform's
 //! (`choco_consumer_*`). docs/OPERATIONS.md lists every family.
 //!
+//! Process-wide families live here too and are registered in every room's
+//! registry, so every metrics port reports them: the NATS connection
+//! (`choco_nats_*`), the build (`choco_build_info`) and the process itself
+//! (`process_*`, [`process`]).
+//!
 //! Latency histograms carry the trace id as an OpenMetrics exemplar when
 //! tracing is on. [`RoomMetrics::encode`] writes OpenMetrics text;
 //! [`prometheus_text`] turns it into the classic Prometheus text format for
 //! scrapers that do not ask for OpenMetrics.
+
+pub mod process;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
@@ -368,6 +375,7 @@ impl RoomMetrics {
             "Always 1; the labels say which build is running",
             build,
         );
+        registry.register_collector(Box::new(process::ProcessCollector));
         RoomMetrics {
             registry: Arc::new(registry),
             ..metrics
@@ -579,9 +587,66 @@ pub fn prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+/// Whether a scraper's `Accept` headers prefer OpenMetrics to the classic
+/// text format, by their q-values (RFC 9110 §12.5.1): OpenMetrics when
+/// `application/openmetrics-text` is acceptable (q > 0) and weighted at
+/// least as high as any range matching `text/plain`; the text format
+/// otherwise, and without an `Accept` at all.
+pub fn prefers_openmetrics<'a>(accept: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut openmetrics: Option<f32> = None;
+    let mut text: Option<f32> = None;
+    for range in accept.into_iter().flat_map(|value| value.split(',')) {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|param| param.split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+            .map_or(Some(1.0), |(_, value)| value.trim().parse::<f32>().ok())
+            // An unreadable q makes the range unusable rather than preferred.
+            .unwrap_or(0.0);
+        let slot = match media.as_str() {
+            "application/openmetrics-text" => &mut openmetrics,
+            "text/plain" | "text/*" | "*/*" => &mut text,
+            _ => continue,
+        };
+        *slot = Some(slot.map_or(q, |best: f32| best.max(q)));
+    }
+    match openmetrics {
+        Some(q) if q > 0.0 => q >= text.unwrap_or(0.0),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openmetrics_is_negotiated_by_q_values() {
+        // What Prometheus sends by default.
+        assert!(prefers_openmetrics([
+            "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+        ]));
+        assert!(prefers_openmetrics(["application/openmetrics-text"]));
+        assert!(!prefers_openmetrics([]));
+        assert!(!prefers_openmetrics(["*/*"]));
+        assert!(!prefers_openmetrics(["text/plain"]));
+        // Named but refused, or ranked below the text format.
+        assert!(!prefers_openmetrics(["application/openmetrics-text;q=0"]));
+        assert!(!prefers_openmetrics([
+            "application/openmetrics-text; q=0.2, text/plain; q=0.9"
+        ]));
+        assert!(!prefers_openmetrics([
+            "application/openmetrics-text;q=banana"
+        ]));
+        // A substring of another type is not OpenMetrics.
+        assert!(!prefers_openmetrics(["application/openmetrics-text-v2"]));
+        // Several headers count together.
+        assert!(prefers_openmetrics([
+            "text/plain;q=0.1",
+            "application/openmetrics-text"
+        ]));
+    }
 
     #[test]
     fn exposes_the_platform_metric_names_with_room_labels() {
