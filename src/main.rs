@@ -2,11 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use choco_factory::cli::{self, Cli, ConfigRefused};
-
-/// Exit status for a configuration or start-up refusal, so a supervisor
-/// can tell "fix the config" (2) from "crashed" (1).
-const EXIT_CONFIG: u8 = 2;
+use choco_factory::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let parsed = Cli::parse();
@@ -14,11 +10,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("choco-factory: {err:#}");
-            if err.downcast_ref::<ConfigRefused>().is_some() {
-                ExitCode::from(EXIT_CONFIG)
-            } else {
-                ExitCode::FAILURE
-            }
+            // 2 for usage or configuration refused, 1 otherwise: the table
+            // is in src/cli/mod.rs and docs/OPERATIONS.md.
+            ExitCode::from(cli::exit_status(&err))
         }
     }
 }

@@ -70,6 +70,7 @@ const SPEC: RoomSpec = RoomSpec {
     name: "probe",
     check: |_| Ok(()),
     build: |_| Ok(Arc::new(Probe)),
+    defaults: || serde_json::json!({}),
 };
 static REGISTRY: &[RoomSpec] = &[SPEC];
 

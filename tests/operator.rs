@@ -49,6 +49,21 @@ async fn a_dead_letter_is_listed_shown_replayed_and_then_handled() {
     assert_eq!(listed[0]["event_type"], "refinement.smartblock_created");
     assert_eq!(listed[0]["aggregate_id"], "blk-tp");
     assert_eq!(listed[0]["replayed"], false);
+    // One set of types: counts are numbers, times RFC 3339 in UTC ("Z").
+    assert!(listed[0]["deliveries"].is_u64(), "{}", listed[0]);
+    assert!(listed[0]["original_sequence"].is_u64(), "{}", listed[0]);
+    let time = listed[0]["time"].as_str().expect("time");
+    assert!(
+        time.ends_with('Z') && chrono::DateTime::parse_from_rfc3339(time).is_ok(),
+        "{time}"
+    );
+    // A misspelt room is a usage error naming the rooms, not "0 dead letters".
+    let (code, out, err) = cli_status(&nats.url(), &["dlq", "list", "--room", "chocolate"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    assert!(
+        err.contains("unknown room \"chocolate\"") && err.contains("winnower"),
+        "{err}"
+    );
     let sequence = listed[0]["sequence"]
         .as_u64()
         .expect("sequence")
@@ -173,6 +188,25 @@ async fn publish_and_tail_round_trip_an_event() {
         out.contains("choco.events.coordination.property_sync.requested"),
         "{out}"
     );
+    let published_again = {
+        let (ok, out, err) = cli(
+            &nats.url(),
+            &[
+                "publish",
+                "--type",
+                "coordination.property_sync.requested",
+                "--aggregate",
+                "doc-cli-json",
+                "--payload",
+                &payload.to_string(),
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).expect("JSON")
+    };
+    assert_eq!(published_again["sequence"], 2, "{published_again}");
+    assert_eq!(published_again["stream"], COORDINATION);
 
     let output = tokio::time::timeout(Duration::from_secs(10), tail.wait_with_output())
         .await
@@ -195,9 +229,10 @@ async fn publish_and_tail_round_trip_an_event() {
 
     // What was published is a valid envelope in the stream.
     let stored = read_all(&js, COORDINATION, REQUESTED).await;
-    assert_eq!(stored.len(), 1);
+    assert_eq!(stored.len(), 2);
     assert_eq!(stored[0].payload(), payload);
-    let (ok, _, err) = cli(
+    // A malformed --type is a usage error (2), like any bad flag.
+    let (code, _, err) = cli_status(
         &nats.url(),
         &[
             "publish",
@@ -209,7 +244,112 @@ async fn publish_and_tail_round_trip_an_event() {
             "{}",
         ],
     );
-    assert!(!ok && err.contains("--type"), "{err}");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--type"), "{err}");
+}
+
+/// The command line itself, without a server: completions, the man page,
+/// flags only where they apply, `config show`'s room defaults, and the
+/// exit status of a validator.
+#[test]
+fn the_command_line_describes_itself_and_exits_by_the_table() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.status.success());
+    let script = String::from_utf8_lossy(&bash.stdout);
+    assert!(
+        script.contains("choco-factory") && script.contains("--dry-run"),
+        "a bash completion script that knows the subcommands' flags"
+    );
+    let man = run(&["man"]);
+    assert!(man.status.success());
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(page.starts_with(".ie") || page.contains(".TH"), "roff");
+    assert!(
+        page.contains(r#".SS "dlq list""#) && page.contains("Exit status"),
+        "every command, and the exit status table"
+    );
+
+    // --bind is for the commands that run rooms: elsewhere clap refuses it.
+    let bind = run(&["dlq", "list", "--bind", "0.0.0.0"]);
+    assert_eq!(bind.status.code(), Some(2));
+
+    // Every room setting, with its default, even when nothing sets it.
+    let show = run(&["config", "show"]);
+    let shown = String::from_utf8_lossy(&show.stdout);
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with("rooms.conch.settings.receipts_kept "))
+        .unwrap_or_else(|| panic!("no conch default in\n{shown}"));
+    assert!(line.contains("= 32") && line.contains("default"), "{line}");
+    let json = run(&["config", "show", "--json"]);
+    let values: Vec<Value> = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert!(
+        values
+            .iter()
+            .any(|v| v["key"] == "rooms.mould.settings.render_timeout" && v["value"] == "2s"),
+        "mould defaults in JSON"
+    );
+
+    // A validator's bad input is its answer (1), not a refusal (2).
+    let invalid = std::process::Command::new(BIN)
+        .args(["config", "check"])
+        .env("CHOCO_CONSUMER__MAX_DELIVER", "0")
+        .output()
+        .expect("run");
+    assert_eq!(invalid.status.code(), Some(1), "{invalid:?}");
+    let checked = std::process::Command::new(BIN)
+        .args(["config", "check", "--json"])
+        .env("CHOCO_CONSUMER__MAX_DELIVER", "0")
+        .output()
+        .expect("run");
+    let verdict: Value = serde_json::from_slice(&checked.stdout).expect("JSON");
+    assert_eq!(verdict["valid"], false);
+    assert!(
+        verdict["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("consumer.max_deliver")),
+        "{verdict}"
+    );
+}
+
+/// Human log lines are coloured only where colour can be shown: a
+/// terminal (a pseudo-terminal from `script` here), not `TERM=dumb`.
+#[test]
+fn pretty_logs_honour_term_dumb() {
+    let logs_under = |term: &str| {
+        let output = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!(
+                    "timeout -s KILL 1.5 {BIN} serve --rooms conch --log-format pretty \
+                     --nats-url nats://127.0.0.1:1"
+                ),
+                "/dev/null",
+            ])
+            .env("TERM", term)
+            .env_remove("NO_COLOR")
+            .env("CHOCO_ROOMS__CONCH__HTTP_PORT", "0")
+            .env("CHOCO_ROOMS__CONCH__GRPC_PORT", "0")
+            .env("CHOCO_ROOMS__CONCH__METRICS_PORT", "0")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let coloured = logs_under("xterm-256color");
+    assert!(
+        coloured.contains("room listening") && coloured.contains('\u{1b}'),
+        "a colour terminal gets colour: {coloured:?}"
+    );
+    let dumb = logs_under("dumb");
+    assert!(dumb.contains("room listening"), "{dumb:?}");
+    assert!(!dumb.contains('\u{1b}'), "TERM=dumb gets none: {dumb:?}");
 }
 
 /// Every room answers the NATS micro protocol, so standard tooling lists them.

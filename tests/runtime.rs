@@ -251,7 +251,7 @@ fn bad_configuration_is_refused_with_a_clear_message() {
         ),
         (
             &[("CHOCO_NATS__URL", "nats://bad host:4222")],
-            &["config", "check"],
+            &["serve"],
             "nats.url",
         ),
     ];
@@ -414,7 +414,7 @@ fn room_files_resolve_against_the_port_table_folder() {
         .expect("run");
     assert_eq!(
         output.status.code(),
-        Some(2),
+        Some(1),
         "without the table, the files are not found"
     );
     let stderr = String::from_utf8_lossy(&output.stderr);

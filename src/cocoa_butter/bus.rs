@@ -891,7 +891,7 @@ pub struct ConsumerStatus {
 
 fn rfc3339(time: async_nats::datetime::DateTime) -> Option<String> {
     chrono::DateTime::from_timestamp(time.unix_timestamp(), time.nanosecond())
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .map(|t| super::envelope::rfc3339(&t))
 }
 
 /// Reads the room's stream and consumer without changing either; a missing

@@ -227,7 +227,7 @@ impl RoomState {
     pub fn record_error(&self, message: impl Into<String>) {
         let error = LastError {
             message: message.into(),
-            at: chrono::Utc::now().to_rfc3339(),
+            at: crate::cocoa_butter::envelope::rfc3339(&chrono::Utc::now()),
         };
         // A poisoned lock only means a panic mid-write of a diagnostic.
         match self.last_error.lock() {

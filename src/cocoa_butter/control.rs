@@ -37,7 +37,7 @@ impl Desired {
             paused,
             reason,
             by: by.into(),
-            at: chrono::Utc::now().to_rfc3339(),
+            at: crate::cocoa_butter::envelope::rfc3339(&chrono::Utc::now()),
         }
     }
 }

@@ -53,9 +53,11 @@ pub struct DeadLetterRecord {
     pub event_type: String,
     pub reason: String,
     pub detail: String,
-    pub deliveries: String,
+    /// Deliveries the room made before giving up (absent on a dead letter
+    /// written before the header existed).
+    pub deliveries: Option<u64>,
     pub original_subject: String,
-    pub original_sequence: String,
+    pub original_sequence: Option<u64>,
     /// From the envelope, when the body is one.
     pub aggregate_id: Option<String>,
     pub replayed: bool,
@@ -87,7 +89,7 @@ impl DeadLetterRecord {
         DeadLetterRecord {
             sequence,
             time: chrono::DateTime::from_timestamp(unix_time, 0)
-                .map(|t| t.to_rfc3339())
+                .map(|t| crate::cocoa_butter::envelope::rfc3339(&t))
                 .unwrap_or_default(),
             unix_time,
             subject: subject.to_string(),
@@ -95,9 +97,9 @@ impl DeadLetterRecord {
             event_type: event_type.to_string(),
             reason: header(dlq_headers::REASON),
             detail: header(dlq_headers::DETAIL),
-            deliveries: header(dlq_headers::DELIVERIES),
+            deliveries: header(dlq_headers::DELIVERIES).parse().ok(),
             original_subject: header(dlq_headers::ORIGINAL_SUBJECT),
-            original_sequence: header(dlq_headers::ORIGINAL_SEQUENCE),
+            original_sequence: header(dlq_headers::ORIGINAL_SEQUENCE).parse().ok(),
             aggregate_id: EventEnvelope::decode(&body).ok().map(|e| e.aggregate_id),
             replayed: false,
             body,
@@ -325,7 +327,7 @@ impl DeadLetters {
             .await
             .map_err(unavailable)?;
         let note = serde_json::json!({
-            "replayed_at": chrono::Utc::now().to_rfc3339(),
+            "replayed_at": crate::cocoa_butter::envelope::rfc3339(&chrono::Utc::now()),
             "subject": record.original_subject,
             "new_sequence": ack.sequence,
         });

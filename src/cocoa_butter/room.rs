@@ -26,6 +26,9 @@ pub struct RoomSpec {
     pub check: fn(&RoomSettings) -> Result<(), RoomError>,
     /// Builds the room. Must not block or do I/O: NATS may not be up yet.
     pub build: fn(RoomContext) -> Result<Arc<dyn Room>, RoomError>,
+    /// The room's settings when `rooms.<room>.settings` sets nothing, as
+    /// JSON, so `config show` lists every setting with its default.
+    pub defaults: fn() -> serde_json::Value,
 }
 
 /// What the runtime hands a room when building it.

@@ -233,6 +233,12 @@ impl Factory {
 /// Runs an operator command of the binary against `nats_url`:
 /// (success, stdout, stderr).
 pub fn cli(nats_url: &str, args: &[&str]) -> (bool, String, String) {
+    let (code, stdout, stderr) = cli_status(nats_url, args);
+    (code == Some(0), stdout, stderr)
+}
+
+/// Like [`cli`], with the exit status: (status, stdout, stderr).
+pub fn cli_status(nats_url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let output = std::process::Command::new(BIN)
         .args(args)
         .env("CHOCO_NATS__URL", nats_url)
@@ -240,7 +246,7 @@ pub fn cli(nats_url: &str, args: &[&str]) -> (bool, String, String) {
         .output()
         .expect("run");
     (
-        output.status.success(),
+        output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )

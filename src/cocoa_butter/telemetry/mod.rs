@@ -179,13 +179,25 @@ where
         }
         layer.boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(writer).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_ansi(colours_wanted())
+            .with_writer(writer)
+            .boxed()
     };
     tracing_subscriber::registry()
         .with(filter)
         .with(otel_layer)
         .with(exporting.then_some(Exporting))
         .with(fmt_layer)
+}
+
+/// Colour in human log lines only for a terminal that can show it: not
+/// when stdout is a pipe or a file, not for `TERM=dumb`, not with
+/// `NO_COLOR` set (no-color.org).
+fn colours_wanted() -> bool {
+    std::io::stdout().is_terminal()
+        && std::env::var("TERM").map_or(true, |term| term != "dumb")
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty())
 }
 
 /// The log filter in force (`info,async_nats=warn`).

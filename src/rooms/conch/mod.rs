@@ -20,7 +20,7 @@ use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 use globset::{Glob, GlobMatcher};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::keys::kv_key;
@@ -35,12 +35,13 @@ pub const SPEC: RoomSpec = RoomSpec {
     name: "conch",
     check: |settings| ConchSettings::parse(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Conch::new(ctx)?)),
+    defaults: || serde_json::to_value(ConchSettings::default()).unwrap_or_default(),
 };
 
 const REQUESTED: &str = "property_sync.requested";
 
 /// `rooms.conch.settings`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 struct ConchSettings {
     /// Key-value bucket holding one entry per document.
@@ -55,7 +56,7 @@ struct ConchSettings {
     max_cas_attempts: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyRule {
     pattern: String,

@@ -37,6 +37,7 @@ pub const SPEC: RoomSpec = RoomSpec {
     name: "mould",
     check: |settings| Loaded::load(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Mould::new(ctx)?)),
+    defaults: || serde_json::to_value(MouldSettings::default()).unwrap_or_default(),
 };
 
 const REQUESTED: &str = "requested";
@@ -44,7 +45,7 @@ const COMPLETED: &str = "completed";
 const FAILED: &str = "failed";
 
 /// `rooms.mould.settings`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 struct MouldSettings {
     /// One `<slug>.md.j2` per smartblock; relative to the working directory.

@@ -41,6 +41,7 @@ pub const SPEC: RoomSpec = RoomSpec {
     name: "winnower",
     check: |settings| Loaded::load(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Winnower::new(ctx)?)),
+    defaults: || serde_json::to_value(WinnowerSettings::default()).unwrap_or_default(),
 };
 
 const SMARTBLOCK_CREATED: &str = "smartblock_created";
@@ -52,7 +53,7 @@ const SLOP_DETECTED: &str = "slop_detected";
 const PASSED: &str = "passed";
 
 /// `rooms.winnower.settings`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 struct WinnowerSettings {
     /// The federation manifest (slug → targets); relative to the working directory.

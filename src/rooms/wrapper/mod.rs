@@ -38,6 +38,7 @@ pub const SPEC: RoomSpec = RoomSpec {
     name: "wrapper",
     check: |settings| Loaded::load(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Wrapper::new(ctx)?)),
+    defaults: || serde_json::to_value(WrapperSettings::default()).unwrap_or_default(),
 };
 
 const REQUESTED: &str = "requested";
@@ -48,7 +49,7 @@ const LINK_VERIFIED: &str = "cross_repo_link_verified";
 const COMPLETED: &str = "completed";
 
 /// `rooms.wrapper.settings`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 struct WrapperSettings {
     /// Tags seeded at start; relative to the working directory.
