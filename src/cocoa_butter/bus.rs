@@ -99,6 +99,7 @@ pub async fn connect_options(
     let mut options = async_nats::ConnectOptions::new()
         .name(nats.connection_name.as_deref().unwrap_or("choco-factory"))
         .request_timeout(Some(nats.request_timeout))
+        .ping_interval(nats.ping_interval)
         .require_tls(tls.required);
     if let Some(prefix) = &nats.inbox_prefix {
         options = options.custom_inbox_prefix(prefix);

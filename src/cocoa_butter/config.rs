@@ -217,6 +217,12 @@ pub struct NatsConfig {
     /// Timeout of JetStream API calls and publish acknowledgements.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How often the client pings the server. A connection that stops
+    /// answering (a blackholed network: no reset, no close) is dropped
+    /// after two unanswered pings, so it is noticed within about three
+    /// intervals; the rooms are not ready until the client reconnects.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
     /// Stream holding dead letters of every room.
     pub dlq_stream: String,
     /// Dead letters go to `<dlq_subject_prefix>.<room>.<event_type>`.
@@ -360,6 +366,7 @@ impl Default for NatsConfig {
             provision: true,
             duplicate_window: Duration::from_secs(120),
             request_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(2),
             dlq_stream: "choco:dlq".into(),
             dlq_subject_prefix: "choco.dlq".into(),
             credentials_file: None,
@@ -1093,6 +1100,14 @@ pub fn validate(
 ) -> Result<ValidatedConfig, ConfigError> {
     factory.nats.url.check()?;
     check_name("nats.dlq_stream", &factory.nats.dlq_stream)?;
+    if !(Duration::from_millis(100)..=Duration::from_secs(600))
+        .contains(&factory.nats.ping_interval)
+    {
+        return Err(ConfigError::invalid(
+            "nats.ping_interval",
+            "must be between 100ms and 10m (a blackhole is noticed within about three intervals)",
+        ));
+    }
     if let Some(prefix) = &factory.nats.inbox_prefix {
         check_subject("nats.inbox_prefix", prefix, false)?;
     }

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod proxy;
+pub mod steady;
 pub mod workload;
 
 use std::net::SocketAddr;
