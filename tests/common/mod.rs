@@ -196,6 +196,12 @@ impl Factory {
         .await;
     }
 
+    /// The process id of the binary (a `prlimit` wrapper execs it, so the
+    /// same id).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = self.child.id().expect("running") as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal");
