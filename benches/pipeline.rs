@@ -52,6 +52,50 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 mod workload;
 use workload::{ROOMS, RoomCase, median};
 
+// The tests' three-node cluster (and the proxy it can route through), for
+// `--cluster`; it takes `free_port` from here.
+#[path = "../tests/common/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
+#[path = "../tests/common/proxy.rs"]
+#[allow(dead_code)]
+mod proxy;
+
+/// The servers the bench runs on: one, or a three-node cluster whose every
+/// stream and bucket (the room's and the loop's) has three replicas.
+enum Bus {
+    Single(ManagedNats),
+    Cluster(cluster::Cluster),
+}
+
+impl Bus {
+    fn url(&self) -> String {
+        match self {
+            Bus::Single(nats) => nats.url(),
+            Bus::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// CPU seconds of every server process so far.
+    fn cpu_s(&self) -> Result<f64, Error> {
+        let nodes: Vec<&ManagedNats> = match self {
+            Bus::Single(nats) => vec![nats],
+            Bus::Cluster(cluster) => cluster.nodes.iter().collect(),
+        };
+        nodes
+            .iter()
+            .map(|node| process_cpu_s(node.pid().ok_or("nats-server exited")?))
+            .sum()
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Bus::Single(_) => "one nats-server",
+            Bus::Cluster(_) => "a three-node cluster, R3 streams and buckets",
+        }
+    }
+}
+
 /// Options after `--` (`scripts/bench.sh pipeline --only conch`).
 #[derive(clap::Parser)]
 struct Options {
@@ -70,6 +114,10 @@ struct Options {
     /// Measure one room (to profile it).
     #[arg(long)]
     only: Option<String>,
+    /// Run on a three-node cluster with every stream and bucket R3
+    /// (default JSON: target/bench/pipeline-cluster.json).
+    #[arg(long)]
+    cluster: bool,
     /// Passed by `cargo bench`. Without it (`cargo test --all-targets`) one
     /// small smoke pass checks that the bench still works, writing no
     /// figures anyone would quote.
@@ -90,6 +138,9 @@ fn options() -> Options {
         options.json = std::env::temp_dir().join("choco-pipeline-smoke.json");
     }
     options.rounds = options.rounds.max(1);
+    if options.cluster && options.bench && options.json.ends_with("pipeline.json") {
+        options.json.set_file_name("pipeline-cluster.json");
+    }
     options
 }
 
@@ -117,17 +168,30 @@ struct RoomResult {
     latency_p50_ms: f64,
     latency_p99_ms: f64,
     latency_p999_ms: f64,
+    /// CPU time (user + system) per input at saturation, medians of the
+    /// rounds: the binary's, the bare loop's threads', and the
+    /// nats-server's during each.
+    room_cpu_us_per_event: f64,
+    limit_cpu_us_per_event: f64,
+    cpu_ratio: f64,
+    server_cpu_us_per_event_room: f64,
+    server_cpu_us_per_event_limit: f64,
     work_per_event: BTreeMap<String, f64>,
 }
 
 async fn run(options: Options) -> Result<(), Error> {
     let data = tempfile::tempdir()?;
-    let binary = nats_server::find_binary()?;
-    let nats = ManagedNats::start(binary, data.path(), 0).await?;
-    let client = async_nats::connect(nats.url()).await?;
+    let bus = if options.cluster {
+        Bus::Cluster(cluster::Cluster::start_as_deployed().await)
+    } else {
+        let binary = nats_server::find_binary()?;
+        Bus::Single(ManagedNats::start(binary, data.path(), 0).await?)
+    };
+    let client = async_nats::connect(bus.url()).await?;
     let js = jetstream::new(client.clone());
 
-    let mut factory = Factory::start(&nats.url()).await?;
+    let replicas = if options.cluster { 3 } else { 1 };
+    let mut factory = Factory::start(&bus.url(), replicas).await?;
     let ready_ms = factory.ready_after.as_secs_f64() * 1000.0;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = factory.rss_kib("VmRSS")?;
@@ -146,13 +210,17 @@ async fn run(options: Options) -> Result<(), Error> {
             continue;
         }
         eprintln!("== {}", case.name);
-        let result = bench_room(&js, &factory, case, &options).await?;
+        let result = bench_room(&js, &bus, &factory, case, &options).await?;
         eprintln!(
-            "{}: limit {:.0}/s, room {:.0}/s (ratio {:.2}); p50 {:.2} ms, p99 {:.2} ms at {:.0}/s",
+            "{}: limit {:.0}/s, room {:.0}/s (ratio {:.2}); CPU {:.0} µs/event room, {:.0} \
+             loop (ratio {:.2}); p50 {:.2} ms, p99 {:.2} ms at {:.0}/s",
             result.room,
             result.limit_events_per_s,
             result.room_events_per_s,
             result.ratio,
+            result.room_cpu_us_per_event,
+            result.limit_cpu_us_per_event,
+            result.cpu_ratio,
             result.latency_p50_ms,
             result.latency_p99_ms,
             result.offered_rate
@@ -185,13 +253,31 @@ async fn run(options: Options) -> Result<(), Error> {
     }
     println!();
     println!(
-        "binary, four rooms: ready in {ready_ms:.0} ms; resident set idle {:.1} MiB, peak {:.1} MiB; {machine}",
+        "| room | CPU µs/event, room | CPU µs/event, loop | room/loop | nats-server µs/event with the room | with the loop |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in &results {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            r.room,
+            r.room_cpu_us_per_event,
+            r.limit_cpu_us_per_event,
+            r.cpu_ratio,
+            r.server_cpu_us_per_event_room,
+            r.server_cpu_us_per_event_limit
+        );
+    }
+    println!();
+    println!(
+        "binary, four rooms on {}: ready in {ready_ms:.0} ms; resident set idle {:.1} MiB, peak {:.1} MiB; {machine}",
+        bus.describe(),
         idle_rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
 
     let report = json!({
         "machine": machine,
+        "bus": bus.describe(),
         "git_sha": option_env!("BUILD_GIT_SHA"),
         "events_per_room": options.events,
         "rounds": options.rounds,
@@ -225,10 +311,13 @@ fn machine() -> String {
 
 async fn bench_room(
     js: &jetstream::Context,
+    bus: &Bus,
     factory: &Factory,
     case: &RoomCase,
     options: &Options,
 ) -> Result<RoomResult, Error> {
+    let room_pid = factory.child.id().ok_or("the binary exited")?;
+    let url = bus.url();
     let stream_name = format!("choco:events:{}", case.domain);
     let subject = format!("choco.events.{}.{}", case.domain, case.action);
     let durable = format!("choco-{}", case.name);
@@ -241,8 +330,11 @@ async fn bench_room(
     let mut work = Vec::new();
     let mut room_run = None;
     let (mut room_rates, mut limit_rates, mut echo_rates) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut room_cpu, mut limit_cpu) = (Vec::new(), Vec::new());
+    let (mut server_cpu_room, mut server_cpu_limit) = (Vec::new(), Vec::new());
     for round in 0..options.rounds {
         let before = factory.metrics(case.name).await?;
+        let cpu_before = (process_cpu_s(room_pid)?, bus.cpu_s()?);
         let run = saturate(
             js,
             &stream_name,
@@ -253,6 +345,10 @@ async fn bench_room(
             options.events,
         )
         .await?;
+        let cpu_after = (process_cpu_s(room_pid)?, bus.cpu_s()?);
+        let per_event = |cpu: f64| cpu * 1e6 / options.events as f64;
+        room_cpu.push(per_event(cpu_after.0 - cpu_before.0));
+        server_cpu_room.push(per_event(cpu_after.1 - cpu_before.1));
         let after = factory.metrics(case.name).await?;
         if round == 0 {
             if std::env::var_os("BENCH_KEEP_METRICS").is_some() {
@@ -266,8 +362,16 @@ async fn bench_room(
             work = work_per_event(&before, &after, options.events);
         }
         room_rates.push(run.events_per_s);
-        limit_rates.push(limit_run(js, case, &work, &run, options.events, false).await?);
-        echo_rates.push(limit_run(js, case, &work, &run, options.events, true).await?);
+        let (rate, _) = limit_run(js, case, &work, &run, options.events, false, &url).await?;
+        limit_rates.push(rate);
+        // The loop with echoes does the room's NATS work exactly (the room
+        // also reads and acks its own outputs): its CPU is the baseline,
+        // and the servers' during it the comparable figure.
+        let server_before = bus.cpu_s()?;
+        let (rate, loop_cpu) = limit_run(js, case, &work, &run, options.events, true, &url).await?;
+        server_cpu_limit.push(per_event(bus.cpu_s()? - server_before));
+        echo_rates.push(rate);
+        limit_cpu.push(per_event(loop_cpu));
         eprintln!(
             "  round {round}: room {:.0}/s, limit {:.0}/s, limit with echoes {:.0}/s",
             room_rates[round], limit_rates[round], echo_rates[round]
@@ -295,7 +399,13 @@ async fn bench_room(
     )
     .await?;
 
+    let (room_cpu, limit_cpu) = (median(&room_cpu), median(&limit_cpu));
     Ok(RoomResult {
+        room_cpu_us_per_event: room_cpu,
+        limit_cpu_us_per_event: limit_cpu,
+        cpu_ratio: room_cpu / limit_cpu,
+        server_cpu_us_per_event_room: median(&server_cpu_room),
+        server_cpu_us_per_event_limit: median(&server_cpu_limit),
         room: case.name,
         events: options.events,
         outputs_per_event,
@@ -626,7 +736,8 @@ async fn limit_run(
     room: &SaturationRun,
     events: usize,
     echoes: bool,
-) -> Result<f64, Error> {
+    nats_url: &str,
+) -> Result<(f64, f64), Error> {
     let name = format!("bench_limit_{}", case.name);
     let stream_name = format!("bench:limit:{}", case.name);
     let subject_base = format!("bench.limit.{}", case.name);
@@ -643,6 +754,7 @@ async fn limit_run(
         subjects: vec![format!("{subject_base}.>")],
         duplicate_window: room_stream.duplicate_window,
         storage: room_stream.storage,
+        num_replicas: room_stream.num_replicas,
         ..Default::default()
     })
     .await?;
@@ -680,6 +792,7 @@ async fn limit_run(
                         bucket: limit_bucket,
                         history: original.config.max_messages_per_subject.max(1),
                         storage: original.config.storage,
+                        num_replicas: original.config.num_replicas,
                         ..Default::default()
                     })
                     .await?;
@@ -698,14 +811,17 @@ async fn limit_run(
                 let object_bytes = (original.state.bytes as f64 / puts.max(1.0)) as usize;
                 let limit_bucket = format!("{name}_obj_{}", object_stores.len());
                 let _ = js.delete_object_store(&limit_bucket).await;
-                let store = js
-                    .create_object_store(object_store::Config {
-                        bucket: limit_bucket,
-                        storage: original.config.storage,
-                        ..Default::default()
-                    })
-                    .await?;
-                object_stores.insert(bucket.clone(), (store, vec![b'o'; object_bytes.max(16)]));
+                js.create_object_store(object_store::Config {
+                    bucket: limit_bucket.clone(),
+                    storage: original.config.storage,
+                    num_replicas: original.config.num_replicas,
+                    ..Default::default()
+                })
+                .await?;
+                object_stores.insert(
+                    bucket.clone(),
+                    (limit_bucket, vec![b'o'; object_bytes.max(16)]),
+                );
             }
             _ => {}
         }
@@ -716,11 +832,116 @@ async fn limit_run(
         .map_or(0.0, |(_, n)| *n);
     let output = Arc::new(vec![b'x'; room.mean_output_bytes.max(16)]);
     let work: Arc<Vec<(Op, f64)>> = Arc::new(work.to_vec());
-    let kv_stores = Arc::new(kv_stores);
-    let object_stores = Arc::new(object_stores);
+    // The stores by name: the loop opens them on its own connection.
+    let kv_names: BTreeMap<String, (String, Vec<u8>)> = kv_stores
+        .iter()
+        .map(|(bucket, (store, value))| (bucket.clone(), (store.name.clone(), value.clone())))
+        .collect();
+    let object_names: BTreeMap<String, (String, Vec<u8>)> = object_stores;
 
-    // Consume while the same publisher feeds the inputs.
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream.get_consumer(&name).await?;
+    // The loop runs on a runtime of its own, with a connection of its own,
+    // so the CPU time of that runtime's threads is the loop's alone: the
+    // inputs are fed from this runtime, as they are for the room.
+    let threads = Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
+    let loop_runtime = {
+        let threads = threads.clone();
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .on_thread_start(move || {
+                if let Ok(mut threads) = threads.lock() {
+                    threads.push(nix::unistd::gettid().as_raw());
+                }
+            })
+            .build()?
+    };
+    let consumed = loop_runtime.spawn({
+        let (url, stream_name, name, subject_base) = (
+            nats_url.to_string(),
+            stream_name.clone(),
+            name.clone(),
+            subject_base.clone(),
+        );
+        async move {
+            bare_loop(BareLoop {
+                url,
+                stream_name,
+                durable: name,
+                subject_base,
+                events,
+                echoes,
+                outputs_per_event,
+                output,
+                work,
+                kv_names,
+                object_names,
+            })
+            .await
+        }
+    });
+    let feeder = {
+        let js = js.clone();
+        let subject = input_subject.clone();
+        let envelopes: Vec<_> = (0..events).map(|i| input(case, "limit", i)).collect();
+        tokio::spawn(async move { publish_all(&js, &subject, envelopes).await })
+    };
+    consumed.await??;
+    let loop_cpu: f64 = threads
+        .lock()
+        .map_err(|_| "thread list poisoned")?
+        .iter()
+        .map(|tid| thread_cpu_s(*tid).unwrap_or(0.0))
+        .sum();
+    loop_runtime.shutdown_background();
+    feeder.await??;
+    drained(js, &stream_name, &name).await?;
+
+    let messages = read_from(js, &stream_name, 1).await?;
+    let rate = events_per_s(&messages, events, |s| s == input_subject);
+    js.delete_stream(&stream_name).await?;
+    Ok((rate, loop_cpu))
+}
+
+/// What the bare loop is given: names to open, and the room's work mix.
+struct BareLoop {
+    url: String,
+    stream_name: String,
+    durable: String,
+    subject_base: String,
+    events: usize,
+    echoes: bool,
+    outputs_per_event: f64,
+    output: Arc<Vec<u8>>,
+    work: Arc<Vec<(Op, f64)>>,
+    kv_names: BTreeMap<String, (String, Vec<u8>)>,
+    object_names: BTreeMap<String, (String, Vec<u8>)>,
+}
+
+/// The bus's limit: consume → the room's store work → publish → ack, with
+/// the room's batch and in-flight bound, on a connection of its own.
+async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
+    let client = async_nats::connect(&setup.url).await?;
+    let js = jetstream::new(client.clone());
+    let mut kv_stores = KvStores::new();
+    for (bucket, (name, value)) in &setup.kv_names {
+        kv_stores.insert(
+            bucket.clone(),
+            (js.get_key_value(name).await?, value.clone()),
+        );
+    }
+    let mut object_stores = ObjectStores::new();
+    for (bucket, (name, bytes)) in &setup.object_names {
+        object_stores.insert(
+            bucket.clone(),
+            (js.get_object_store(name).await?, bytes.clone()),
+        );
+    }
+    let (kv_stores, object_stores) = (Arc::new(kv_stores), Arc::new(object_stores));
+    let consumer: jetstream::consumer::Consumer<pull::Config> = js
+        .get_stream(&setup.stream_name)
+        .await?
+        .get_consumer(&setup.durable)
+        .await?;
     let room_settings = Factory::consumer_settings();
     let mut messages = consumer
         .stream()
@@ -728,22 +949,18 @@ async fn limit_run(
         .messages()
         .await?;
     let in_flight = Arc::new(Semaphore::new(room_settings.1));
-    let feeder = {
-        let js = js.clone();
-        let subject = input_subject.clone();
-        let envelopes: Vec<_> = (0..events).map(|i| input(case, "limit", i)).collect();
-        tokio::spawn(async move { publish_all(&js, &subject, envelopes).await })
-    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut handled = 0;
-    let out_subject = format!("{subject_base}.out");
-    let expected_echoes = if echoes {
-        (0..events).map(|i| share(outputs_per_event, i)).sum()
+    let out_subject = format!("{}.out", setup.subject_base);
+    let expected_echoes = if setup.echoes {
+        (0..setup.events)
+            .map(|i| share(setup.outputs_per_event, i))
+            .sum()
     } else {
         0
     };
     let mut echoed = 0;
-    while handled < events || echoed < expected_echoes {
+    while handled < setup.events || echoed < expected_echoes {
         let Some(message) = messages.next().await else {
             break;
         };
@@ -760,13 +977,14 @@ async fn limit_run(
         }
         let (js, work, kv_stores, object_stores, output) = (
             js.clone(),
-            work.clone(),
+            setup.work.clone(),
             kv_stores.clone(),
             object_stores.clone(),
-            output.clone(),
+            setup.output.clone(),
         );
         let index = handled;
         let out_subject = out_subject.clone();
+        let outputs_per_event = setup.outputs_per_event;
         tasks.spawn(async move {
             let _permit = permit;
             let key = format!("doc-{index}");
@@ -793,13 +1011,33 @@ async fn limit_run(
     while let Some(done) = tasks.join_next().await {
         done??;
     }
-    feeder.await??;
-    drained(js, &stream_name, &name).await?;
+    // Acks are sent without waiting: out before this runtime goes away.
+    client.flush().await?;
+    Ok(())
+}
 
-    let messages = read_from(js, &stream_name, 1).await?;
-    let rate = events_per_s(&messages, events, |s| s == input_subject);
-    js.delete_stream(&stream_name).await?;
-    Ok(rate)
+/// User + system CPU seconds of process `pid` so far (`/proc/<pid>/stat`).
+fn process_cpu_s(pid: u32) -> Result<f64, Error> {
+    stat_cpu_s(&format!("/proc/{pid}/stat"))
+}
+
+/// The same for one thread of this process.
+fn thread_cpu_s(tid: i32) -> Result<f64, Error> {
+    stat_cpu_s(&format!("/proc/self/task/{tid}/stat"))
+}
+
+fn stat_cpu_s(path: &str) -> Result<f64, Error> {
+    let stat = std::fs::read_to_string(path)?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are fields 14 and 15 (proc(5)).
+    let rest = &stat[stat.rfind(')').ok_or("malformed stat")? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |n: usize| -> Result<f64, Error> {
+        Ok(fields.get(n - 3).ok_or("short stat")?.parse::<f64>()?)
+    };
+    let per_second =
+        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.ok_or("no CLK_TCK")? as f64;
+    Ok((ticks(14)? + ticks(15)?) / per_second)
 }
 
 type KvStores = BTreeMap<String, (kv::Store, Vec<u8>)>;
@@ -883,8 +1121,11 @@ struct Factory {
     ready_after: Duration,
 }
 
-fn free_port() -> Result<u16, Error> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free port on loopback (0 if none could be found: the bind then fails).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map_or(0, |addr| addr.port())
 }
 
 impl Factory {
@@ -895,12 +1136,13 @@ impl Factory {
         (defaults.batch, defaults.max_in_flight)
     }
 
-    async fn start(nats_url: &str) -> Result<Factory, Error> {
+    async fn start(nats_url: &str, replicas: usize) -> Result<Factory, Error> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_choco-factory"));
         command
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
             .args(["serve"])
             .env("CHOCO_NATS__URL", nats_url)
+            .env("CHOCO_STREAMS__REPLICAS", replicas.to_string())
             .env("CHOCO_LOG__FORMAT", "json")
             .env("RUST_LOG", "warn")
             .kill_on_drop(true);
@@ -919,7 +1161,7 @@ impl Factory {
                 ("GRPC_PORT", None),
                 ("METRICS_PORT", Some(&mut metrics)),
             ] {
-                let port = free_port()?;
+                let port = free_port();
                 command.env(format!("CHOCO_ROOMS__{upper}__{key}"), port.to_string());
                 if let Some(map) = map {
                     map.insert(case.name, SocketAddr::from(([127, 0, 0, 1], port)));

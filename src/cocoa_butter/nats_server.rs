@@ -111,6 +111,11 @@ impl ManagedNats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id while it runs (benches read its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// The server's HTTP monitoring endpoint (`/varz`, `/connz`, `/jsz`),
     /// on an ephemeral port of loopback.
     pub fn monitoring_url(&self) -> Option<String> {

@@ -35,7 +35,15 @@ impl Cluster {
     /// Three servers in one cluster, each with JetStream, ready once an R3
     /// stream can be placed.
     pub async fn start() -> Cluster {
-        Self::start_with(false).await
+        Self::start_with(false, true).await
+    }
+
+    /// Like [`Cluster::start`], but the servers write to disk as a
+    /// production server does (fsync on JetStream's schedule, durability
+    /// from the three copies) rather than before every acknowledgement:
+    /// for benches, whose figures should be a deployment's.
+    pub async fn start_as_deployed() -> Cluster {
+        Self::start_with(false, false).await
     }
 
     /// Like [`Cluster::start`], with every route of the third server (`n3`)
@@ -46,10 +54,10 @@ impl Cluster {
     /// implicit route can bypass the proxies; routes ping every 2 s, so a
     /// silent route is noticed in seconds.
     pub async fn start_partitionable() -> Cluster {
-        Self::start_with(true).await
+        Self::start_with(true, true).await
     }
 
-    async fn start_with(partitionable: bool) -> Cluster {
+    async fn start_with(partitionable: bool, sync_always: bool) -> Cluster {
         let turn = ONE_AT_A_TIME.lock().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
@@ -103,9 +111,14 @@ impl Cluster {
             // config's per-stream `max_bytes`: JetStream reserves a stream's
             // limit against the server's store size, which by default is a
             // share of this machine's free disk.
+            let sync = if sync_always {
+                "  sync_interval: always\n"
+            } else {
+                ""
+            };
             let config = format!(
                 "server_name: {name}\n{top}\
-                 jetstream {{\n  sync_interval: always\n  max_file_store: 2T\n}}\n\
+                 jetstream {{\n{sync}  max_file_store: 2T\n}}\n\
                  cluster {{\n  name: choco-test\n  listen: 127.0.0.1:{listen}\n  \
                  routes: [{routes}]\n{in_cluster}}}\n",
                 name = node_name(index),
@@ -120,7 +133,7 @@ impl Cluster {
                 binary.clone(),
                 &store,
                 client_ports[index],
-                true,
+                false,
                 &config,
             )
             .await
