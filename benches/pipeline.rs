@@ -187,7 +187,7 @@ async fn run(options: Options) -> Result<(), Error> {
         let binary = nats_server::find_binary()?;
         Bus::Single(ManagedNats::start(binary, data.path(), 0).await?)
     };
-    let client = async_nats::connect(bus.url()).await?;
+    let client = connect(&bus.url()).await?;
     let js = jetstream::new(client.clone());
 
     let replicas = if options.cluster { 3 } else { 1 };
@@ -920,7 +920,7 @@ struct BareLoop {
 /// The bus's limit: consume → the room's store work → publish → ack, with
 /// the room's batch and in-flight bound, on a connection of its own.
 async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
-    let client = async_nats::connect(&setup.url).await?;
+    let client = connect(&setup.url).await?;
     let js = jetstream::new(client.clone());
     let mut kv_stores = KvStores::new();
     for (bucket, (name, value)) in &setup.kv_names {
@@ -942,13 +942,20 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
         .await?
         .get_consumer(&setup.durable)
         .await?;
-    let room_settings = Factory::consumer_settings();
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(room_settings.0)
-        .messages()
-        .await?;
-    let in_flight = Arc::new(Semaphore::new(room_settings.1));
+    // Pulled the way the rooms pull: the runtime's own puller (async-nats'
+    // pull stream can stall for tens of seconds, see pull.rs), with the
+    // rooms' batch, expiry and heartbeat.
+    let defaults = choco_factory::cocoa_butter::config::ConsumerConfig::default();
+    let mut messages = choco_factory::cocoa_butter::pull::Puller::new(
+        &js,
+        &consumer,
+        defaults.batch,
+        defaults.pull_expiry(None),
+        defaults.heartbeat,
+        None,
+    )
+    .await?;
+    let in_flight = Arc::new(Semaphore::new(defaults.max_in_flight));
     let mut tasks = tokio::task::JoinSet::new();
     let mut handled = 0;
     let out_subject = format!("{}.out", setup.subject_base);
@@ -961,10 +968,7 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
     };
     let mut echoed = 0;
     while handled < setup.events || echoed < expected_echoes {
-        let Some(message) = messages.next().await else {
-            break;
-        };
-        let message = message?;
+        let message = messages.next().await?;
         let permit = in_flight.clone().acquire_owned().await?;
         if message.subject.as_str() == out_subject {
             echoed += 1;
@@ -1014,6 +1018,16 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
     // Acks are sent without waiting: out before this runtime goes away.
     client.flush().await?;
     Ok(())
+}
+
+/// Connects to every server of a comma-separated list (a `&str` alone
+/// would be taken as one address).
+async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
+    let servers = urls
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
+    Ok(async_nats::connect(servers).await?)
 }
 
 /// User + system CPU seconds of process `pid` so far (`/proc/<pid>/stat`).
@@ -1129,13 +1143,6 @@ fn free_port() -> u16 {
 }
 
 impl Factory {
-    /// (batch, max_in_flight): the consumer settings the rooms run with
-    /// (the defaults), which the bare loop copies.
-    fn consumer_settings() -> (usize, usize) {
-        let defaults = choco_factory::cocoa_butter::config::ConsumerConfig::default();
-        (defaults.batch, defaults.max_in_flight)
-    }
-
     async fn start(nats_url: &str, replicas: usize) -> Result<Factory, Error> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_choco-factory"));
         command

@@ -446,7 +446,7 @@ impl Puller {
             )
             .await?;
         self.pulls += 1;
-        if self.inject.0 > 0 && self.pulls % self.inject.0 == 0 {
+        if self.inject.0 > 0 && self.pulls.is_multiple_of(self.inject.0) {
             std::thread::sleep(Duration::from_micros(self.inject.1));
         }
         self.owed += self.batch;
@@ -552,9 +552,9 @@ async fn publish_inputs(js: jetstream::Context, round: usize, events: usize) -> 
 }
 
 enum Source {
-    Stream(pull::Stream),
-    Own(Puller),
-    Fetch(FetchPipeline),
+    Stream(Box<pull::Stream>),
+    Own(Box<Puller>),
+    Fetch(Box<FetchPipeline>),
 }
 
 /// `fetch_depth` one-shot `batch()` pulls in flight, read in order.
@@ -621,12 +621,12 @@ async fn open_source(
             if !heartbeat.is_zero() {
                 builder = builder.heartbeat(heartbeat);
             }
-            Source::Stream(builder.messages().await?)
+            Source::Stream(Box::new(builder.messages().await?))
         }
-        Mode::Own => {
-            Source::Own(Puller::new(js, consumer, options.batch, expires, heartbeat).await?)
-        }
-        Mode::Fetch => Source::Fetch(FetchPipeline {
+        Mode::Own => Source::Own(Box::new(
+            Puller::new(js, consumer, options.batch, expires, heartbeat).await?,
+        )),
+        Mode::Fetch => Source::Fetch(Box::new(FetchPipeline {
             consumer: consumer.clone(),
             batch: options.batch,
             expires,
@@ -634,7 +634,7 @@ async fn open_source(
             queue: VecDeque::new(),
             current: None,
             depth: options.fetch_depth.max(1),
-        }),
+        })),
     })
 }
 

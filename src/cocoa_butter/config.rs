@@ -577,7 +577,10 @@ pub struct ConsumerConfig {
     pub max_in_flight: usize,
     /// Server-side bound on unacknowledged messages across all replicas.
     pub max_ack_pending: i64,
-    /// Idle heartbeat of the pull stream; two missed ones rebind the consumer.
+    /// Idle heartbeat the server sends while a pull waits. After two
+    /// missed ones the room pulls again in place (a restarted server or a
+    /// new consumer leader lost the pull): the longest a lost pull can
+    /// stall delivery.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
     /// First retry delay of a transient failure; doubles per delivery.
@@ -630,7 +633,7 @@ impl Default for ConsumerConfig {
             max_deliver: 3,
             max_in_flight: 256,
             max_ack_pending: 1000,
-            heartbeat: Duration::from_secs(5),
+            heartbeat: Duration::from_secs(2),
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             handler_timeout: Duration::from_secs(30),

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use opentelemetry::trace::Status;
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -53,6 +53,7 @@ use super::config::{NatsConfig, RoomSettings};
 use super::control::Desired;
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
+use super::pull::{PullError, Puller};
 use super::room::{HandleError, InboundEvent, Room};
 use super::streams::{BucketStorage, StoreStreams};
 use super::telemetry::{self, propagation};
@@ -390,20 +391,20 @@ impl Engine {
         let pinned_ttl = (server.priority_policy
             == async_nats::jetstream::consumer::PriorityPolicy::PinnedClient)
             .then_some(server.priority_timeout);
-        let mut pull = consumer
-            .stream()
-            .max_messages_per_batch(cfg.batch)
-            .heartbeat(cfg.heartbeat)
-            .expires(cfg.pull_expiry(pinned_ttl));
-        if pinned_ttl.is_some() {
-            // A standby replica's pulls wait here until the pinned one's
-            // pin lapses; async-nats keeps and renews the pin id.
-            pull = pull.group(bus::PINNED_GROUP);
-        }
-        let mut messages = pull
-            .messages()
-            .await
-            .map_err(|err| ConsumerError::Open(err.to_string()))?;
+        // Our own puller, not async-nats' pull stream, whose counting race
+        // stalls delivery for tens of seconds under load (see pull.rs). A
+        // standby replica's pulls of a pinned consumer wait until the
+        // pinned one's pin lapses; the puller keeps and renews the pin id.
+        let mut messages = Puller::new(
+            &self.js,
+            &consumer,
+            cfg.batch,
+            cfg.pull_expiry(pinned_ttl),
+            cfg.heartbeat,
+            pinned_ttl.is_some().then_some(bus::PINNED_GROUP),
+        )
+        .await
+        .map_err(|err| ConsumerError::Open(err.to_string()))?;
 
         let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
         let lanes: LaneMap = Arc::default();
@@ -414,9 +415,9 @@ impl Engine {
                 next = messages.next() => next,
             };
             let message = match next {
-                Some(Ok(message)) => message,
-                Some(Err(err)) => break Err(ConsumerError::Stream(err.to_string())),
-                None => break Err(ConsumerError::Ended),
+                Ok(message) => message,
+                Err(PullError::Closed) => break Err(ConsumerError::Ended),
+                Err(err) => break Err(ConsumerError::Stream(err.to_string())),
             };
             // The slot is taken once a message is here, not before polling:
             // so the pull stream is polled, and keeps its pulls open (and a
@@ -453,7 +454,7 @@ impl Engine {
         // Stop pulling. Messages the client already buffered were delivered
         // to us but never started: hand them back at once so a replica (or
         // our restart) takes them now rather than after ack_wait.
-        while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        while let Some(message) = messages.next_buffered() {
             hand_back(message).await;
         }
         drop(messages);

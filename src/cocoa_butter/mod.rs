@@ -19,6 +19,7 @@ pub mod hygiene;
 pub mod keys;
 pub mod metrics;
 pub mod nats_server;
+pub mod pull;
 pub mod room;
 pub mod runtime;
 pub mod servers;

@@ -1,0 +1,238 @@
+//! Pulling a JetStream consumer without the stall of async-nats' pull
+//! stream.
+//!
+//! async-nats 0.51's `consumer.stream().messages()` sends its pull requests
+//! from a background task and counts a pull (adds its batch to the messages
+//! still owed) only when that task reports it sent. When the task is
+//! preempted between sending and reporting — a busy two-core host does it
+//! every few hundred thousand events — the pull's messages are read first,
+//! their decrements are lost (`saturating_sub` at zero), and the count ends
+//! a batch too high: the client believes more than half a batch is owed and
+//! sends no further pull while the server holds none (`num_waiting` 0).
+//! Nothing recovers but the stream's failsafe (expiry + 5 s: 35 s in the
+//! bare loop) or two missed heartbeats and a rebind (10 s). Reproduced by
+//! `examples/pull_stall.rs` (`scripts/pull-stall-instrumented.sh` counts the
+//! lost decrements and injects the preemption); README, "The stall".
+//!
+//! [`Puller`] cannot stall that way: the one task that reads the inbox also
+//! sends each pull and counts it before it reads again, so no message of a
+//! pull is seen before the pull is counted. Where the server's answer
+//! leaves the count unknown (a status without `Nats-Pending-Messages`,
+//! silence for two heartbeats) the count is reset to zero: the worst case
+//! is asking for more than needed, which the consumer's `max_ack_pending`
+//! and `max_waiting` and the engine's slots bound, never for less. Silence
+//! is answered by pulling again in place, so a lost pull costs two
+//! heartbeats and no rebind.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::{StatusCode, Subject};
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+
+/// Why a [`Puller`] stopped: the consumer is gone or cannot be pulled.
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("cannot subscribe to the pull inbox: {0}")]
+    Subscribe(String),
+    #[error("cannot send a pull request: {0}")]
+    Request(String),
+    #[error("the pull inbox closed (connection closed)")]
+    Closed,
+    /// A status that ends pulling: the consumer deleted, push based, or a
+    /// request the server will never accept.
+    #[error("the server ended the pull: {0}")]
+    Ended(String),
+}
+
+/// Pulls `batch` messages at a time from one consumer, with idle
+/// heartbeats, re-pulling when half a batch is left.
+pub struct Puller {
+    client: async_nats::Client,
+    context: jetstream::Context,
+    subject: Subject,
+    inbox: Subject,
+    subscriber: async_nats::Subscriber,
+    batch: usize,
+    expires: Duration,
+    heartbeat: Duration,
+    /// The priority group of a pinned consumer, and the pin the server gave.
+    group: Option<String>,
+    pin_id: Option<String>,
+    /// Messages requested and neither delivered nor released by a status.
+    owed: usize,
+    last_heard: Instant,
+}
+
+impl Puller {
+    /// A puller of `consumer`; `group` for a pinned consumer's priority
+    /// group. Subscribes its inbox at once; the first pull goes out with
+    /// the first [`Puller::next`].
+    pub async fn new(
+        context: &jetstream::Context,
+        consumer: &PullConsumer,
+        batch: usize,
+        expires: Duration,
+        heartbeat: Duration,
+        group: Option<&str>,
+    ) -> Result<Puller, PullError> {
+        let client = context.client();
+        let info = consumer.cached_info();
+        // The runtime's contexts use the default API prefix (no JetStream
+        // domain); async-nats keeps a context's prefix private.
+        let subject = Subject::from(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            info.stream_name, info.name
+        ));
+        let inbox = Subject::from(client.new_inbox());
+        let subscriber = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| PullError::Subscribe(err.to_string()))?;
+        Ok(Puller {
+            client,
+            context: context.clone(),
+            subject,
+            inbox,
+            subscriber,
+            batch: batch.max(1),
+            expires,
+            heartbeat,
+            group: group.map(str::to_string),
+            pin_id: None,
+            owed: 0,
+            last_heard: Instant::now(),
+        })
+    }
+
+    fn request(&self) -> Bytes {
+        let mut request = serde_json::json!({
+            "batch": self.batch,
+            "expires": u64::try_from(self.expires.as_nanos()).unwrap_or(u64::MAX),
+        });
+        if !self.heartbeat.is_zero() {
+            request["idle_heartbeat"] =
+                serde_json::json!(u64::try_from(self.heartbeat.as_nanos()).unwrap_or(u64::MAX));
+        }
+        if let Some(group) = &self.group {
+            request["group"] = serde_json::json!(group);
+            if let Some(id) = &self.pin_id {
+                request["id"] = serde_json::json!(id);
+            }
+        }
+        Bytes::from(request.to_string())
+    }
+
+    /// Sends a pull and counts it before anything else is read.
+    async fn pull(&mut self) -> Result<(), PullError> {
+        self.client
+            .publish_with_reply(self.subject.clone(), self.inbox.clone(), self.request())
+            .await
+            .map_err(|err| PullError::Request(err.to_string()))?;
+        self.owed += self.batch;
+        Ok(())
+    }
+
+    /// The next message of the consumer, pulling as needed.
+    pub async fn next(&mut self) -> Result<jetstream::Message, PullError> {
+        loop {
+            if self.owed <= self.batch / 2 {
+                self.pull().await?;
+            }
+            let silence = if self.heartbeat.is_zero() {
+                self.expires
+            } else {
+                self.heartbeat.saturating_mul(2)
+            };
+            let message = tokio::select! {
+                message = self.subscriber.next() => message,
+                _ = tokio::time::sleep_until(self.last_heard + silence) => {
+                    // Neither a message nor a heartbeat for two heartbeats:
+                    // the server holds no pull of ours (a restart, a new
+                    // leader). Pull again in place.
+                    tracing::debug!(owed = self.owed, "no heartbeat: pulling again");
+                    self.owed = 0;
+                    self.last_heard = Instant::now();
+                    continue;
+                }
+            };
+            let message = message.ok_or(PullError::Closed)?;
+            self.last_heard = Instant::now();
+            if let Some(message) = self.take(message)? {
+                return Ok(message);
+            }
+        }
+    }
+
+    /// A message already received and not yet taken, without waiting: for
+    /// handing back at a stop what the client holds.
+    pub fn next_buffered(&mut self) -> Option<jetstream::Message> {
+        while let Some(Some(message)) = self.subscriber.next().now_or_never() {
+            if let Ok(Some(message)) = self.take(message) {
+                return Some(message);
+            }
+        }
+        None
+    }
+
+    /// A delivery, or `None` for a status that only updates the count.
+    fn take(
+        &mut self,
+        message: async_nats::Message,
+    ) -> Result<Option<jetstream::Message>, PullError> {
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                self.owed = self.owed.saturating_sub(1);
+                if self.group.is_some()
+                    && let Some(id) = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+                {
+                    self.pin_id = Some(id.as_str().to_string());
+                }
+                Ok(Some(jetstream::Message {
+                    context: self.context.clone(),
+                    message,
+                }))
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => Ok(None),
+            Some(StatusCode::PIN_ID_MISMATCH) => {
+                // Another replica holds the pin now: ask without an id.
+                self.pin_id = None;
+                self.owed = 0;
+                Ok(None)
+            }
+            Some(StatusCode::TIMEOUT) | Some(StatusCode::REQUEST_TERMINATED) => {
+                let description = message.description.as_deref().unwrap_or_default();
+                if description.starts_with("Exceeded MaxRequest")
+                    || description == "Consumer Deleted"
+                    || description == "Consumer is push based"
+                {
+                    return Err(PullError::Ended(description.to_string()));
+                }
+                self.owed = match message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Pending-Messages"))
+                    .and_then(|v| v.as_str().parse::<usize>().ok())
+                {
+                    Some(released) => self.owed.saturating_sub(released),
+                    // Unknown: count the pulls as finished.
+                    None => 0,
+                };
+                Ok(None)
+            }
+            Some(StatusCode::NOT_FOUND) => {
+                self.owed = 0;
+                Ok(None)
+            }
+            Some(status) => Err(PullError::Ended(format!(
+                "status {status}: {}",
+                message.description.unwrap_or_default()
+            ))),
+        }
+    }
+}
