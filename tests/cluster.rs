@@ -196,10 +196,17 @@ async fn the_production_config_runs_on_a_three_node_cluster() {
 async fn the_stream_leader_killed_mid_stream_loses_nothing() {
     const WRITES: usize = 600;
     let mut cluster = Cluster::start().await;
-    let (client, js) = cluster.client().await;
+    let (_, any) = cluster.client().await;
     let factory = Factory::start_with(conch_on(&cluster), &["serve", "--rooms", "conch"]).await;
     factory.wait_ready().await;
-    assert_eq!(replicas_of(&js, COORDINATION).await, 3);
+    assert_eq!(replicas_of(&any, COORDINATION).await, 3);
+    // The test's own client (the load and the observer) stays on a server
+    // that survives, so its reconnect is not counted as the room's.
+    let leader = cluster.stream_leader(&any, COORDINATION).await;
+    let client = async_nats::connect(cluster.nodes[(leader + 1) % NODES].url())
+        .await
+        .expect("connect to a surviving server");
+    let js = jetstream::new(client.clone());
 
     // The failover as a client sees it, measured (never asserted): when
     // the server's leader-elected advisory arrives, and the longest gap
@@ -223,7 +230,11 @@ async fn the_stream_leader_killed_mid_stream_loses_nothing() {
 
     let load = steady_writes(js.clone(), "leader-kill", WRITES, 100);
     wait_for(&js, COORDINATION, COMPLETED, 100, Duration::from_secs(60)).await;
-    let leader = cluster.stream_leader(&js, COORDINATION).await;
+    assert_eq!(
+        cluster.stream_leader(&js, COORDINATION).await,
+        leader,
+        "the leader did not move before the kill"
+    );
     eprintln!("killing the stream leader n{}", leader + 1);
     let killed = Instant::now();
     cluster.nodes[leader].kill().await;
