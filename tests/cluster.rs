@@ -265,17 +265,22 @@ async fn the_stream_leader_killed_mid_stream_loses_nothing() {
 
     // The room's metrics saw the new leader, and all three copies are
     // current again once the restarted server caught up.
-    let series = |text: &str, name: &str| -> f64 {
+    let series_of = |text: &str, name: &str, stream: &str| -> f64 {
+        let label = format!("stream=\"{stream}\"");
         text.lines()
-            .filter(|line| line.starts_with(name) && line.contains(COORDINATION))
+            .filter(|line| line.starts_with(name) && line.contains(&label))
             .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
     };
+    let series = |text: &str, name: &str| series_of(text, name, COORDINATION);
     wait_until(Duration::from_secs(60), || async {
         let text = scrape(&factory).await;
         series(&text, "choco_stream_leader_changes_total") >= 1.0
             && series(&text, "choco_stream_current_replicas") == 3.0
             && series(&text, "choco_stream_replicas") == 3.0
+            // The dead-letter stream's replication is sampled too.
+            && series_of(&text, "choco_stream_replicas", "choco:dlq") == 3.0
+            && series_of(&text, "choco_stream_current_replicas", "choco:dlq") == 3.0
     })
     .await;
 }

@@ -698,6 +698,19 @@ async fn sample_lag(
         if fault.is_none() || unanswered != 1 {
             engine.state.set_replication_fault(fault);
         }
+        // The dead-letter stream is every room's: each samples its
+        // replication too, so the under-replicated alert covers it (an
+        // `envelope_too_large` or a poison message has nowhere else to go).
+        if let Ok(dlq) = engine.js.get_stream(&engine.nats.dlq_stream).await {
+            let info = dlq.cached_info();
+            let replication = bus::Replication::from_info(info.cluster.as_ref());
+            metrics.stream_sampled(
+                &engine.nats.dlq_stream,
+                info.config.num_replicas.max(1),
+                replication.current_copies(),
+                replication.max_lag(),
+            );
+        }
         match dlq::count_for_room(&engine.js, &engine.nats, &engine.settings.name).await {
             Ok(count) => engine.state.set_dead_letters(count),
             Err(err) => tracing::debug!(error = %err, "cannot count the room's dead letters"),
