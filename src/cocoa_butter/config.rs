@@ -2158,7 +2158,8 @@ mod tests {
 
         let mut factory = builtin();
         factory.consumer.ordering = ReplicaOrdering::Pinned;
-        factory.consumer.pinned_ttl = Duration::from_secs(19);
+        factory.consumer.pinned_ttl =
+            factory.consumer.heartbeat.saturating_mul(4) - Duration::from_secs(1);
         let err = validate(factory, None).expect_err("short ttl").to_string();
         assert!(err.starts_with("consumer.pinned_ttl"), "{err}");
     }
