@@ -146,7 +146,8 @@ impl Cluster {
             partition,
             _turn: turn,
         };
-        cluster.wait_healthy(Duration::from_secs(60)).await;
+        // Generous: three servers electing a meta leader on two busy cores.
+        cluster.wait_healthy(Duration::from_secs(120)).await;
         cluster
     }
 

@@ -74,15 +74,23 @@ pub async fn assert_each_write_once(js: &jetstream::Context, count: usize) {
             .collect::<std::collections::HashSet<_>>()
             .len()
     };
-    loop {
+    let mut completed = loop {
         let found = read_all(js, COORDINATION, COMPLETED).await;
         if distinct(&found) >= count || Instant::now() > deadline {
-            break;
+            break found;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    // A last read, for outputs stored twice a moment late. Kept only if it
+    // sees at least every input the first did: right after a server came
+    // back, the ephemeral consumer of a read may be placed on a replica
+    // still catching up, whose view is shorter. What was read once is in
+    // the stream; a shorter view is not a loss.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let completed = read_all(js, COORDINATION, COMPLETED).await;
+    let again = read_all(js, COORDINATION, COMPLETED).await;
+    if distinct(&again) >= distinct(&completed) {
+        completed = again;
+    }
     // Every output of each input, by its event id: one id per input, or the
     // input was handled into two different outputs.
     let mut seen: HashMap<(String, String), Vec<String>> = HashMap::new();
