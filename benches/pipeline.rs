@@ -1041,17 +1041,8 @@ fn thread_cpu_s(tid: i32) -> Result<f64, Error> {
 }
 
 fn stat_cpu_s(path: &str) -> Result<f64, Error> {
-    let stat = std::fs::read_to_string(path)?;
-    // Fields after the command name, which is in parentheses and may hold
-    // spaces: utime and stime are fields 14 and 15 (proc(5)).
-    let rest = &stat[stat.rfind(')').ok_or("malformed stat")? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |n: usize| -> Result<f64, Error> {
-        Ok(fields.get(n - 3).ok_or("short stat")?.parse::<f64>()?)
-    };
-    let per_second =
-        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.ok_or("no CLK_TCK")? as f64;
-    Ok((ticks(14)? + ticks(15)?) / per_second)
+    choco_factory::cocoa_butter::metrics::process::cpu_seconds(path)
+        .ok_or_else(|| format!("cannot read the CPU time in {path}").into())
 }
 
 type KvStores = BTreeMap<String, (kv::Store, Vec<u8>)>;

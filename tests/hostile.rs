@@ -14,7 +14,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -43,13 +42,19 @@ async fn two_rooms(nats: &Nats, nofile: &str) -> (Factory, (SocketAddr, SocketAd
     )
     .await;
     factory.wait_ready().await;
+    let mould = mould_of(&factory).await;
+    (factory, mould)
+}
+
+/// The mould's (HTTP, gRPC, metrics) addresses once it listens.
+async fn mould_of(factory: &Factory) -> (SocketAddr, SocketAddr, SocketAddr) {
     let mut mould = None;
     wait_until(Duration::from_secs(10), || {
         mould = factory.room_addrs("Moulding Room");
         std::future::ready(mould.is_some())
     })
     .await;
-    (factory, mould.expect("the mould listens"))
+    mould.expect("the mould listens")
 }
 
 async fn answers(url: String) -> bool {
@@ -441,13 +446,7 @@ async fn a_flood_of_maximal_bodies_is_bounded_by_the_limits() {
     ));
     let factory = Factory::start_with(env, &["serve", "--rooms", "conch,mould"]).await;
     factory.wait_ready().await;
-    let mut mould = None;
-    wait_until(Duration::from_secs(10), || {
-        mould = factory.room_addrs("Moulding Room");
-        std::future::ready(mould.is_some())
-    })
-    .await;
-    let mould = mould.expect("the mould listens");
+    let mould = mould_of(&factory).await;
     let before = resident_mib(&factory);
     let (peak, stop) = sample_peak(&factory);
     // Four times the limit of clients, each sending maximal bodies for 4 s.
@@ -539,16 +538,7 @@ async fn a_burst_waits_in_the_stream_not_in_the_process() {
     let acks: Vec<_> = futures::future::join_all((0..INPUTS).map(|i| {
         let js = js.clone();
         async move {
-            let doc = format!("burst-{}", i % 40);
-            let payload = sync_payload(
-                &doc,
-                &format!("p{i}"),
-                json!(i),
-                0,
-                "ann",
-                "2026-03-01T10:00:00Z",
-            );
-            let event = envelope("coordination.property_sync.requested", &doc, &payload);
+            let event = steady::write("burst", i);
             js.send_publish(
                 REQUESTED.to_string(),
                 async_nats::jetstream::message::PublishMessage::build()

@@ -14,6 +14,19 @@ use common::proxy::Proxy;
 use common::steady::{assert_each_write_once, latencies, quantile, steady_writes};
 use common::*;
 
+/// A nats-server, a client of the test straight to it, and a proxy to it.
+async fn proxied_nats() -> (Nats, async_nats::jetstream::Context, Proxy) {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let target = nats
+        .url()
+        .trim_start_matches("nats://")
+        .parse()
+        .expect("addr");
+    let proxy = Proxy::start(0, target).await;
+    (nats, js, proxy)
+}
+
 /// The conch connected to NATS through `proxy`, with `extra` settings.
 async fn conch_behind(proxy: &Proxy, extra: &[(&str, &str)]) -> Factory {
     let mut env = conch_env(&format!("nats://{}", proxy.addr));
@@ -40,14 +53,7 @@ fn report(what: &str, js_latencies: &[Duration]) {
 #[tokio::test]
 async fn a_slow_or_throttled_link_loses_nothing() {
     const WRITES: usize = 600;
-    let nats = Nats::start().await;
-    let (_client, js) = nats.client().await;
-    let target = nats
-        .url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("addr");
-    let proxy = Proxy::start(0, target).await;
+    let (_nats, js, proxy) = proxied_nats().await;
     let _factory = conch_behind(&proxy, &[]).await;
 
     let load = steady_writes(js.clone(), "slow", WRITES, 100);
@@ -74,14 +80,7 @@ async fn a_slow_or_throttled_link_loses_nothing() {
 #[tokio::test]
 async fn a_blackhole_and_a_reset_make_the_room_not_ready_and_lose_nothing() {
     const WRITES: usize = 800;
-    let nats = Nats::start().await;
-    let (_client, js) = nats.client().await;
-    let target = nats
-        .url()
-        .trim_start_matches("nats://")
-        .parse()
-        .expect("addr");
-    let proxy = Proxy::start(0, target).await;
+    let (_nats, js, proxy) = proxied_nats().await;
     // Messages delivered on the connection that died wait for the ack
     // deadline before JetStream delivers them again: a short one here, so
     // the test (and its latency figure) shows the knob, not the default.

@@ -61,6 +61,8 @@ pub struct Puller {
     /// The priority group of a pinned consumer, and the pin the server gave.
     group: Option<String>,
     pin_id: Option<String>,
+    /// The pull request's body, rebuilt only when the pin changes.
+    request: Bytes,
     /// Messages requested and neither delivered nor released by a status.
     owed: usize,
     last_heard: Instant,
@@ -91,7 +93,7 @@ impl Puller {
             .subscribe(inbox.clone())
             .await
             .map_err(|err| PullError::Subscribe(err.to_string()))?;
-        Ok(Puller {
+        let mut puller = Puller {
             client,
             context: context.clone(),
             subject,
@@ -102,12 +104,24 @@ impl Puller {
             heartbeat,
             group: group.map(str::to_string),
             pin_id: None,
+            request: Bytes::new(),
             owed: 0,
             last_heard: Instant::now(),
-        })
+        };
+        puller.request = puller.build_request();
+        Ok(puller)
     }
 
-    fn request(&self) -> Bytes {
+    /// The pin the server gave (or `None` when it went to another replica):
+    /// later pulls carry it.
+    fn set_pin(&mut self, pin_id: Option<String>) {
+        if self.pin_id != pin_id {
+            self.pin_id = pin_id;
+            self.request = self.build_request();
+        }
+    }
+
+    fn build_request(&self) -> Bytes {
         let mut request = serde_json::json!({
             "batch": self.batch,
             "expires": u64::try_from(self.expires.as_nanos()).unwrap_or(u64::MAX),
@@ -128,7 +142,11 @@ impl Puller {
     /// Sends a pull and counts it before anything else is read.
     async fn pull(&mut self) -> Result<(), PullError> {
         self.client
-            .publish_with_reply(self.subject.clone(), self.inbox.clone(), self.request())
+            .publish_with_reply(
+                self.subject.clone(),
+                self.inbox.clone(),
+                self.request.clone(),
+            )
             .await
             .map_err(|err| PullError::Request(err.to_string()))?;
         self.owed += self.batch;
@@ -190,8 +208,9 @@ impl Puller {
                         .headers
                         .as_ref()
                         .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+                    && self.pin_id.as_deref() != Some(id.as_str())
                 {
-                    self.pin_id = Some(id.as_str().to_string());
+                    self.set_pin(Some(id.as_str().to_string()));
                 }
                 Ok(Some(jetstream::Message {
                     context: self.context.clone(),
@@ -201,7 +220,7 @@ impl Puller {
             Some(StatusCode::IDLE_HEARTBEAT) => Ok(None),
             Some(StatusCode::PIN_ID_MISMATCH) => {
                 // Another replica holds the pin now: ask without an id.
-                self.pin_id = None;
+                self.set_pin(None);
                 self.owed = 0;
                 Ok(None)
             }

@@ -42,19 +42,25 @@ pub fn steady_writes(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for i in 0..count {
             tick.tick().await;
-            let doc = format!("{prefix}-{}", i % 40);
-            let payload = sync_payload(
-                &doc,
-                &format!("p{i}"),
-                json!(i),
-                0,
-                "ann",
-                "2026-03-01T10:00:00Z",
-            );
-            let event = envelope("coordination.property_sync.requested", &doc, &payload);
+            let event = write(prefix, i);
             publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
         }
     })
+}
+
+/// Write `i` of a load: property `p<i>` of one of 40 documents
+/// `<prefix>-<n>`, never conflicting with another write of the load.
+pub fn write(prefix: &str, i: usize) -> choco_factory::cocoa_butter::EventEnvelope {
+    let doc = format!("{prefix}-{}", i % 40);
+    let payload = sync_payload(
+        &doc,
+        &format!("p{i}"),
+        json!(i),
+        0,
+        "ann",
+        "2026-03-01T10:00:00Z",
+    );
+    envelope("coordination.property_sync.requested", &doc, &payload)
 }
 
 /// Every input produced exactly one `completed` at revision 1, nothing saw

@@ -49,6 +49,14 @@ impl ProcessSample {
     }
 }
 
+/// User + system CPU seconds of the process or thread whose `stat` file
+/// is `path` (`/proc/<pid>/stat`, `/proc/self/task/<tid>/stat`): what the
+/// benches read before and after a round.
+pub fn cpu_seconds(path: &str) -> Option<f64> {
+    let fields = StatFields::parse(&std::fs::read_to_string(path).ok()?)?;
+    Some((fields.utime + fields.stime) as f64 / clock_ticks_per_second()?)
+}
+
 /// The fields of `/proc/<pid>/stat` the families need (proc(5)).
 #[derive(Debug, PartialEq)]
 struct StatFields {
