@@ -310,7 +310,7 @@ async fn the_stream_leader_killed_mid_stream_loses_nothing() {
     };
     let series = |text: &str, name: &str| series_of(text, name, COORDINATION);
     wait_until(Duration::from_secs(60), || async {
-        let text = scrape(&factory).await;
+        let text = factory.scrape().await;
         series(&text, "choco_stream_leader_changes_total") >= 1.0
             && series(&text, "choco_stream_current_replicas") == 3.0
             && series(&text, "choco_stream_replicas") == 3.0
@@ -319,15 +319,6 @@ async fn the_stream_leader_killed_mid_stream_loses_nothing() {
             && series_of(&text, "choco_stream_current_replicas", "choco:dlq") == 3.0
     })
     .await;
-}
-
-async fn scrape(factory: &Factory) -> String {
-    reqwest::get(format!("http://{}/metrics", factory.metrics))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
 }
 
 /// The stream's and then the consumer's leader step down through the

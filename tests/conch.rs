@@ -525,12 +525,7 @@ async fn transient_failures_are_retried_then_dead_lettered() {
     assert_eq!(letters[0].body, event.encode());
     assert!(read_all(&js, COORDINATION, COMPLETED).await.is_empty());
 
-    let metrics = reqwest::get(format!("http://{}/metrics", factory.metrics))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = factory.scrape().await;
     assert!(
         metrics.contains(r#"outcome="retried"} 2"#),
         "two retries before the dead letter:\n{metrics}"

@@ -95,12 +95,7 @@ async fn nats_killed_mid_stream_comes_back_and_nothing_is_lost_or_doubled() {
 
 /// How many inputs a replica handled, from its own metrics.
 async fn handled_by(factory: &Factory) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", factory.metrics))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = factory.scrape().await;
     text.lines()
         .filter(|line| {
             line.starts_with("choco_consumer_messages_processed_total")

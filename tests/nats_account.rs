@@ -24,23 +24,16 @@ use common::*;
 #[tokio::test]
 async fn a_process_serving_one_room_names_its_connection_after_it_and_keeps_its_inbox() {
     let nats = Nats::start().await;
-    let monitoring = nats.server.monitoring_url().expect("monitoring port");
     let mut env = conch_env(&nats.url());
     env.push(("CHOCO_NATS__INBOX_PREFIX".into(), "_INBOX_choco".into()));
     let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
     factory.wait_ready().await;
 
-    let connz: Value = reqwest::get(format!("{monitoring}/connz?subs=1"))
-        .await
-        .expect("connz")
-        .json()
-        .await
-        .expect("connz JSON");
-    let connections = connz["connections"].as_array().expect("connections");
+    let connections = connections(&nats.server).await;
     let ours = connections
         .iter()
         .find(|c| c["name"] == "choco-factory:conch")
-        .unwrap_or_else(|| panic!("no connection named choco-factory:conch: {connz:#}"));
+        .unwrap_or_else(|| panic!("no connection named choco-factory:conch: {connections:#?}"));
     let subjects: Vec<&str> = ours["subscriptions_list"]
         .as_array()
         .expect("subscriptions")
@@ -236,15 +229,20 @@ impl AccountServer {
 
     /// The server's client connections with their subscriptions (`/connz`).
     async fn connections(&self) -> Vec<Value> {
-        let monitoring = self.server.monitoring_url().expect("monitoring port");
-        let connz: Value = reqwest::get(format!("{monitoring}/connz?subs=1"))
-            .await
-            .expect("connz")
-            .json()
-            .await
-            .expect("connz JSON");
-        connz["connections"].as_array().cloned().unwrap_or_default()
+        connections(&self.server).await
     }
+}
+
+/// `server`'s client connections with their subscriptions (`/connz`).
+async fn connections(server: &ManagedNats) -> Vec<Value> {
+    let monitoring = server.monitoring_url().expect("monitoring port");
+    let connz: Value = reqwest::get(format!("{monitoring}/connz?subs=1"))
+        .await
+        .expect("connz")
+        .json()
+        .await
+        .expect("connz JSON");
+    connz["connections"].as_array().cloned().unwrap_or_default()
 }
 
 /// Every message published on `subjects` from now on, by subject, as a

@@ -672,12 +672,7 @@ async fn known_consumer_series_exist_at_zero_from_the_start() {
     let nats = Nats::start().await;
     let factory = Factory::start(&nats.url()).await;
     factory.wait_ready().await;
-    let text = reqwest::get(format!("http://{}/metrics", factory.metrics))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = factory.scrape().await;
     let series = |name: &str, labels: &[&str]| {
         text.lines().any(|line| {
             line.starts_with(name)

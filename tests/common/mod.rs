@@ -196,6 +196,16 @@ impl Factory {
         .await;
     }
 
+    /// The room's `/metrics` (Prometheus text) from its metrics port.
+    pub async fn scrape(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.metrics))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     /// The process id of the binary (a `prlimit` wrapper execs it, so the
     /// same id).
     pub fn pid(&self) -> u32 {
