@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use axum::serve::ListenerExt;
 use bytes::Bytes;
-use choco_factory::cocoa_butter::bus::Publisher;
 use choco_factory::cocoa_butter::config::{CliOverrides, ConfigSources};
 use choco_factory::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+use choco_factory::cocoa_butter::nats::Publisher;
 use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
 use choco_factory::cocoa_butter::{RoomContext, RoomSpec};
 use choco_factory::rooms::{self, conch, mould};

@@ -943,10 +943,10 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
         .get_consumer(&setup.durable)
         .await?;
     // Pulled the way the rooms pull: the runtime's own puller (async-nats'
-    // pull stream can stall for tens of seconds, see pull.rs), with the
+    // pull stream can stall for tens of seconds, see nats/pull.rs), with the
     // rooms' batch, expiry and heartbeat.
     let defaults = choco_factory::cocoa_butter::config::ConsumerConfig::default();
-    let mut messages = choco_factory::cocoa_butter::pull::Puller::new(
+    let mut messages = choco_factory::cocoa_butter::nats::pull::Puller::new(
         &js,
         &consumer,
         defaults.batch,

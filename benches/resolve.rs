@@ -7,9 +7,9 @@
 
 use std::hint::black_box;
 
-use choco_factory::cocoa_butter::bus::Publisher;
 use choco_factory::cocoa_butter::config::ConfigSources;
 use choco_factory::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+use choco_factory::cocoa_butter::nats::Publisher;
 use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
 use choco_factory::cocoa_butter::{EventEnvelope, InboundEvent, RoomContext};
 use choco_factory::rooms::wrapper::{self, extract::extract};

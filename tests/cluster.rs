@@ -481,8 +481,9 @@ async fn a_rolling_restart_of_all_three_servers_loses_nothing() {
                 return false;
             };
             stream.info().await.is_ok_and(|info| {
-                let replication =
-                    choco_factory::cocoa_butter::bus::Replication::from_info(info.cluster.as_ref());
+                let replication = choco_factory::cocoa_butter::nats::Replication::from_info(
+                    info.cluster.as_ref(),
+                );
                 replication.current_copies() == NODES
             })
         })

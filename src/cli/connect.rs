@@ -5,7 +5,7 @@ use anyhow::Context;
 
 use super::Refused;
 use crate::cocoa_butter::config::{ConfigSources, RoomSettings, ValidatedConfig};
-use crate::cocoa_butter::{bus, runtime};
+use crate::cocoa_butter::{nats, runtime};
 use crate::rooms::REGISTRY;
 
 /// The whole configuration, the rooms' own settings checked as `serve`
@@ -53,7 +53,7 @@ where
     let nats = &config.factory.nats;
     let shown_url = nats.url.redacted();
     runtime.block_on(async move {
-        let options = bus::connect_options(nats, &config.nats_auth, &config.nats_tls)
+        let options = nats::connect_options(nats, &config.nats_auth, &config.nats_tls)
             .await
             .map_err(Refused::new)?;
         let client = match options
@@ -68,7 +68,7 @@ where
             Err(err) => {
                 let reason = err.to_string();
                 return Err(
-                    match bus::explain_connect_failure(&reason, &config.nats_auth) {
+                    match nats::explain_connect_failure(&reason, &config.nats_auth) {
                         Some(hint) => {
                             anyhow::anyhow!(
                                 "cannot connect to NATS at {shown_url}: {hint}: {reason}"

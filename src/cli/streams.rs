@@ -44,12 +44,12 @@ async fn status(
     config: &ValidatedConfig,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::cocoa_butter::{bus, dlq};
+    use crate::cocoa_butter::{dlq, nats};
     let js = async_nats::jetstream::new(client);
     let nats = &config.factory.nats;
     let mut rows = Vec::new();
     for room in config.enabled_rooms() {
-        let (stream, consumer) = bus::room_status(&js, room)
+        let (stream, consumer) = nats::room_status(&js, room)
             .await
             .with_context(|| format!("reading the stream and consumer of {}", room.name))?;
         let dead_letters = dlq::count_for_room(&js, nats, &room.name)
@@ -165,9 +165,9 @@ impl Ensured {
     fn from_result<E: std::fmt::Display>(
         kind: &'static str,
         name: &str,
-        result: Result<crate::cocoa_butter::bus::Provisioned, E>,
+        result: Result<crate::cocoa_butter::nats::Provisioned, E>,
     ) -> Self {
-        use crate::cocoa_butter::bus::Provisioned;
+        use crate::cocoa_butter::nats::Provisioned;
         let (outcome, detail) = match result {
             Ok(Provisioned::Present) => ("ok", Vec::new()),
             Ok(Provisioned::Created) => ("created", Vec::new()),
@@ -190,10 +190,10 @@ async fn ensure(
     config: &ValidatedConfig,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::cocoa_butter::bus::{self, Publisher};
     use crate::cocoa_butter::control::{CONTROL_BUCKET, Control};
     use crate::cocoa_butter::dlq;
     use crate::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+    use crate::cocoa_butter::nats::{self, Publisher};
     use crate::cocoa_butter::room::RoomContext;
     // The operator asked for it: create and update even where the rooms
     // themselves only check (`nats.provision = false`).
@@ -203,7 +203,7 @@ async fn ensure(
     let rooms: Vec<_> = runtime::check_rooms(config, REGISTRY)?;
     let bar = progress(3 + rooms.len() * 3, "ensuring");
     let mut report = Vec::new();
-    let buckets = crate::cocoa_butter::streams::BucketStorage {
+    let buckets = crate::cocoa_butter::nats::streams::BucketStorage {
         provision: true,
         ..config.bucket_storage.clone()
     };
@@ -223,7 +223,7 @@ async fn ensure(
     let connection = ConnectionMetrics::default();
     for (spec, mut settings) in rooms {
         settings.buckets.provision = true;
-        let outcome = bus::ensure_stream(
+        let outcome = nats::ensure_stream(
             &js,
             &nats,
             &settings.stream,
@@ -236,7 +236,7 @@ async fn ensure(
         bar.inc(1);
         if stream_ok {
             let outcome =
-                bus::ensure_consumer(&js, &nats, &settings, bus::OrderingChange::Apply).await;
+                nats::ensure_consumer(&js, &nats, &settings, nats::OrderingChange::Apply).await;
             report.push(Ensured::from_result(
                 "consumer",
                 &settings.durable_name,

@@ -22,7 +22,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use super::guard::jwt::Verifier;
-use super::streams::{
+use super::nats::streams::{
     BucketStorage, InvalidStreamSetting, StreamOverrides, StreamStorage, StreamsConfig,
 };
 use super::tls::{self, ServerTls, TlsError};

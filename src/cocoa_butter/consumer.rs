@@ -48,14 +48,15 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::bus::{self, DeadLetter, Publisher};
 use super::config::{NatsConfig, RoomSettings};
 use super::control::Desired;
+use super::dlq::{self, DeadLetter};
 use super::envelope::EventEnvelope;
 use super::metrics::{Outcome, RoomMetrics};
-use super::pull::{PullError, Puller};
+use super::nats::pull::{PullError, Puller};
+use super::nats::streams::{BucketStorage, StoreStreams};
+use super::nats::{self, Publisher};
 use super::room::{HandleError, InboundEvent, Room};
-use super::streams::{BucketStorage, StoreStreams};
 use super::telemetry::{self, propagation};
 
 /// Whether a room can do its work right now (behind /readyz and gRPC
@@ -392,7 +393,7 @@ impl Engine {
             == async_nats::jetstream::consumer::PriorityPolicy::PinnedClient)
             .then_some(server.priority_timeout);
         // Our own puller, not async-nats' pull stream, whose counting race
-        // stalls delivery for tens of seconds under load (see pull.rs). A
+        // stalls delivery for tens of seconds under load (see nats/pull.rs). A
         // standby replica's pulls of a pinned consumer wait until the
         // pinned one's pin lapses; the puller keeps and renews the pin id.
         let mut messages = Puller::new(
@@ -401,7 +402,7 @@ impl Engine {
             cfg.batch,
             cfg.pull_expiry(pinned_ttl),
             cfg.heartbeat,
-            pinned_ttl.is_some().then_some(bus::PINNED_GROUP),
+            pinned_ttl.is_some().then_some(nats::PINNED_GROUP),
         )
         .await
         .map_err(|err| ConsumerError::Open(err.to_string()))?;
@@ -807,7 +808,7 @@ impl Engine {
                 Ok(Err(_)) => return true,
                 Ok(Ok(stream)) => {
                     let leaderless = stream.cached_info().cluster.is_some()
-                        && bus::Replication::from_info(stream.cached_info().cluster.as_ref())
+                        && nats::Replication::from_info(stream.cached_info().cluster.as_ref())
                             .leader
                             .is_none();
                     if leaderless {
@@ -946,7 +947,7 @@ impl Engine {
             original_sequence: sequence,
             body: message.payload.clone(),
         };
-        match bus::publish_dead_letter(&self.js, &self.nats, letter).await {
+        match dlq::publish_dead_letter(&self.js, &self.nats, letter).await {
             Ok(()) => {
                 tracing::warn!(reason = %reason, detail = %detail, event_type, sequence, "dead-lettered");
                 self.state

@@ -11,8 +11,8 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::bus::{KvBucket, Provisioned};
-use super::streams::BucketStorage;
+use super::nats::streams::BucketStorage;
+use super::nats::{KvBucket, Provisioned};
 
 pub const CONTROL_BUCKET: &str = "choco_control";
 

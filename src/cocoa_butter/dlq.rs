@@ -1,7 +1,9 @@
-//! Working the dead-letter stream: list, show, replay, purge.
+//! The dead-letter stream, the whole of its format: writing a dead letter
+//! (the consumer engine's last resort), then working the stream: list,
+//! show, replay, purge.
 //!
 //! Dead letters keep the original body and say where it came from in
-//! `Choco-Dlq-*` headers (see `bus::dlq_headers`). A replay publishes the
+//! `Choco-Dlq-*` headers ([`dlq_headers`]). A replay publishes the
 //! body again to its original subject with a fresh `Nats-Msg-Id`, so the
 //! room sees it as new, and records the replay in the key-value bucket
 //! `choco_dlq_replays` (dead letters themselves are immutable).
@@ -14,14 +16,79 @@ use bytes::Bytes;
 use futures::StreamExt;
 use serde::Serialize;
 
-use super::bus::{BusError, KvBucket, dlq_headers};
 use super::config::NatsConfig;
 use super::envelope::EventEnvelope;
-use super::streams::{BucketStorage, StreamStorage};
+use super::nats::streams::{BucketStorage, StreamStorage};
+use super::nats::{BusError, KvBucket, PublishError, header_safe};
 
 /// Header on a replayed message naming the dead letter it came from.
 pub const REPLAYED_FROM: &str = "Choco-Replayed-From";
 const REPLAYS_BUCKET: &str = "choco_dlq_replays";
+
+/// Headers the runtime writes on every dead letter.
+pub mod dlq_headers {
+    pub const REASON: &str = "Choco-Dlq-Reason";
+    pub const DETAIL: &str = "Choco-Dlq-Detail";
+    pub const ROOM: &str = "Choco-Dlq-Room";
+    pub const DELIVERIES: &str = "Choco-Dlq-Deliveries";
+    pub const ORIGINAL_SUBJECT: &str = "Choco-Dlq-Original-Subject";
+    pub const ORIGINAL_STREAM: &str = "Choco-Dlq-Original-Stream";
+    pub const ORIGINAL_SEQUENCE: &str = "Choco-Dlq-Original-Sequence";
+}
+
+/// Where a dead letter came from and why it is dead.
+pub struct DeadLetter<'a> {
+    pub room: &'a str,
+    pub event_type: &'a str,
+    pub reason: &'a str,
+    pub detail: &'a str,
+    pub deliveries: i64,
+    pub original_subject: &'a str,
+    pub original_stream: &'a str,
+    pub original_sequence: u64,
+    pub body: Bytes,
+}
+
+/// Moves a message to the dead-letter stream with its body unchanged. The
+/// message id is the original's stream position, so dead-lettering the same
+/// delivery twice stores it once.
+pub async fn publish_dead_letter(
+    js: &jetstream::Context,
+    nats: &NatsConfig,
+    letter: DeadLetter<'_>,
+) -> Result<(), PublishError> {
+    let subject = format!(
+        "{}.{}.{}",
+        nats.dlq_subject_prefix, letter.room, letter.event_type
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert(dlq_headers::REASON, letter.reason);
+    headers.insert(dlq_headers::DETAIL, header_safe(letter.detail));
+    headers.insert(dlq_headers::ROOM, letter.room);
+    headers.insert(
+        dlq_headers::DELIVERIES,
+        letter.deliveries.to_string().as_str(),
+    );
+    headers.insert(dlq_headers::ORIGINAL_SUBJECT, letter.original_subject);
+    headers.insert(dlq_headers::ORIGINAL_STREAM, letter.original_stream);
+    headers.insert(
+        dlq_headers::ORIGINAL_SEQUENCE,
+        letter.original_sequence.to_string().as_str(),
+    );
+    let message = jetstream::message::PublishMessage::build()
+        .payload(letter.body)
+        .headers(headers)
+        .message_id(format!(
+            "dlq:{}:{}",
+            letter.original_stream, letter.original_sequence
+        ));
+    js.send_publish(subject.clone(), message)
+        .await
+        .map_err(|err| PublishError::from_kind(subject.clone(), &err))?
+        .await
+        .map_err(|err| PublishError::from_kind(subject.clone(), &err))?;
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
@@ -188,9 +255,9 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     nats: &NatsConfig,
     storage: &StreamStorage,
-) -> Result<super::bus::Provisioned, super::bus::BusError> {
+) -> Result<super::nats::Provisioned, super::nats::BusError> {
     let subjects = format!("{}.>", nats.dlq_subject_prefix);
-    super::bus::ensure_stream(js, nats, &nats.dlq_stream, subjects, storage).await
+    super::nats::ensure_stream(js, nats, &nats.dlq_stream, subjects, storage).await
 }
 
 /// The key-value bucket of replay records (which dead letters were

@@ -7,7 +7,7 @@ use base64::Engine;
 /// written on, and a NATS server closes a connection whose protocol line
 /// (subject, reply inbox, sizes) is longer than its `max_control_line`
 /// (4 KiB by default), taking every room's in-flight work on that
-/// connection with it. So `bus::Kv` / `bus::Objects` refuse to write a
+/// connection with it. So `nats::Kv` / `nats::Objects` refuse to write a
 /// longer key, and report it absent on reads (it can never have been
 /// written). 2 KiB leaves room for the rest of the line and bucket names.
 pub const MAX_KEY_BYTES: usize = 2048;

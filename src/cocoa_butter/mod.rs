@@ -8,7 +8,6 @@
 
 pub mod admin;
 pub mod api;
-pub mod bus;
 pub mod config;
 pub mod consumer;
 pub mod control;
@@ -18,12 +17,11 @@ pub mod guard;
 pub mod hygiene;
 pub mod keys;
 pub mod metrics;
+pub mod nats;
 pub mod nats_server;
-pub mod pull;
 pub mod room;
 pub mod runtime;
 pub mod servers;
-pub mod streams;
 pub mod telemetry;
 pub mod tls;
 

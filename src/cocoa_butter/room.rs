@@ -11,11 +11,11 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
-use super::bus::Publisher;
 use super::config::RoomSettings;
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::RoomMetrics;
-use super::streams::StoreStreams;
+use super::nats::Publisher;
+use super::nats::streams::StoreStreams;
 
 /// How a room enters the runtime: `rooms/mod.rs` lists one per room.
 pub struct RoomSpec {

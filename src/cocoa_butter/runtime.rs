@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::bus::{self, BusError, Publisher};
 use super::config::{RoomSettings, ValidatedConfig};
 use super::consumer::{ConsumerError, Engine, RoomState};
 use super::control::{self, Control, ControlError};
@@ -29,9 +28,10 @@ use super::dlq;
 use super::guard::{GuardLayer, Policy};
 use super::hygiene;
 use super::metrics::{ConnectionMetrics, RoomMetrics};
+use super::nats::streams::StoreStreams;
+use super::nats::{self, BusError, Publisher};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::servers::{self, Listeners, RoomInfo, ServerError};
-use super::streams::StoreStreams;
 use super::telemetry::requests::{ObserveLayer, Protocol};
 use super::telemetry::room_span;
 
@@ -154,7 +154,7 @@ pub async fn run(
 
     let nats = config.factory.nats.clone();
     let connection_metrics = ConnectionMetrics::default();
-    let client = bus::connect(
+    let client = nats::connect(
         &nats,
         &config.nats_auth,
         &config.nats_tls,
@@ -447,7 +447,7 @@ async fn attempt(
     let state = &engine.state;
     let control = Control::new(engine.js.clone(), settings.buckets.clone());
     let setup = async {
-        bus::ensure_stream(
+        nats::ensure_stream(
             &engine.js,
             nats,
             &settings.stream,
@@ -461,7 +461,7 @@ async fn attempt(
         // paused before a restart must not take a single message after it.
         control.open().await?;
         state.set_desired(control.get(&settings.name).await?);
-        Ok::<_, AttemptError>(bus::bind_consumer(&engine.js, nats, settings).await?)
+        Ok::<_, AttemptError>(nats::bind_consumer(&engine.js, nats, settings).await?)
     };
     // Setting up holds no messages, so a shutdown may abandon it.
     let consumer = tokio::select! {
@@ -632,7 +632,7 @@ async fn sample_lag(
             Err(err) => tracing::debug!(error = %err, "cannot read the consumer's lag"),
         }
         if let Ok(info) = &stream_info {
-            let replication = bus::Replication::from_info(info.cluster.as_ref());
+            let replication = nats::Replication::from_info(info.cluster.as_ref());
             metrics.stream_sampled(
                 stream,
                 info.config.num_replicas.max(1),
@@ -672,7 +672,7 @@ async fn sample_lag(
             }
         }
         let leaderless = |cluster: Option<&jetstream::stream::ClusterInfo>| {
-            cluster.is_some() && bus::Replication::from_info(cluster).leader.is_none()
+            cluster.is_some() && nats::Replication::from_info(cluster).leader.is_none()
         };
         let fault = match (&stream_info, &consumer_info) {
             (Ok(info), _) if leaderless(info.cluster.as_ref()) => Some(format!(
@@ -703,7 +703,7 @@ async fn sample_lag(
         // `envelope_too_large` or a poison message has nowhere else to go).
         if let Ok(dlq) = engine.js.get_stream(&engine.nats.dlq_stream).await {
             let info = dlq.cached_info();
-            let replication = bus::Replication::from_info(info.cluster.as_ref());
+            let replication = nats::Replication::from_info(info.cluster.as_ref());
             metrics.stream_sampled(
                 &engine.nats.dlq_stream,
                 info.config.num_replicas.max(1),

@@ -27,7 +27,7 @@ use crate::cocoa_butter::keys::kv_key;
 use crate::cocoa_butter::{
     Cause, GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
-    bus::{KvBucket, Publisher},
+    nats::{KvBucket, Publisher},
 };
 use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
 

@@ -30,7 +30,7 @@ use crate::cocoa_butter::envelope::content_hash;
 use crate::cocoa_butter::keys::id_too_long;
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
-    bus::ObjectBucket,
+    nats::ObjectBucket,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {

@@ -34,7 +34,7 @@ use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::keys::kv_key;
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
-    bus::KvBucket,
+    nats::KvBucket,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {

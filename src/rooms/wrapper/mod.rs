@@ -25,13 +25,13 @@ use serde_json::json;
 pub use api::pb;
 use extract::{RepoLink, extract, github_slug, tag_key};
 
-use crate::cocoa_butter::bus::Kv;
 use crate::cocoa_butter::config::RoomSettings;
 use crate::cocoa_butter::envelope::content_hash;
 use crate::cocoa_butter::keys::{id_from_kv_key, id_too_long, kv_key};
+use crate::cocoa_butter::nats::Kv;
 use crate::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
-    bus::KvBucket,
+    nats::KvBucket,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {

@@ -4,7 +4,7 @@
 //!
 //! This part owns its configuration section (with the per-room override
 //! `rooms.<room>.streams` and the DLQ's `streams.dlq`), its validation and
-//! its error. `bus::ensure_stream` and the buckets apply what it resolves.
+//! its error. `nats::ensure_stream` and the buckets apply what it resolves.
 //!
 //! Every stream discards its OLDEST messages at a limit (`discard = old`):
 //! a domain stream is a log of what happened, and refusing new events

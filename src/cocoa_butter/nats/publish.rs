@@ -1,0 +1,181 @@
+//! Publishing a room's outputs as envelopes on its prefix.
+
+use std::time::Instant;
+
+use async_nats::jetstream::{self};
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use futures::future::try_join_all;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use uuid::Uuid;
+
+use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::envelope::{Cause, EventEnvelope};
+use crate::cocoa_butter::metrics::RoomMetrics;
+use crate::cocoa_butter::room::Outbound;
+use crate::cocoa_butter::telemetry::{self, propagation};
+
+/// Headers on every envelope the runtime publishes, so tools can route and
+/// trace without decoding the body.
+pub mod event_headers {
+    pub const EVENT_TYPE: &str = "Choco-Event-Type";
+    pub const CORRELATION_ID: &str = "Choco-Correlation-Id";
+}
+
+/// Publishes a room's outputs as envelopes on its prefix, with ids derived
+/// from their cause so that publishing the same outputs again is dropped by
+/// JetStream's duplicate window.
+///
+/// Each publish carries the trace context of the work that caused it
+/// (`traceparent`), gets a producer span when tracing is on, and is
+/// counted and timed.
+#[derive(Clone)]
+pub struct Publisher {
+    js: jetstream::Context,
+    subject_base: String,
+    domain: String,
+    service: String,
+    metrics: RoomMetrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("publishing {subject} failed: {reason}")]
+pub struct PublishError {
+    pub subject: String,
+    pub reason: String,
+    /// NATS did not answer (a timeout, a dropped connection, a stream
+    /// without a leader): not the output's fault. `false` when JetStream
+    /// refused the message itself (too large, ...).
+    pub bus_fault: bool,
+}
+
+impl PublishError {
+    pub(crate) fn from_kind(subject: String, err: &jetstream::context::PublishError) -> Self {
+        use jetstream::context::PublishErrorKind as Kind;
+        PublishError {
+            subject,
+            reason: err.to_string(),
+            bus_fault: matches!(
+                err.kind(),
+                Kind::TimedOut | Kind::BrokenPipe | Kind::StreamNotFound | Kind::MaxAckPending
+            ),
+        }
+    }
+}
+
+impl From<PublishError> for crate::cocoa_butter::room::HandleError {
+    fn from(err: PublishError) -> Self {
+        if err.bus_fault {
+            crate::cocoa_butter::room::HandleError::bus(err)
+        } else {
+            crate::cocoa_butter::room::HandleError::transient(err)
+        }
+    }
+}
+
+impl Publisher {
+    pub fn new(js: jetstream::Context, room: &RoomSettings, metrics: RoomMetrics) -> Self {
+        Publisher {
+            js,
+            subject_base: room.subject_base.clone(),
+            domain: room.domain.clone(),
+            service: room.service.clone(),
+            metrics,
+        }
+    }
+
+    /// Publishes every output and waits until JetStream stored each of them.
+    /// Returns the event ids, in order.
+    pub async fn publish(
+        &self,
+        cause: &Cause,
+        outputs: &[Outbound],
+    ) -> Result<Vec<Uuid>, PublishError> {
+        let mut acks = Vec::with_capacity(outputs.len());
+        let mut ids = Vec::with_capacity(outputs.len());
+        for (index, output) in outputs.iter().enumerate() {
+            let event_id = cause.output_id(index);
+            let subject = format!("{}{}", self.subject_base, output.action);
+            let event_type = format!("{}.{}", self.domain, output.action);
+            let span =
+                telemetry::publish_span(&subject, &event_id.to_string(), &output.aggregate_id);
+            let payload = serde_json::to_vec(&output.payload).map_err(|err| PublishError {
+                subject: subject.clone(),
+                reason: err.to_string(),
+                bus_fault: false,
+            })?;
+            let envelope = EventEnvelope::new(
+                event_id,
+                event_type.clone(),
+                output.aggregate_id.clone(),
+                cause.correlation_id.clone(),
+                payload,
+                self.service.clone(),
+            );
+            let message_id = match &output.idempotency_key {
+                Some(key) => format!(
+                    "{}:{}",
+                    event_type,
+                    crate::cocoa_butter::envelope::content_hash(key.as_bytes())
+                ),
+                None => event_id.to_string(),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(event_headers::EVENT_TYPE, event_type.as_str());
+            // Made header-safe: a correlation id comes from an input (or an
+            // API caller), and a raw CR or LF would make the client panic.
+            headers.insert(
+                event_headers::CORRELATION_ID,
+                header_safe(&cause.correlation_id),
+            );
+            span.in_scope(propagation::outgoing)
+                .write_nats(&mut headers);
+            // `headers` replaces the whole map: it must come before the id.
+            let message = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(envelope.encode()))
+                .headers(headers)
+                .message_id(message_id);
+            let started = Instant::now();
+            let sent = self
+                .js
+                .send_publish(subject.clone(), message)
+                .instrument(span.clone())
+                .await;
+            let ack = match sent {
+                Ok(ack) => ack,
+                Err(err) => {
+                    self.metrics.published(&event_type, false, 0.0);
+                    span.set_status(opentelemetry::trace::Status::error(err.to_string()));
+                    return Err(PublishError::from_kind(subject, &err));
+                }
+            };
+            let metrics = self.metrics.clone();
+            acks.push(
+                async move {
+                    let acked = ack.await;
+                    metrics.published(&event_type, acked.is_ok(), started.elapsed().as_secs_f64());
+                    acked.map_err(|err| {
+                        tracing::Span::current()
+                            .set_status(opentelemetry::trace::Status::error(err.to_string()));
+                        PublishError::from_kind(subject, &err)
+                    })
+                }
+                .instrument(span),
+            );
+            ids.push(event_id);
+        }
+        try_join_all(acks).await?;
+        Ok(ids)
+    }
+}
+
+/// Header values are one line of printable text; keep a detail readable and short.
+pub(crate) fn header_safe(detail: &str) -> HeaderValue {
+    let cleaned: String = detail
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(512)
+        .collect();
+    HeaderValue::from(cleaned.as_str())
+}
