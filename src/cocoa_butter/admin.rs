@@ -27,11 +27,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::api;
-use super::consumer::RoomState;
 use super::control::{Control, ControlError, Desired};
 use super::dlq::{self, DeadLetters, DlqError, DlqFilter};
 use super::room::{JsonError, decode_json};
-use super::servers::RoomInfo;
+use super::status::{RoomInfo, RoomState};
 
 /// How long a pause or resume route waits for this process to follow the
 /// bucket before answering (`applied` says whether it did).

@@ -22,6 +22,7 @@ pub mod nats_server;
 pub mod room;
 pub mod runtime;
 pub mod servers;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::config::{RoomSettings, ValidatedConfig};
-use super::consumer::{ConsumerError, Engine, RoomState};
+use super::consumer::{ConsumerError, Engine};
 use super::control::{self, Control, ControlError};
 use super::dlq;
 use super::guard::{GuardLayer, Policy};
@@ -31,7 +31,8 @@ use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::nats::streams::StoreStreams;
 use super::nats::{self, BusError, Publisher};
 use super::room::{RoomContext, RoomError, RoomSpec};
-use super::servers::{self, Listeners, RoomInfo, ServerError};
+use super::servers::{self, Listeners, ServerError};
+use super::status::{RoomInfo, RoomState};
 use super::telemetry::requests::{ObserveLayer, Protocol};
 use super::telemetry::room_span;
 

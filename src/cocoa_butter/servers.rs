@@ -15,17 +15,16 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::config::RoomSettings;
-use super::consumer::RoomState;
 use super::guard::GuardLayer;
 use super::hygiene::{self, ConnectionSettings, GuardedListener};
 use super::metrics::{self, RoomMetrics};
 use super::room::GrpcService;
+use super::status::{BoundAddrs, RoomInfo, RoomState};
 use super::telemetry::{self, requests};
 use super::{admin, api};
 
@@ -52,13 +51,6 @@ pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
     pub metrics: TcpListener,
-}
-
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct BoundAddrs {
-    pub http: SocketAddr,
-    pub grpc: SocketAddr,
-    pub metrics: SocketAddr,
 }
 
 impl Listeners {
@@ -89,21 +81,6 @@ impl Listeners {
             metrics: self.metrics.local_addr()?,
         })
     }
-}
-
-/// What `/info` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct RoomInfo {
-    pub room: String,
-    pub label: String,
-    pub service: String,
-    pub version: &'static str,
-    pub domain: String,
-    pub subject_prefix: String,
-    pub stream: String,
-    pub consumer: String,
-    pub grpc_service: &'static str,
-    pub addresses: BoundAddrs,
 }
 
 #[derive(Clone)]

@@ -1,0 +1,147 @@
+//! From a delivery to its lane: what it is (an own output, an input, or
+//! neither), its envelope checked, its span opened.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::jetstream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cocoa_butter::metrics::Outcome;
+use crate::cocoa_butter::room::InboundEvent;
+use crate::cocoa_butter::telemetry::{self, propagation};
+
+use super::{Engine, Job, LaneMap, Route, Routing, Slot, route, secs};
+
+impl Engine {
+    pub(super) fn dispatch(
+        self: &Arc<Self>,
+        message: jetstream::Message,
+        slot: Slot,
+        lanes: &LaneMap,
+        tasks: &TaskTracker,
+        intake: &CancellationToken,
+    ) {
+        let started = Instant::now();
+        let (sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(err) => {
+                // Not a JetStream delivery: nothing to ack or dead-letter.
+                tracing::warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
+                return;
+            }
+        };
+        let subject = message.subject.to_string();
+        let action = subject
+            .strip_prefix(&self.settings.subject_base)
+            .unwrap_or(&subject)
+            .to_string();
+        let event_type = self.settings.event_type(&action);
+        self.metrics.received(self.metric_label(&event_type));
+
+        let routing = Routing {
+            inputs: self.room.inputs(),
+            outputs: self.room.outputs(),
+            max_envelope_bytes: self.max_envelope_bytes,
+            service: &self.settings.service,
+        };
+        let verdict = match route(&routing, &action, &event_type, &message.payload) {
+            Route::OwnOutput => {
+                let engine = self.clone();
+                tasks.spawn(async move {
+                    let _slot = slot;
+                    if let Err(err) = message.ack().await {
+                        tracing::warn!(error = %err, "ack of an own output failed; it will be redelivered and skipped again");
+                    }
+                    engine.metrics.finished(&event_type, Outcome::Skipped, secs(started));
+                }.in_current_span());
+                return;
+            }
+            Route::Input(envelope) => Ok(envelope),
+            Route::Refused(err) => Err(err),
+        };
+
+        // The span of this delivery, in the messaging conventions; it
+        // continues the trace of whoever published the message.
+        let incoming = propagation::TraceHeaders::from_nats(message.headers.as_ref());
+        let span = telemetry::message_span(
+            &subject,
+            &self.settings.durable_name,
+            delivered,
+            sequence,
+            &incoming,
+        );
+        if let Some(id) = message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+        {
+            span.record("messaging.message.id", id.as_str());
+        }
+
+        let envelope = match verdict {
+            Ok(envelope) => envelope,
+            Err(err) => {
+                let engine = self.clone();
+                tasks.spawn(
+                    async move {
+                        let _slot = slot;
+                        engine
+                            .finish_failed(&message, &event_type, sequence, delivered, started, err)
+                            .await;
+                    }
+                    .instrument(span),
+                );
+                return;
+            }
+        };
+
+        span.record("event_id", tracing::field::display(&envelope.event_id));
+        span.record("correlation_id", envelope.correlation());
+        span.record("aggregate_id", envelope.aggregate_id.as_str());
+        let aggregate = envelope.aggregate_id.clone();
+        let job = Job {
+            event: InboundEvent {
+                envelope,
+                action,
+                subject,
+                stream_sequence: sequence,
+                delivered,
+            },
+            message,
+            event_type,
+            started,
+            span,
+            incoming,
+            _slot: slot,
+        };
+        let Ok(mut lanes_guard) = lanes.lock() else {
+            // Only a panic while holding the lock poisons it; the message is
+            // left unacknowledged and comes back after ack_wait.
+            tracing::error!(
+                sequence,
+                "lane table poisoned; leaving the message for redelivery"
+            );
+            return;
+        };
+        let job = match lanes_guard.get(&aggregate) {
+            Some(lane) => match lane.send(job) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(job)) => job,
+            },
+            None => job,
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        // A fresh channel with its receiver alive accepts the send.
+        let _ = sender.send(job);
+        lanes_guard.insert(aggregate.clone(), sender);
+        drop(lanes_guard);
+        tasks.spawn(
+            self.clone()
+                .lane(aggregate, receiver, lanes.clone(), intake.clone()),
+        );
+    }
+}
