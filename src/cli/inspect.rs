@@ -11,7 +11,7 @@ use super::JsonFlag;
 use super::connect::load;
 use super::output::{emit, emit_json};
 use crate::cocoa_butter::config::{self, ConfigSources, Provenance};
-use crate::cocoa_butter::servers::Probe;
+use crate::cocoa_butter::serve::Probe;
 use crate::rooms::REGISTRY;
 
 #[derive(Debug, Subcommand)]
@@ -205,9 +205,10 @@ pub(super) fn health(sources: &ConfigSources, args: &HealthArgs) -> anyhow::Resu
         .build()
         .context("cannot start the async runtime")?;
     let rooms: Vec<_> = config.enabled_rooms().collect();
-    let results = runtime.block_on(futures::future::join_all(rooms.iter().map(|room| {
-        crate::cocoa_butter::servers::probe(room.metrics_addr, probe, args.timeout)
-    })));
+    let results =
+        runtime.block_on(futures::future::join_all(rooms.iter().map(|room| {
+            crate::cocoa_butter::serve::probe(room.metrics_addr, probe, args.timeout)
+        })));
     let rows: Vec<HealthRow> = rooms
         .iter()
         .zip(results)

@@ -203,7 +203,7 @@ async fn ensure(
     let rooms: Vec<_> = runtime::check_rooms(config, REGISTRY)?;
     let bar = progress(3 + rooms.len() * 3, "ensuring");
     let mut report = Vec::new();
-    let buckets = crate::cocoa_butter::nats::streams::BucketStorage {
+    let buckets = crate::cocoa_butter::streams::BucketStorage {
         provision: true,
         ..config.bucket_storage.clone()
     };

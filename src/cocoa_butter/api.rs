@@ -9,10 +9,48 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tonic::Status;
 
-use super::room::{HandleError, JsonError};
+use serde::de::DeserializeOwned;
 
 /// Header (HTTP) and metadata key (gRPC) carrying a caller's correlation id.
 pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// The two protocols every room serves its API over: what the request
+/// layers (`serve/requests.rs`, `guard/`) answer and observe by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Grpc,
+}
+
+/// A JSON document that does not fit the expected type, with the field at
+/// fault when there is one (`"body"` when the whole document is unusable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct JsonError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Parses JSON and names the offending field: its path for a bad value,
+/// its name for a missing one.
+pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, JsonError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.into_inner().to_string();
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string);
+        let field = match (missing, path.as_str()) {
+            (Some(name), "." | "") => name,
+            (Some(name), parent) => format!("{parent}.{name}"),
+            (None, "." | "") => "body".to_string(),
+            (None, path) => path.to_string(),
+        };
+        JsonError { field, message }
+    })
+}
 
 pub fn http_error(status: StatusCode, code: &str, field: Option<&str>, message: &str) -> Response {
     let body = json!({ "error": { "code": code, "field": field, "message": message } });
@@ -32,21 +70,6 @@ pub fn bad_request(field: &str, message: &str) -> Response {
 impl IntoResponse for JsonError {
     fn into_response(self) -> Response {
         bad_request(&self.field, &self.to_string())
-    }
-}
-
-/// Transient → 503, permanent → 500 with the reason as the code.
-pub fn handle_error_http(err: HandleError) -> Response {
-    match err {
-        HandleError::Transient(message) | HandleError::Bus(message) => http_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            None,
-            &message,
-        ),
-        HandleError::Permanent { reason, detail } => {
-            http_error(StatusCode::INTERNAL_SERVER_ERROR, &reason, None, &detail)
-        }
     }
 }
 
@@ -115,16 +138,6 @@ pub fn bad_request_fields(violations: &[FieldViolation]) -> Response {
             .collect::<Vec<_>>(),
     }});
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
-}
-
-/// Transient → UNAVAILABLE, permanent → INTERNAL.
-pub fn handle_error_grpc(err: HandleError) -> Status {
-    match err {
-        HandleError::Transient(message) | HandleError::Bus(message) => Status::unavailable(message),
-        HandleError::Permanent { reason, detail } => {
-            Status::internal(format!("{reason}: {detail}"))
-        }
-    }
 }
 
 pub fn correlation_http(headers: &HeaderMap) -> Option<String> {

@@ -11,8 +11,8 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::nats::streams::BucketStorage;
 use super::nats::{KvBucket, Provisioned};
+use crate::cocoa_butter::streams::BucketStorage;
 
 pub const CONTROL_BUCKET: &str = "choco_control";
 

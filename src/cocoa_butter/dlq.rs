@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use super::config::NatsConfig;
 use super::envelope::EventEnvelope;
-use super::nats::streams::{BucketStorage, StreamStorage};
 use super::nats::{BusError, KvBucket, PublishError, header_safe};
+use crate::cocoa_butter::streams::{BucketStorage, StreamStorage};
 
 /// Header on a replayed message naming the dead letter it came from.
 pub const REPLAYED_FROM: &str = "Choco-Replayed-From";

@@ -205,6 +205,36 @@ mod base64_bytes {
     }
 }
 
+/// An event a room wants published on its prefix.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Outbound {
+    /// `conflict.detected`; the subject is the room's prefix plus this.
+    pub action: String,
+    pub aggregate_id: String,
+    pub payload: serde_json::Value,
+    /// Deduplicates by what the output says rather than by what caused it:
+    /// when set, the `Nats-Msg-Id` is derived from this key, so two inputs
+    /// producing the same output inside the duplicate window store it once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+impl Outbound {
+    pub fn new(action: &str, aggregate_id: &str, payload: serde_json::Value) -> Self {
+        Outbound {
+            action: action.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            payload,
+            idempotency_key: None,
+        }
+    }
+
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,6 @@
 //! servers and the runtime that starts and supervises rooms. Rooms implement
 //! [`room::Room`] and never reach past this module's public items.
 
-pub mod admin;
 pub mod api;
 pub mod config;
 pub mod consumer;
@@ -14,20 +13,21 @@ pub mod control;
 pub mod dlq;
 pub mod envelope;
 pub mod guard;
-pub mod hygiene;
 pub mod keys;
+pub mod kit;
 pub mod metrics;
 pub mod nats;
 pub mod nats_server;
 pub mod room;
 pub mod runtime;
-pub mod servers;
+pub mod serve;
 pub mod status;
+pub mod streams;
 pub mod telemetry;
 pub mod tls;
 
+pub use api::{JsonError, decode_json};
 pub use envelope::{Cause, EventEnvelope};
 pub use room::{
-    GrpcService, HandleError, InboundEvent, JsonError, Outbound, Room, RoomContext, RoomError,
-    RoomSpec, decode_json,
+    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
 };

@@ -11,11 +11,14 @@ use async_nats::jetstream;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
+pub use super::api::JsonError;
+use super::api::{self, decode_json};
 use super::config::RoomSettings;
+pub use super::envelope::Outbound;
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::RoomMetrics;
-use super::nats::Publisher;
-use super::nats::streams::StoreStreams;
+use super::nats::{KvBucket, ObjectBucket, PublishError, Publisher, StoreError};
+use crate::cocoa_butter::streams::StoreStreams;
 
 /// How a room enters the runtime: `rooms/mod.rs` lists one per room.
 pub struct RoomSpec {
@@ -42,6 +45,35 @@ pub struct RoomContext {
     pub metrics: RoomMetrics,
     /// Where the room's buckets register the streams they live on.
     pub store_streams: StoreStreams,
+}
+
+impl RoomContext {
+    /// A key-value bucket of the room, kept as `rooms.<room>` says
+    /// (`streams.buckets`), timed into the room's metrics, and probed with
+    /// the room's stream when a call fails.
+    pub fn kv_bucket(&self, bucket: &str, description: &'static str) -> KvBucket {
+        self.store_streams.register(format!("KV_{bucket}"));
+        KvBucket::new(
+            self.jetstream.clone(),
+            bucket,
+            description,
+            self.settings.buckets.clone(),
+        )
+        .observed(self.metrics.clone())
+    }
+
+    /// An object store of the room, kept and observed like
+    /// [`RoomContext::kv_bucket`].
+    pub fn object_bucket(&self, bucket: &str, description: &'static str) -> ObjectBucket {
+        self.store_streams.register(format!("OBJ_{bucket}"));
+        ObjectBucket::new(
+            self.jetstream.clone(),
+            bucket,
+            description,
+            self.settings.buckets.clone(),
+            self.metrics.clone(),
+        )
+    }
 }
 
 /// A room's gRPC service, served on its gRPC port next to health and reflection.
@@ -102,66 +134,6 @@ impl InboundEvent {
     }
 }
 
-/// A JSON document that does not fit the expected type, with the field at
-/// fault when there is one (`"body"` when the whole document is unusable).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct JsonError {
-    pub field: String,
-    pub message: String,
-}
-
-/// Parses JSON and names the offending field: its path for a bad value,
-/// its name for a missing one.
-pub fn decode_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, JsonError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let message = err.into_inner().to_string();
-        let missing = message
-            .strip_prefix("missing field `")
-            .and_then(|rest| rest.split('`').next())
-            .map(str::to_string);
-        let field = match (missing, path.as_str()) {
-            (Some(name), "." | "") => name,
-            (Some(name), parent) => format!("{parent}.{name}"),
-            (None, "." | "") => "body".to_string(),
-            (None, path) => path.to_string(),
-        };
-        JsonError { field, message }
-    })
-}
-
-/// An event a room wants published on its prefix.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Outbound {
-    /// `conflict.detected`; the subject is the room's prefix plus this.
-    pub action: String,
-    pub aggregate_id: String,
-    pub payload: serde_json::Value,
-    /// Deduplicates by what the output says rather than by what caused it:
-    /// when set, the `Nats-Msg-Id` is derived from this key, so two inputs
-    /// producing the same output inside the duplicate window store it once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
-}
-
-impl Outbound {
-    pub fn new(action: &str, aggregate_id: &str, payload: serde_json::Value) -> Self {
-        Outbound {
-            action: action.to_string(),
-            aggregate_id: aggregate_id.to_string(),
-            payload,
-            idempotency_key: None,
-        }
-    }
-
-    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
-        self.idempotency_key = Some(key.into());
-        self
-    }
-}
-
 /// Why handling failed, which decides what happens to the message.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HandleError {
@@ -198,6 +170,53 @@ impl HandleError {
     pub fn bus(detail: impl std::fmt::Display) -> Self {
         HandleError::Bus(detail.to_string())
     }
+
+    /// As an HTTP answer: transient → 503, permanent → 500 with the reason
+    /// as the code.
+    pub fn into_http(self) -> axum::response::Response {
+        use axum::http::StatusCode;
+        match self {
+            HandleError::Transient(message) | HandleError::Bus(message) => api::http_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                None,
+                &message,
+            ),
+            HandleError::Permanent { reason, detail } => {
+                api::http_error(StatusCode::INTERNAL_SERVER_ERROR, &reason, None, &detail)
+            }
+        }
+    }
+
+    /// As a gRPC status: transient → UNAVAILABLE, permanent → INTERNAL.
+    pub fn into_grpc(self) -> tonic::Status {
+        match self {
+            HandleError::Transient(message) | HandleError::Bus(message) => {
+                tonic::Status::unavailable(message)
+            }
+            HandleError::Permanent { reason, detail } => {
+                tonic::Status::internal(format!("{reason}: {detail}"))
+            }
+        }
+    }
+}
+
+impl From<PublishError> for HandleError {
+    fn from(err: PublishError) -> Self {
+        if err.bus_fault {
+            HandleError::bus(err)
+        } else {
+            HandleError::transient(err)
+        }
+    }
+}
+
+/// A bucket that is not open yet is a NATS failure like any other: the
+/// input is held and handled again once the bucket answers.
+impl From<StoreError> for HandleError {
+    fn from(err: StoreError) -> Self {
+        HandleError::bus(err)
+    }
 }
 
 /// A room could not be built or prepared.
@@ -208,6 +227,8 @@ pub enum RoomError {
     Settings { key: String, message: String },
     #[error("{0}")]
     Nats(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 impl RoomSettings {

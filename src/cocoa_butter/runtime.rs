@@ -26,15 +26,15 @@ use super::consumer::{ConsumerError, Engine};
 use super::control::{self, Control, ControlError};
 use super::dlq;
 use super::guard::{GuardLayer, Policy};
-use super::hygiene;
 use super::metrics::{ConnectionMetrics, RoomMetrics};
-use super::nats::streams::StoreStreams;
 use super::nats::{self, BusError, Publisher};
 use super::room::{RoomContext, RoomError, RoomSpec};
-use super::servers::{self, Listeners, ServerError};
+use super::serve::hygiene;
+use super::serve::requests::{ObserveLayer, Protocol};
+use super::serve::{self, Listeners, ServerError};
 use super::status::{RoomInfo, RoomState};
-use super::telemetry::requests::{ObserveLayer, Protocol};
 use super::telemetry::room_span;
+use crate::cocoa_butter::streams::StoreStreams;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -178,7 +178,7 @@ pub async fn run(
     let servers = TaskTracker::new();
 
     for (spec, settings, listeners) in bound {
-        let span = room_span(&settings);
+        let span = room_span(&settings.label);
         let metrics = RoomMetrics::new(&settings.name, &connection_metrics);
         metrics.init_stream(&settings.stream);
         let publisher = Publisher::new(js.clone(), &settings, metrics.clone());
@@ -231,7 +231,7 @@ pub async fn run(
 
         // One guard per room: HTTP and gRPC share its request slots.
         let guard = GuardLayer::new(policy.clone());
-        let router = servers::http_router(
+        let router = serve::http_router(
             info,
             state.clone(),
             metrics.clone(),
@@ -248,7 +248,7 @@ pub async fn run(
                 addrs.http,
                 listeners.http,
                 stop_servers.clone(),
-                move |l, s| servers::serve_http(l, router.clone(), http_conn.clone(), s),
+                move |l, s| serve::serve_http(l, router.clone(), http_conn.clone(), s),
             )
             .instrument(span.clone()),
         );
@@ -267,7 +267,7 @@ pub async fn run(
                     let service = first_grpc
                         .take()
                         .unwrap_or_else(|| grpc_room.clone().grpc_service());
-                    servers::serve_grpc(
+                    serve::serve_grpc(
                         l,
                         service,
                         grpc_state.clone(),
@@ -290,7 +290,7 @@ pub async fn run(
                 listeners.metrics,
                 stop_servers.clone(),
                 move |l, s| {
-                    servers::serve_metrics(
+                    serve::serve_metrics(
                         l,
                         server_metrics.clone(),
                         metrics_state.clone(),

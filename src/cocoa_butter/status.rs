@@ -13,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::cocoa_butter::config::NatsConfig;
 use crate::cocoa_butter::control::Desired;
-use crate::cocoa_butter::nats::streams::BucketStorage;
+use crate::cocoa_butter::streams::BucketStorage;
 
 /// Whether a room can do its work right now (behind /readyz and gRPC
 /// health), and what the room reports about itself at run time (`/info`,

@@ -9,7 +9,7 @@
 //! `cargo fmt` and every other tool that follows module declarations sees
 //! the rooms' files.
 
-use crate::cocoa_butter::RoomSpec;
+use crate::cocoa_butter::kit::RoomSpec;
 
 pub mod conch;
 pub mod mould;

@@ -51,10 +51,10 @@ use tokio_util::task::TaskTracker;
 use crate::cocoa_butter::config::{NatsConfig, RoomSettings};
 use crate::cocoa_butter::metrics::RoomMetrics;
 use crate::cocoa_butter::nats::pull::{PullError, Puller};
-use crate::cocoa_butter::nats::streams::StoreStreams;
 use crate::cocoa_butter::nats::{self, Publisher};
 use crate::cocoa_butter::room::{InboundEvent, Room};
 use crate::cocoa_butter::status::RoomState;
+use crate::cocoa_butter::streams::StoreStreams;
 use crate::cocoa_butter::telemetry::propagation;
 
 #[derive(Debug, thiserror::Error)]

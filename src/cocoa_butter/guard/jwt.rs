@@ -13,7 +13,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use serde_json::Value;
 
-use crate::cocoa_butter::config::{AuthConfig, ConfigError};
+use super::config::{AuthConfig, SettingError};
 
 /// Why a request's token was not accepted. The text goes to the caller and
 /// to the log; it never contains the token.
@@ -84,7 +84,7 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Loads every configured key; `None` when no key is configured (tokens
     /// are not required). Errors name the key of the configuration.
-    pub fn load(config: &AuthConfig) -> Result<Option<Verifier>, ConfigError> {
+    pub fn load(config: &AuthConfig) -> Result<Option<Verifier>, SettingError> {
         if !config.enabled() {
             return Ok(None);
         }
@@ -94,7 +94,7 @@ impl Verifier {
             let secret = secret.trim_ascii();
             // RFC 7518 §3.2: an HS256 key shorter than the hash is weak.
             if secret.len() < 32 {
-                return Err(ConfigError::invalid(
+                return Err(SettingError::new(
                     "auth.hs256_secret_file",
                     format!(
                         "{}: an HS256 secret needs at least 32 bytes",
@@ -112,13 +112,13 @@ impl Verifier {
             let field = format!("auth.public_key_files[{index}]");
             let pem = read(&field, path)?;
             keys.push(public_key(&pem).map_err(|message| {
-                ConfigError::invalid(field, format!("{}: {message}", path.display()))
+                SettingError::new(field, format!("{}: {message}", path.display()))
             })?);
         }
         if let Some(path) = &config.jwks_file {
             let text = read("auth.jwks_file", path)?;
             let set: JwkSet = serde_json::from_slice(&text).map_err(|err| {
-                ConfigError::invalid(
+                SettingError::new(
                     "auth.jwks_file",
                     format!("{}: not a JWKS document: {err}", path.display()),
                 )
@@ -135,7 +135,7 @@ impl Verifier {
                         Algorithm::EdDSA
                     }
                     _ => {
-                        return Err(ConfigError::invalid(
+                        return Err(SettingError::new(
                             "auth.jwks_file",
                             format!(
                                 "{}: key {index} is not an RSA, P-256 or Ed25519 public key",
@@ -145,7 +145,7 @@ impl Verifier {
                     }
                 };
                 let key = DecodingKey::from_jwk(jwk).map_err(|err| {
-                    ConfigError::invalid(
+                    SettingError::new(
                         "auth.jwks_file",
                         format!("{}: key {index}: {err}", path.display()),
                     )
@@ -157,7 +157,7 @@ impl Verifier {
                 });
             }
             if set.keys.is_empty() {
-                return Err(ConfigError::invalid(
+                return Err(SettingError::new(
                     "auth.jwks_file",
                     format!("{}: the key set is empty", path.display()),
                 ));
@@ -224,10 +224,9 @@ impl Verifier {
     }
 }
 
-fn read(field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|err| {
-        ConfigError::invalid(field, format!("cannot read {}: {err}", path.display()))
-    })
+fn read(field: &str, path: &Path) -> Result<Vec<u8>, SettingError> {
+    std::fs::read(path)
+        .map_err(|err| SettingError::new(field, format!("cannot read {}: {err}", path.display())))
 }
 
 type ParsePem = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;

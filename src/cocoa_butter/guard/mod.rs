@@ -14,6 +14,7 @@
 //! Health and readiness stay open and outside the limits, so probes keep
 //! answering under load; metrics are on their own port and never guarded.
 
+pub mod config;
 pub mod grpc_frames;
 pub mod jwt;
 
@@ -25,8 +26,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, 
 use tokio::sync::Semaphore;
 
 use super::api;
-use super::config::{AuthConfig, LimitsConfig};
-use super::telemetry::requests::Protocol;
+use super::api::Protocol;
+use config::{AuthConfig, LimitsConfig};
 use jwt::{AuthError, Verifier};
 
 /// What a route lets a caller do, and so which scope it needs.

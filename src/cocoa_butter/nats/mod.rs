@@ -8,8 +8,10 @@
 //! - `status`: a room's stream and consumer as the server has them;
 //! - `publish`: a room's outputs as envelopes, with derived ids and headers;
 //! - `pull`: the puller the consumer engine reads deliveries from;
-//! - `store`: key-value buckets and object stores, timed and traced;
-//! - `streams`: the `[nats.streams]` settings (replicas, retention, placement).
+//! - `store`: key-value buckets and object stores, timed and traced.
+//!
+//! The streams' settings (replicas, retention, placement) are the
+//! `[streams]` section's, in `streams.rs`.
 //!
 //! Dead letters are written by `dlq.rs`, which owns their whole format.
 
@@ -19,7 +21,6 @@ mod publish;
 pub mod pull;
 mod status;
 mod store;
-pub mod streams;
 
 pub use connect::{connect, connect_options, explain_connect_failure};
 pub(crate) use provision::bucket_storage_or_report;
@@ -29,7 +30,7 @@ pub use provision::{
 pub(crate) use publish::header_safe;
 pub use publish::{PublishError, Publisher, event_headers};
 pub use status::{ConsumerStatus, Replica, Replication, StreamLimits, StreamStatus, room_status};
-pub use store::{Kv, KvBucket, ObjectBucket, Objects};
+pub use store::{Kv, KvBucket, ObjectBucket, Objects, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
-use super::streams::{BucketStorage, StreamStorage};
 use crate::cocoa_butter::config::{ConsumerConfig, NatsConfig, ReplicaOrdering, RoomSettings};
+use crate::cocoa_butter::streams::{BucketStorage, StreamStorage};
 
 use super::{BusError, Provisioned, unavailable};
 

@@ -11,9 +11,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::envelope::Outbound;
 use crate::cocoa_butter::envelope::{Cause, EventEnvelope};
 use crate::cocoa_butter::metrics::RoomMetrics;
-use crate::cocoa_butter::room::Outbound;
 use crate::cocoa_butter::telemetry::{self, propagation};
 
 /// Headers on every envelope the runtime publishes, so tools can route and
@@ -60,16 +60,6 @@ impl PublishError {
                 err.kind(),
                 Kind::TimedOut | Kind::BrokenPipe | Kind::StreamNotFound | Kind::MaxAckPending
             ),
-        }
-    }
-}
-
-impl From<PublishError> for crate::cocoa_butter::room::HandleError {
-    fn from(err: PublishError) -> Self {
-        if err.bus_fault {
-            crate::cocoa_butter::room::HandleError::bus(err)
-        } else {
-            crate::cocoa_butter::room::HandleError::transient(err)
         }
     }
 }

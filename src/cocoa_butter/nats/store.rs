@@ -8,11 +8,27 @@ use bytes::Bytes;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::streams::BucketStorage;
 use crate::cocoa_butter::metrics::{RoomMetrics, StoreLabels};
+use crate::cocoa_butter::streams::BucketStorage;
 use crate::cocoa_butter::telemetry::{self};
 
 use super::{Provisioned, bucket_storage_or_report};
+
+/// A bucket that could not be opened, or was used before it was.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Creating it failed (too few servers for its replicas, say).
+    #[error("{kind} {bucket} (streams.buckets.replicas = {replicas}): {source}")]
+    Create {
+        kind: &'static str,
+        bucket: String,
+        replicas: usize,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Used before `Room::prepare` opened it: retried like any NATS failure.
+    #[error("{kind} {bucket} is not open yet")]
+    NotOpen { kind: &'static str, bucket: String },
+}
 
 /// A room's key-value bucket: named at build time, opened (and created
 /// when missing: file storage, one revision per key) by `Room::prepare`
@@ -29,25 +45,6 @@ pub struct KvBucket {
 }
 
 impl KvBucket {
-    /// A bucket of a room, kept as `rooms.<room>` says (`streams.buckets`)
-    /// and observed in the room's metrics.
-    pub fn for_room(
-        ctx: &crate::cocoa_butter::room::RoomContext,
-        bucket: &str,
-        description: &'static str,
-    ) -> Self {
-        ctx.store_streams.register(format!("KV_{bucket}"));
-        KvBucket {
-            metrics: Some(ctx.metrics.clone()),
-            ..KvBucket::new(
-                ctx.jetstream.clone(),
-                bucket,
-                description,
-                ctx.settings.buckets.clone(),
-            )
-        }
-    }
-
     /// A bucket outside any room (desired state, replays).
     pub fn new(
         js: jetstream::Context,
@@ -65,19 +62,25 @@ impl KvBucket {
         }
     }
 
+    /// Times every operation into a room's metrics.
+    pub fn observed(mut self, metrics: RoomMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.bucket
     }
 
     /// Opens the bucket unless it is open already.
-    pub async fn open(&self) -> Result<(), crate::cocoa_butter::room::RoomError> {
+    pub async fn open(&self) -> Result<(), StoreError> {
         self.ensure().await.map(|_| ())
     }
 
     /// Opens the bucket, saying whether it had to be created or its
     /// replicas and placement put right ([`Provisioned::Present`] when it
     /// was open already).
-    pub async fn ensure(&self) -> Result<Provisioned, crate::cocoa_butter::room::RoomError> {
+    pub async fn ensure(&self) -> Result<Provisioned, StoreError> {
         let found = std::sync::Mutex::new(Provisioned::Present);
         let found_ref = &found;
         self.store
@@ -104,11 +107,11 @@ impl KvBucket {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|err| {
-                        crate::cocoa_butter::room::RoomError::Nats(format!(
-                            "key-value bucket {} (streams.buckets.replicas = {}): {err}",
-                            self.bucket, self.storage.replicas
-                        ))
+                    .map_err(|err| StoreError::Create {
+                        kind: "key-value bucket",
+                        bucket: self.bucket.clone(),
+                        replicas: self.storage.replicas,
+                        source: Box::new(err),
                     })
             })
             .await?;
@@ -116,12 +119,10 @@ impl KvBucket {
     }
 
     /// The open bucket; before `open`, a transient failure (retried).
-    pub fn store(&self) -> Result<Kv<'_>, crate::cocoa_butter::room::HandleError> {
-        let store = self.store.get().ok_or_else(|| {
-            crate::cocoa_butter::room::HandleError::bus(format!(
-                "key-value bucket {} is not open yet",
-                self.bucket
-            ))
+    pub fn store(&self) -> Result<Kv<'_>, StoreError> {
+        let store = self.store.get().ok_or_else(|| StoreError::NotOpen {
+            kind: "key-value bucket",
+            bucket: self.bucket.clone(),
         })?;
         Ok(Kv {
             store,
@@ -298,18 +299,19 @@ pub struct ObjectBucket {
 }
 
 impl ObjectBucket {
-    pub fn for_room(
-        ctx: &crate::cocoa_butter::room::RoomContext,
+    pub fn new(
+        js: jetstream::Context,
         bucket: &str,
         description: &'static str,
+        storage: BucketStorage,
+        metrics: RoomMetrics,
     ) -> Self {
-        ctx.store_streams.register(format!("OBJ_{bucket}"));
         ObjectBucket {
-            js: ctx.jetstream.clone(),
+            js,
             bucket: bucket.to_string(),
             description,
-            storage: ctx.settings.buckets.clone(),
-            metrics: ctx.metrics.clone(),
+            storage,
+            metrics,
             store: tokio::sync::OnceCell::new(),
         }
     }
@@ -318,7 +320,7 @@ impl ObjectBucket {
         &self.bucket
     }
 
-    pub async fn open(&self) -> Result<(), crate::cocoa_butter::room::RoomError> {
+    pub async fn open(&self) -> Result<(), StoreError> {
         self.store
             .get_or_try_init(|| async {
                 if let Ok(store) = self.js.get_object_store(&self.bucket).await {
@@ -340,23 +342,21 @@ impl ObjectBucket {
                         ..Default::default()
                     })
                     .await
-                    .map_err(|err| {
-                        crate::cocoa_butter::room::RoomError::Nats(format!(
-                            "object store {} (streams.buckets.replicas = {}): {err}",
-                            self.bucket, self.storage.replicas
-                        ))
+                    .map_err(|err| StoreError::Create {
+                        kind: "object store",
+                        bucket: self.bucket.clone(),
+                        replicas: self.storage.replicas,
+                        source: Box::new(err),
                     })
             })
             .await
             .map(|_| ())
     }
 
-    pub fn store(&self) -> Result<Objects<'_>, crate::cocoa_butter::room::HandleError> {
-        let store = self.store.get().ok_or_else(|| {
-            crate::cocoa_butter::room::HandleError::bus(format!(
-                "object store {} is not open yet",
-                self.bucket
-            ))
+    pub fn store(&self) -> Result<Objects<'_>, StoreError> {
+        let store = self.store.get().ok_or_else(|| StoreError::NotOpen {
+            kind: "object store",
+            bucket: self.bucket.clone(),
         })?;
         Ok(Objects {
             store,

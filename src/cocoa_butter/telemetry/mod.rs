@@ -20,9 +20,9 @@
 //! created, and trace headers that came in are passed through to the outputs
 //! unchanged so a trace begun elsewhere is not broken by this hop.
 
+pub mod config;
 mod otel;
 pub mod propagation;
-pub mod requests;
 
 use std::io::IsTerminal;
 use std::sync::OnceLock;
@@ -33,7 +33,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
-use super::config::{LogConfig, LogFormat, RoomSettings, TracingConfig};
+use config::{LogConfig, LogFormat, TracingConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -231,10 +231,10 @@ pub fn set_log_filter(directives: &str) -> Result<(), TelemetryError> {
 const ROOM_SPAN: &str = "room";
 
 /// The span a room's tasks run in; its field is on every line they log.
-pub fn room_span(room: &RoomSettings) -> tracing::Span {
+pub fn room_span(label: &str) -> tracing::Span {
     // At ERROR level so that no log filter disables it: an info span would
     // vanish under `warn`, and with it the room's name on every warning.
-    tracing::error_span!("room", factory.room = %room.label)
+    tracing::error_span!("room", factory.room = %label)
 }
 
 /// The trace id of the current span, for exemplars; `None` when tracing is

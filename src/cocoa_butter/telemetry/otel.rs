@@ -10,7 +10,7 @@ use opentelemetry_sdk::resource::EnvResourceDetector;
 use opentelemetry_sdk::trace::{SdkTracerProvider, span_processor_with_async_runtime};
 
 use super::TelemetryError;
-use crate::cocoa_butter::config::{OtlpProtocol, TracingConfig};
+use super::config::{OtlpProtocol, TracingConfig};
 
 const DEFAULT_SERVICE_NAME: &str = "choco-factory";
 

@@ -16,11 +16,11 @@ use tonic::{Request, Status};
 
 use super::Conch;
 use super::sync::{self, PropertyState, SyncRequest};
-use crate::cocoa_butter::api::{
-    FieldViolation, bad_request_fields, correlation_grpc, correlation_http, handle_error_grpc,
-    handle_error_http, invalid_argument as invalid, invalid_arguments, json_from_pb, json_to_pb,
+use crate::cocoa_butter::kit::api::{
+    FieldViolation, bad_request_fields, correlation_grpc, correlation_http,
+    invalid_argument as invalid, invalid_arguments, json_from_pb, json_to_pb,
 };
-use crate::cocoa_butter::{GrpcService, decode_json};
+use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.conch.v1");
@@ -63,7 +63,7 @@ async fn sync_http(State(conch): State<Arc<Conch>>, headers: HeaderMap, body: By
             "event_ids": result.event_ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
         }))
         .into_response(),
-        Err(err) => handle_error_http(err),
+        Err(err) => err.into_http(),
     }
 }
 
@@ -81,7 +81,7 @@ async fn properties_http(
             axum::Json(json!({ "document_id": document_id, "properties": properties }))
                 .into_response()
         }
-        Err(err) => handle_error_http(err),
+        Err(err) => err.into_http(),
     }
 }
 
@@ -138,7 +138,7 @@ impl pb::conch_server::Conch for ConchGrpc {
             .conch
             .sync_now(sync_request, correlation)
             .await
-            .map_err(handle_error_grpc)?;
+            .map_err(HandleError::into_grpc)?;
         Ok(tonic::Response::new(pb::SyncPropertyResponse {
             outcome: match result.outcome {
                 sync::Outcome::Applied => pb::SyncOutcome::Applied,
@@ -176,7 +176,7 @@ impl pb::conch_server::Conch for ConchGrpc {
             .conch
             .properties(&document_id)
             .await
-            .map_err(handle_error_grpc)?;
+            .map_err(HandleError::into_grpc)?;
         Ok(tonic::Response::new(pb::GetPropertiesResponse {
             document_id,
             properties: record

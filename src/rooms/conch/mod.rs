@@ -22,12 +22,11 @@ use bytes::Bytes;
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
-use crate::cocoa_butter::config::RoomSettings;
-use crate::cocoa_butter::keys::kv_key;
-use crate::cocoa_butter::{
-    Cause, GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError,
-    RoomSpec,
-    nats::{KvBucket, Publisher},
+use crate::cocoa_butter::kit::RoomSettings;
+use crate::cocoa_butter::kit::keys::kv_key;
+use crate::cocoa_butter::kit::{
+    Cause, GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Publisher, Room,
+    RoomContext, RoomError, RoomSpec,
 };
 use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
 
@@ -129,8 +128,7 @@ pub struct Conch {
 impl Conch {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let (settings, rules) = ConchSettings::parse(&ctx.settings)?;
-        let documents = KvBucket::for_room(
-            &ctx,
+        let documents = ctx.kv_bucket(
             &settings.bucket,
             "the-conch: document properties and their revisions",
         );
@@ -268,7 +266,7 @@ impl Room for Conch {
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
-        self.documents.open().await
+        Ok(self.documents.open().await?)
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {

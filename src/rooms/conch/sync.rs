@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::cocoa_butter::Outbound;
-use crate::cocoa_butter::envelope::rfc3339;
-use crate::cocoa_butter::keys::id_too_long;
+use crate::cocoa_butter::kit::Outbound;
+use crate::cocoa_butter::kit::keys::id_too_long;
+use crate::cocoa_butter::kit::rfc3339;
 
 pub const COMPLETED: &str = "property_sync.completed";
 pub const CONFLICT_DETECTED: &str = "conflict.detected";

@@ -16,10 +16,8 @@ use tonic::{Request, Status};
 
 use super::render::RenderError;
 use super::{HydrateError, Hydrated, HydrationRequest, Mould};
-use crate::cocoa_butter::api::{
-    bad_request, handle_error_grpc, handle_error_http, http_error, invalid_argument, struct_from_pb,
-};
-use crate::cocoa_butter::{GrpcService, decode_json};
+use crate::cocoa_butter::kit::api::{bad_request, http_error, invalid_argument, struct_from_pb};
+use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.mould.v1");
@@ -72,7 +70,7 @@ async fn hydrate_http(State(mould): State<Arc<Mould>>, body: Bytes) -> Response 
             }});
             (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
         }
-        Err(HydrateError::Unavailable(err)) => handle_error_http(err),
+        Err(HydrateError::Unavailable(err)) => err.into_http(),
     }
 }
 
@@ -91,7 +89,7 @@ async fn artifact_http(
                 &format!("no artifact for {document_id:?}"),
             );
         }
-        Err(err) => return handle_error_http(err),
+        Err(err) => return err.into_http(),
     };
     let etag = format!(
         "\"{}\"",
@@ -190,7 +188,7 @@ impl pb::mould_server::Mould for MouldGrpc {
                 }
                 Err(status)
             }
-            Err(HydrateError::Unavailable(err)) => Err(handle_error_grpc(err)),
+            Err(HydrateError::Unavailable(err)) => Err(err.into_grpc()),
         }
     }
 
@@ -206,7 +204,7 @@ impl pb::mould_server::Mould for MouldGrpc {
             .mould
             .artifact(&document_id)
             .await
-            .map_err(handle_error_grpc)?
+            .map_err(HandleError::into_grpc)?
         else {
             return Err(Status::not_found(format!(
                 "no artifact for {document_id:?}"

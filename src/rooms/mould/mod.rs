@@ -25,12 +25,12 @@ use tokio::io::AsyncReadExt;
 pub use api::pb;
 use render::{Format, Limits, RenderError, Renderer};
 
-use crate::cocoa_butter::config::RoomSettings;
-use crate::cocoa_butter::envelope::content_hash;
-use crate::cocoa_butter::keys::id_too_long;
-use crate::cocoa_butter::{
-    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
-    nats::ObjectBucket,
+use crate::cocoa_butter::kit::RoomSettings;
+use crate::cocoa_butter::kit::content_hash;
+use crate::cocoa_butter::kit::keys::id_too_long;
+use crate::cocoa_butter::kit::{
+    GrpcService, HandleError, InboundEvent, ObjectBucket, Outbound, Room, RoomContext, RoomError,
+    RoomSpec,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {
@@ -186,8 +186,7 @@ pub struct Mould {
 impl Mould {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
-        let artifacts = ObjectBucket::for_room(
-            &ctx,
+        let artifacts = ctx.object_bucket(
             &loaded.settings.bucket,
             "the-mould: hydrated documents, keyed by document id",
         );
@@ -368,7 +367,7 @@ impl Room for Mould {
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
-        self.artifacts.open().await
+        Ok(self.artifacts.open().await?)
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {

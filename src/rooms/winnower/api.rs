@@ -14,10 +14,8 @@ use tonic::{Request, Status};
 
 use super::gate::{Rejection, SmartblockCreated};
 use super::{SlopReport, SlopRequest, Winnower};
-use crate::cocoa_butter::api::{
-    bad_request, handle_error_grpc, handle_error_http, invalid_argument, struct_from_pb,
-};
-use crate::cocoa_butter::{GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::kit::api::{bad_request, invalid_argument, struct_from_pb};
+use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.winnower.v1");
@@ -82,7 +80,7 @@ async fn validate_http(State(winnower): State<Arc<Winnower>>, body: Bytes) -> Re
     };
     let validation = match validate(&winnower, &block).await {
         Ok(validation) => validation,
-        Err(err) => return handle_error_http(err),
+        Err(err) => return err.into_http(),
     };
     if let Some(rejection) = &validation.rejection
         && rejection.reason == "payload_invalid"
@@ -195,7 +193,7 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
         };
         let validation = validate(&self.winnower, &block)
             .await
-            .map_err(handle_error_grpc)?;
+            .map_err(HandleError::into_grpc)?;
         let reply = match (validation.rejection, validation.duplicate) {
             (Some(rejection), _) if rejection.reason == "payload_invalid" => {
                 return Err(invalid_argument(

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::cocoa_butter::HandleError;
-use crate::cocoa_butter::keys::id_too_long;
+use crate::cocoa_butter::kit::HandleError;
+use crate::cocoa_butter::kit::keys::id_too_long;
 
 /// The federation manifest file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -181,7 +181,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cocoa_butter::keys::MAX_ID_BYTES;
+    use crate::cocoa_butter::kit::keys::MAX_ID_BYTES;
 
     fn gate() -> Gate {
         let manifest: Manifest =

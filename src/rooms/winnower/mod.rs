@@ -30,11 +30,11 @@ pub use api::pb;
 use gate::{Gate, Manifest, Rejection, SmartblockCreated};
 use slop::{RulesFile, SlopRules};
 
-use crate::cocoa_butter::config::RoomSettings;
-use crate::cocoa_butter::keys::kv_key;
-use crate::cocoa_butter::{
-    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
-    nats::KvBucket,
+use crate::cocoa_butter::kit::RoomSettings;
+use crate::cocoa_butter::kit::keys::kv_key;
+use crate::cocoa_butter::kit::{
+    GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
+    RoomSpec,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {
@@ -192,8 +192,7 @@ pub struct Winnower {
 impl Winnower {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
-        let blocks = KvBucket::for_room(
-            &ctx,
+        let blocks = ctx.kv_bucket(
             &loaded.settings.blocks_bucket,
             "the-winnower: accepted smartblocks",
         );
@@ -428,7 +427,7 @@ impl Room for Winnower {
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
-        self.blocks.open().await
+        Ok(self.blocks.open().await?)
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {

@@ -16,10 +16,8 @@ use tonic::{Request, Status};
 use super::{
     FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper, check_tag,
 };
-use crate::cocoa_butter::api::{
-    bad_request, handle_error_grpc, handle_error_http, invalid_argument,
-};
-use crate::cocoa_butter::{GrpcService, decode_json};
+use crate::cocoa_butter::kit::api::{bad_request, invalid_argument};
+use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.wrapper.v1");
@@ -36,14 +34,14 @@ pub fn http_routes(wrapper: Arc<Wrapper>) -> Router {
 fn field_error_http(err: FieldErrorOr) -> Response {
     match err {
         FieldErrorOr::Field(err) => bad_request(err.field, &err.to_string()),
-        FieldErrorOr::Handle(err) => handle_error_http(err),
+        FieldErrorOr::Handle(err) => err.into_http(),
     }
 }
 
 fn field_error_grpc(err: FieldErrorOr) -> Status {
     match err {
         FieldErrorOr::Field(err) => invalid_argument(err.field, &err.message),
-        FieldErrorOr::Handle(err) => handle_error_grpc(err),
+        FieldErrorOr::Handle(err) => err.into_grpc(),
     }
 }
 
@@ -91,7 +89,7 @@ async fn index_http(
 async fn list_tags_http(State(wrapper): State<Arc<Wrapper>>) -> Response {
     match wrapper.list_tags().await {
         Ok(tags) => axum::Json(json!({ "tags": tags })).into_response(),
-        Err(err) => handle_error_http(err),
+        Err(err) => err.into_http(),
     }
 }
 
@@ -105,7 +103,7 @@ async fn register_tag_http(State(wrapper): State<Arc<Wrapper>>, body: Bytes) -> 
     }
     match wrapper.register_tag(tag).await {
         Ok(tag) => axum::Json(tag).into_response(),
-        Err(err) => handle_error_http(err),
+        Err(err) => err.into_http(),
     }
 }
 
@@ -212,7 +210,7 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
             .wrapper
             .register_tag(record)
             .await
-            .map_err(handle_error_grpc)?;
+            .map_err(HandleError::into_grpc)?;
         Ok(tonic::Response::new(pb::Tag {
             tag: stored.tag,
             aliases: stored.aliases,
@@ -223,7 +221,11 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
         &self,
         _request: Request<pb::ListTagsRequest>,
     ) -> Result<tonic::Response<pb::ListTagsResponse>, Status> {
-        let tags = self.wrapper.list_tags().await.map_err(handle_error_grpc)?;
+        let tags = self
+            .wrapper
+            .list_tags()
+            .await
+            .map_err(HandleError::into_grpc)?;
         Ok(tonic::Response::new(pb::ListTagsResponse {
             tags: tags
                 .into_iter()

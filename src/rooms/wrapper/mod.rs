@@ -25,13 +25,13 @@ use serde_json::json;
 pub use api::pb;
 use extract::{RepoLink, extract, github_slug, tag_key};
 
-use crate::cocoa_butter::config::RoomSettings;
-use crate::cocoa_butter::envelope::content_hash;
-use crate::cocoa_butter::keys::{id_from_kv_key, id_too_long, kv_key};
-use crate::cocoa_butter::nats::Kv;
-use crate::cocoa_butter::{
-    GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
-    nats::KvBucket,
+use crate::cocoa_butter::kit::Kv;
+use crate::cocoa_butter::kit::RoomSettings;
+use crate::cocoa_butter::kit::content_hash;
+use crate::cocoa_butter::kit::keys::{id_from_kv_key, id_too_long, kv_key};
+use crate::cocoa_butter::kit::{
+    GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
+    RoomSpec,
 };
 
 pub const SPEC: RoomSpec = RoomSpec {
@@ -247,13 +247,11 @@ impl Wrapper {
     fn new(ctx: RoomContext) -> Result<Self, RoomError> {
         let loaded = Loaded::load(&ctx.settings)?;
         Ok(Wrapper {
-            tags: KvBucket::for_room(
-                &ctx,
+            tags: ctx.kv_bucket(
                 &loaded.settings.tags_bucket,
                 "the-wrapper: canonical tags, one entry per spelling",
             ),
-            documents: KvBucket::for_room(
-                &ctx,
+            documents: ctx.kv_bucket(
                 &loaded.settings.documents_bucket,
                 "the-wrapper: indexed documents and their anchors",
             ),
@@ -335,7 +333,7 @@ impl Wrapper {
         }
         document.path = document.path.trim_start_matches('/').to_string();
         document.anchors = document.anchors.iter().map(|a| github_slug(a)).collect();
-        let store = self.documents.store()?;
+        let store = self.documents.store().map_err(HandleError::from)?;
         let bytes = Bytes::from(serde_json::to_vec(&document).map_err(HandleError::transient)?);
         store
             .put(doc_key(&document.repo, &document.path), bytes)
@@ -445,7 +443,7 @@ impl Wrapper {
     }
 
     async fn verify_links(&self, links: &[RepoLink]) -> Result<Vec<LinkVerification>, HandleError> {
-        let store = self.documents.store()?;
+        let store = self.documents.store().map_err(HandleError::from)?;
         let repos: BTreeSet<&str> = links.iter().map(|l| l.repo.as_str()).collect();
         let repo_records = try_join_all(repos.iter().map(|repo| async move {
             Self::get_json::<RepoRecord>(&store, &repo_key(repo))

@@ -26,11 +26,11 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api;
-use super::control::{Control, ControlError, Desired};
-use super::dlq::{self, DeadLetters, DlqError, DlqFilter};
-use super::room::{JsonError, decode_json};
-use super::status::{RoomInfo, RoomState};
+use crate::cocoa_butter::api;
+use crate::cocoa_butter::api::{JsonError, decode_json};
+use crate::cocoa_butter::control::{Control, ControlError, Desired};
+use crate::cocoa_butter::dlq::{self, DeadLetters, DlqError, DlqFilter};
+use crate::cocoa_butter::status::{RoomInfo, RoomState};
 
 /// How long a pause or resume route waits for this process to follow the
 /// bucket before answering (`applied` says whether it did).

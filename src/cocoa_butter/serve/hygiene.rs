@@ -129,7 +129,7 @@ pub struct ListenerLimits {
 pub struct ConnectionSettings {
     pub limits: ListenerLimits,
     /// TLS on the listener (`[tls]`); the metrics port stays plain.
-    pub tls: Option<std::sync::Arc<super::tls::ServerTls>>,
+    pub tls: Option<std::sync::Arc<crate::cocoa_butter::tls::ServerTls>>,
     pub header_read_timeout: Duration,
     pub http2_keepalive_interval: Duration,
     pub http2_keepalive_timeout: Duration,

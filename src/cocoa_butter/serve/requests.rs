@@ -13,16 +13,9 @@ use axum::extract::MatchedPath;
 use axum::http::{Request, Response};
 use tracing::Instrument;
 
-use super::propagation::{self, TraceHeaders};
+pub use crate::cocoa_butter::api::Protocol;
 use crate::cocoa_butter::metrics::{GrpcLabels, HttpLabels, RoomMetrics};
-
-/// Which protocol the layer observes: it decides the span's attributes and
-/// the metric family.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Protocol {
-    Http,
-    Grpc,
-}
+use crate::cocoa_butter::telemetry::propagation::{self, TraceHeaders};
 
 #[derive(Clone)]
 pub struct ObserveLayer {

@@ -19,14 +19,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use super::config::RoomSettings;
-use super::guard::GuardLayer;
-use super::hygiene::{self, ConnectionSettings, GuardedListener};
-use super::metrics::{self, RoomMetrics};
-use super::room::GrpcService;
-use super::status::{BoundAddrs, RoomInfo, RoomState};
-use super::telemetry::{self, requests};
-use super::{admin, api};
+use crate::cocoa_butter::api;
+use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::guard::GuardLayer;
+use crate::cocoa_butter::metrics::{self, RoomMetrics};
+use crate::cocoa_butter::room::GrpcService;
+use crate::cocoa_butter::status::{BoundAddrs, RoomInfo, RoomState};
+use crate::cocoa_butter::telemetry;
+use hygiene::{ConnectionSettings, GuardedListener};
+
+pub mod admin;
+pub mod hygiene;
+pub mod requests;
 
 /// Descriptors of every contract under `proto/`, for server reflection.
 pub const CHOCO_DESCRIPTOR_SET: &[u8] =
