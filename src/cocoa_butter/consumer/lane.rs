@@ -4,7 +4,8 @@
 //! channel, the handler, the in-progress acks) so it is unit-tested here:
 //! messages run in the order they arrived, except that after a nak the
 //! lane holds every later message until the nak'd one comes back (it then
-//! runs first) or until its wait is over (another replica has it).
+//! runs first) or until its wait is over (another replica has it). Public
+//! for the micro-bench (`benches/engine.rs`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -18,7 +19,7 @@ use super::{Engine, Job, LaneMap};
 
 /// After a nak, the lane waits for this sequence to come back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct AwaitRedelivery {
+pub struct AwaitRedelivery {
     pub sequence: u64,
     /// The nak's delay plus one ack wait: by then the message went to
     /// another replica, or will come back after ack_wait anyway.
@@ -26,7 +27,7 @@ pub(super) struct AwaitRedelivery {
 }
 
 /// Something a lane orders by its stream sequence.
-pub(super) trait Sequenced {
+pub trait Sequenced {
     fn sequence(&self) -> u64;
 }
 
@@ -38,7 +39,7 @@ impl Sequenced for Job {
 
 /// What a lane does next.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Next<T> {
+pub enum Next<T> {
     /// Handle this message now.
     Run(T),
     /// Hold the waiting messages until the awaited one comes back, or
@@ -49,9 +50,15 @@ pub(super) enum Next<T> {
 }
 
 /// A lane's waiting messages and the redelivery it waits for, if any.
-pub(super) struct LaneQueue<T> {
+pub struct LaneQueue<T> {
     waiting: VecDeque<T>,
     awaiting: Option<AwaitRedelivery>,
+}
+
+impl<T: Sequenced> Default for LaneQueue<T> {
+    fn default() -> Self {
+        LaneQueue::new()
+    }
 }
 
 impl<T: Sequenced> LaneQueue<T> {

@@ -33,7 +33,7 @@
 //! failure, and dead-lettered as `handler_timeout` on its last delivery.
 
 mod dispatch;
-mod lane;
+pub mod lane;
 mod route;
 mod settle;
 

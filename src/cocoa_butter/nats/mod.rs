@@ -28,7 +28,7 @@ pub use provision::{
     OrderingChange, PINNED_GROUP, bind_consumer, consumer_config, ensure_consumer, ensure_stream,
 };
 pub(crate) use publish::header_safe;
-pub use publish::{PublishError, Publisher, event_headers};
+pub use publish::{EncodedOutput, OutputEncoder, PublishError, Publisher, event_headers};
 pub use status::{ConsumerStatus, Replica, Replication, StreamLimits, StreamStatus, room_status};
 pub use store::{Kv, KvBucket, ObjectBucket, Objects, StoreError};
 
