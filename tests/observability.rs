@@ -600,7 +600,7 @@ async fn spans_are_exported_to_an_https_collector_trusting_its_ca() {
 }
 
 #[tokio::test]
-async fn without_tracing_the_trace_headers_pass_through_and_correlation_links_the_logs() {
+async fn without_tracing_the_trace_headers_pass_through_and_link_the_logs() {
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
     let mut env = conch_env(&nats.url());
@@ -629,9 +629,13 @@ async fn without_tracing_the_trace_headers_pass_through_and_correlation_links_th
     assert_eq!(line["correlation_id"], correlation);
     assert_eq!(line["event_id"], event_id);
     assert_eq!(line["factory.room"], "Fudge Room");
+    assert_eq!(
+        line["trace_id"], TRACE_ID,
+        "not tracing, a line about the event still names the trace it came with"
+    );
     assert!(
-        line.get("trace_id").is_none(),
-        "no trace ids when not tracing"
+        line.get("span_id").is_none(),
+        "no spans of our own when not tracing"
     );
 }
 

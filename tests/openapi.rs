@@ -1,7 +1,7 @@
 //! The OpenAPI descriptions under docs/openapi/ (what scripts/api-fuzz.sh
 //! fuzzes) describe exactly the HTTP routes the code serves: every route
 //! registered with `.route(...)` in a room's api.rs or in the core's
-//! servers.rs is in its spec with the same methods, and nothing else is.
+//! serve/mod.rs is in its spec with the same methods, and nothing else is.
 
 use std::collections::BTreeSet;
 
@@ -95,8 +95,11 @@ fn source(file: &str) -> String {
 fn the_core_spec_describes_the_core_routes() {
     // /metrics is served on the metrics port, not the room's HTTP port;
     // the operator routes are merged in from admin.rs.
-    let mut code = routes_in_source(&source("cocoa_butter/servers.rs"), &["/metrics"]);
-    code.extend(routes_in_source(&source("cocoa_butter/admin.rs"), &[]));
+    let mut code = routes_in_source(&source("cocoa_butter/serve/mod.rs"), &["/metrics"]);
+    code.extend(routes_in_source(
+        &source("cocoa_butter/serve/admin.rs"),
+        &[],
+    ));
     assert!(code.len() >= 11, "{code:?}");
     assert_eq!(routes_in_spec("core.yaml"), code);
 }

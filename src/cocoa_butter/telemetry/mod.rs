@@ -13,7 +13,8 @@
 //! span fields to the top level of each line; lines about an event carry its
 //! `correlation_id` and `event_id` the same way, from the message span the
 //! consumer opens. With tracing on, lines also carry `trace_id` and
-//! `span_id`.
+//! `span_id`; with it off, lines about an event that came with a
+//! `traceparent` carry that trace's `trace_id`.
 //!
 //! Tracing off costs nothing measurable: no OpenTelemetry layer is
 //! installed, the child spans (handler, store operations, publishes) are not
@@ -282,6 +283,7 @@ pub fn message_span(
         event_id = tracing::field::Empty,
         correlation_id = tracing::field::Empty,
         aggregate_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
     if span.is_disabled() {
         // A log filter above `info` turns this span off; the message's work
@@ -291,6 +293,12 @@ pub fn message_span(
     if tracing_enabled() {
         span.record("otel.name", format!("process {subject}"));
         propagation::continue_trace(&span, incoming);
+    } else if let Some(trace_id) = incoming.trace_id() {
+        // Exporting, the JSON layer writes the span's own trace id; not
+        // exporting, the one that came in still links these lines to the
+        // trace the publisher began, as the correlation id links them to
+        // the request.
+        span.record("trace_id", trace_id);
     }
     span
 }
