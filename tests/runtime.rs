@@ -665,10 +665,12 @@ fn systemd_units_verify() {
     }
 }
 
-/// The consumer series of every declared event type exist at 0 from the
-/// first scrape, before any event arrived, so rates and alerts work at once.
+/// The consumer series of every declared event type, the dead-letter
+/// series of every reason and the gRPC series of every method exist at 0
+/// from the first scrape, before any event or call, so rates and alerts
+/// work at once.
 #[tokio::test]
-async fn known_consumer_series_exist_at_zero_from_the_start() {
+async fn known_series_exist_at_zero_from_the_start() {
     let nats = Nats::start().await;
     let factory = Factory::start(&nats.url()).await;
     factory.wait_ready().await;
@@ -712,4 +714,35 @@ async fn known_consumer_series_exist_at_zero_from_the_start() {
         ),
         "{text}"
     );
+    // Every dead-letter reason the room can give: the runtime's and its own.
+    for reason in [
+        "payload_invalid",
+        "max_deliveries_exceeded",
+        "handler_timeout",
+        "corrupt_document_record",
+    ] {
+        let reason = format!(r#"reason="{reason}""#);
+        assert!(
+            series("choco_consumer_dlq_messages_total", &[input, &reason]),
+            "{reason} at 0:\n{text}"
+        );
+    }
+    assert!(
+        series(
+            "choco_consumer_dlq_messages_total",
+            &[r#"event_type="unknown""#, r#"reason="unknown_event_type""#]
+        ),
+        "{text}"
+    );
+    // Every method of the room's gRPC service, with code OK.
+    for method in ["SyncProperty", "GetProperties"] {
+        let method = format!(r#"method="/choco.factory.conch.v1.Conch/{method}""#);
+        assert!(
+            series(
+                "choco_grpc_server_requests_total",
+                &[&method, r#"code="OK""#]
+            ),
+            "{method} at 0:\n{text}"
+        );
+    }
 }

@@ -25,6 +25,78 @@ use crate::cocoa_butter::streams::{BucketStorage, StreamStorage};
 pub const REPLAYED_FROM: &str = "Choco-Replayed-From";
 const REPLAYS_BUCKET: &str = "choco_dlq_replays";
 
+/// Why a message was dead-lettered: its `Choco-Dlq-Reason` header and the
+/// `reason` label of `choco_consumer_dlq_messages_total`. A closed set per
+/// room, the runtime's ([`reason::RUNTIME`]) and those the room declares
+/// (`Room::dead_letter_reasons`), so that the metric's series are known
+/// (and exist at 0) from the start, and a reason is a name a dashboard can
+/// rely on rather than any string a handler made up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Reason(&'static str);
+
+impl Reason {
+    /// A reason named `name`: stable, snake_case.
+    pub const fn new(name: &'static str) -> Self {
+        Reason(name)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+/// The reasons the runtime itself dead-letters with, whatever the room.
+pub mod reason {
+    use super::Reason;
+
+    /// Larger than `limits.max_envelope_bytes`; refused unread.
+    pub const ENVELOPE_TOO_LARGE: Reason = Reason::new("envelope_too_large");
+    /// Not an input of the room (nor one of its outputs coming back).
+    pub const UNKNOWN_EVENT_TYPE: Reason = Reason::new("unknown_event_type");
+    /// The envelope's `event_type` is not the one its subject says.
+    pub const EVENT_TYPE_MISMATCH: Reason = Reason::new("event_type_mismatch");
+    /// Not an envelope at all.
+    pub const MALFORMED_ENVELOPE: Reason = Reason::new("malformed_envelope");
+    /// The payload does not hash to the envelope's `content_hash`.
+    pub const CONTENT_HASH_MISMATCH: Reason = Reason::new("content_hash_mismatch");
+    /// A `schema_version` of another major version.
+    pub const UNSUPPORTED_SCHEMA_VERSION: Reason = Reason::new("unsupported_schema_version");
+    /// The payload is not JSON, or not what the room's input type says.
+    pub const PAYLOAD_INVALID: Reason = Reason::new("payload_invalid");
+    /// The handler panicked.
+    pub const HANDLER_PANIC: Reason = Reason::new("handler_panic");
+    /// The handler outlived `consumer.handler_timeout` on the last delivery.
+    pub const HANDLER_TIMEOUT: Reason = Reason::new("handler_timeout");
+    /// A transient failure on the last delivery (`consumer.max_deliver`).
+    pub const MAX_DELIVERIES_EXCEEDED: Reason = Reason::new("max_deliveries_exceeded");
+
+    /// Every reason above.
+    pub const RUNTIME: &[Reason] = &[
+        ENVELOPE_TOO_LARGE,
+        UNKNOWN_EVENT_TYPE,
+        EVENT_TYPE_MISMATCH,
+        MALFORMED_ENVELOPE,
+        CONTENT_HASH_MISMATCH,
+        UNSUPPORTED_SCHEMA_VERSION,
+        PAYLOAD_INVALID,
+        HANDLER_PANIC,
+        HANDLER_TIMEOUT,
+        MAX_DELIVERIES_EXCEEDED,
+    ];
+}
+
 /// Headers the runtime writes on every dead letter.
 pub mod dlq_headers {
     pub const REASON: &str = "Choco-Dlq-Reason";

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 pub use super::api::JsonError;
 use super::api::{self, decode_json};
 use super::config::RoomSettings;
+pub use super::dlq::{Reason, reason};
 pub use super::envelope::Outbound;
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::RoomMetrics;
@@ -90,6 +91,12 @@ pub trait Room: Send + Sync + 'static {
     /// Actions on the room's prefix it consumes (`property_sync.requested`).
     fn inputs(&self) -> &'static [&'static str];
 
+    /// The reasons the room dead-letters with besides the runtime's own
+    /// ([`reason::RUNTIME`]), so their metric series exist from the start.
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
+        &[]
+    }
+
     /// Actions it publishes on its prefix. The consumer sees them come back
     /// on the prefix and acknowledges them untouched.
     fn outputs(&self) -> &'static [&'static str];
@@ -126,7 +133,7 @@ impl InboundEvent {
     /// `payload_invalid` failure naming the field.
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, HandleError> {
         decode_json(&self.envelope.payload)
-            .map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))
+            .map_err(|err| HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string()))
     }
 
     pub fn cause(&self) -> Cause {
@@ -139,7 +146,7 @@ impl InboundEvent {
 pub enum HandleError {
     /// The input can never succeed: dead-lettered at once with `reason`.
     #[error("{reason}: {detail}")]
-    Permanent { reason: String, detail: String },
+    Permanent { reason: Reason, detail: String },
     /// Something the room depends on is unavailable: retried with backoff,
     /// dead-lettered after the last delivery.
     #[error("{0}")]
@@ -155,9 +162,9 @@ pub enum HandleError {
 }
 
 impl HandleError {
-    pub fn permanent(reason: &str, detail: impl Into<String>) -> Self {
+    pub fn permanent(reason: Reason, detail: impl Into<String>) -> Self {
         HandleError::Permanent {
-            reason: reason.to_string(),
+            reason,
             detail: detail.into(),
         }
     }
@@ -182,9 +189,12 @@ impl HandleError {
                 None,
                 &message,
             ),
-            HandleError::Permanent { reason, detail } => {
-                api::http_error(StatusCode::INTERNAL_SERVER_ERROR, &reason, None, &detail)
-            }
+            HandleError::Permanent { reason, detail } => api::http_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                reason.as_str(),
+                None,
+                &detail,
+            ),
         }
     }
 

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use super::config::{RoomSettings, ValidatedConfig};
 use super::consumer::{ConsumerError, Engine};
 use super::control::{self, Control, ControlError};
-use super::dlq;
+use super::dlq::{self, reason};
 use super::guard::{GuardLayer, Policy};
 use super::metrics::{ConnectionMetrics, RoomMetrics};
 use super::nats::{self, BusError, Publisher};
@@ -195,6 +195,12 @@ pub async fn run(
             actions.iter().map(|a| settings.event_type(a)).collect()
         };
         metrics.init_event_types(&declared(room.inputs()), &declared(room.outputs()));
+        let reasons: Vec<&str> = reason::RUNTIME
+            .iter()
+            .chain(room.dead_letter_reasons())
+            .map(|reason| reason.as_str())
+            .collect();
+        metrics.init_dead_letter_reasons(&declared(room.inputs()), &reasons);
         let addrs = listeners
             .addrs()
             .map_err(|err| RuntimeError::Refused(format!("rooms.{}: {err}", settings.name)))?;
@@ -205,6 +211,7 @@ pub async fn run(
         ));
         states.push((settings.name.clone(), state.clone()));
         let grpc = room.clone().grpc_service();
+        metrics.init_grpc_methods(&serve::grpc_methods(grpc.name));
         let info = Arc::new(RoomInfo {
             room: settings.name.clone(),
             label: settings.label.clone(),

@@ -4,7 +4,8 @@
 //! dead letter will carry. Public, with [`verify`], for the micro-bench
 //! (`benches/engine.rs`) and the fuzz targets.
 
-use crate::cocoa_butter::envelope::EventEnvelope;
+use crate::cocoa_butter::dlq::reason;
+use crate::cocoa_butter::envelope::{EnvelopeError, EventEnvelope};
 use crate::cocoa_butter::room::HandleError;
 
 /// What routing needs to know of a room.
@@ -40,7 +41,7 @@ pub fn route(routing: &Routing<'_>, action: &str, event_type: &str, body: &[u8])
     let verdict = if size > routing.max_envelope_bytes {
         // Checked before decoding, so an oversized body costs no parse.
         Err(HandleError::permanent(
-            "envelope_too_large",
+            reason::ENVELOPE_TOO_LARGE,
             format!(
                 "envelope of {size} bytes is larger than limits.max_envelope_bytes ({})",
                 routing.max_envelope_bytes
@@ -50,7 +51,7 @@ pub fn route(routing: &Routing<'_>, action: &str, event_type: &str, body: &[u8])
         verify(body, event_type)
     } else {
         Err(HandleError::permanent(
-            "unknown_event_type",
+            reason::UNKNOWN_EVENT_TYPE,
             format!(
                 "{event_type} is not an input of {} (inputs: {})",
                 routing.service,
@@ -68,11 +69,17 @@ pub fn route(routing: &Routing<'_>, action: &str, event_type: &str, body: &[u8])
 /// the subject, and that the payload is JSON at all. Public for the fuzz
 /// targets (`fuzz/`).
 pub fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleError> {
-    let envelope = EventEnvelope::decode(body)
-        .map_err(|err| HandleError::permanent(err.reason(), err.to_string()))?;
+    let envelope = EventEnvelope::decode(body).map_err(|err| {
+        let reason = match err {
+            EnvelopeError::Malformed(_) => reason::MALFORMED_ENVELOPE,
+            EnvelopeError::ContentHashMismatch { .. } => reason::CONTENT_HASH_MISMATCH,
+            EnvelopeError::UnsupportedSchemaVersion(_) => reason::UNSUPPORTED_SCHEMA_VERSION,
+        };
+        HandleError::permanent(reason, err.to_string())
+    })?;
     if envelope.event_type != event_type {
         return Err(HandleError::permanent(
-            "event_type_mismatch",
+            reason::EVENT_TYPE_MISMATCH,
             format!(
                 "envelope says {:?} but arrived on the subject of {event_type:?}",
                 envelope.event_type
@@ -80,7 +87,10 @@ pub fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleErro
         ));
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(&envelope.payload).map_err(|err| {
-        HandleError::permanent("payload_invalid", format!("payload is not JSON: {err}"))
+        HandleError::permanent(
+            reason::PAYLOAD_INVALID,
+            format!("payload is not JSON: {err}"),
+        )
     })?;
     Ok(envelope)
 }
@@ -109,9 +119,9 @@ mod tests {
         .encode()
     }
 
-    fn refusal(route: Route) -> String {
+    fn refusal(route: Route) -> &'static str {
         match route {
-            Route::Refused(HandleError::Permanent { reason, .. }) => reason,
+            Route::Refused(HandleError::Permanent { reason, .. }) => reason.as_str(),
             other => panic!("expected a permanent refusal, got {other:?}"),
         }
     }

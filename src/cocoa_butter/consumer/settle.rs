@@ -11,7 +11,7 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::cocoa_butter::config::ConsumerConfig;
-use crate::cocoa_butter::dlq::{self, DeadLetter};
+use crate::cocoa_butter::dlq::{self, DeadLetter, Reason, reason};
 use crate::cocoa_butter::metrics::Outcome;
 use crate::cocoa_butter::nats;
 use crate::cocoa_butter::room::{HandleError, InboundEvent};
@@ -175,7 +175,7 @@ impl Engine {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Ok(Err(HandleError::permanent("handler_panic", what)))
+            Ok(Err(HandleError::permanent(reason::HANDLER_PANIC, what)))
         })
         .unwrap_or_else(|_elapsed| Err(timed_out(&self.settings.consumer, &job.event)));
         if let Err(err) = &handled {
@@ -228,7 +228,7 @@ impl Engine {
         let letter = DeadLetter {
             room: &self.settings.name,
             event_type,
-            reason: &reason,
+            reason: reason.as_str(),
             detail: &detail,
             deliveries: delivered,
             original_subject: &message.subject,
@@ -245,7 +245,7 @@ impl Engine {
                 if let Err(err) = message.ack_with(AckKind::Term).await {
                     tracing::warn!(error = %err, "term ack failed; the dead letter is deduplicated on redelivery");
                 }
-                self.metrics.dead_lettered(label, &reason);
+                self.metrics.dead_lettered(label, reason.as_str());
                 self.metrics
                     .finished(label, Outcome::DeadLettered, secs(started));
                 None
@@ -288,7 +288,7 @@ pub(super) enum Failed {
     /// Nak'd with a growing delay; the server redelivers it.
     Retry { detail: String },
     /// Moved to the dead-letter stream with `reason`, then term'd.
-    DeadLetter { reason: String, detail: String },
+    DeadLetter { reason: Reason, detail: String },
 }
 
 /// A permanent failure is dead-lettered at once; a transient one is retried
@@ -301,7 +301,7 @@ pub(super) fn failed(err: HandleError, delivered: i64, max_deliver: i64) -> Fail
         HandleError::Permanent { reason, detail } => Failed::DeadLetter { reason, detail },
         HandleError::Transient(detail) | HandleError::Bus(detail) if delivered >= max_deliver => {
             Failed::DeadLetter {
-                reason: "max_deliveries_exceeded".to_string(),
+                reason: reason::MAX_DELIVERIES_EXCEEDED,
                 detail,
             }
         }
@@ -323,7 +323,7 @@ pub(super) fn timed_out(consumer: &ConsumerConfig, event: &InboundEvent) -> Hand
         consumer.handler_timeout
     );
     if event.delivered >= consumer.max_deliver {
-        HandleError::permanent("handler_timeout", detail)
+        HandleError::permanent(reason::HANDLER_TIMEOUT, detail)
     } else {
         HandleError::transient(format!("handler_timeout: {detail}"))
     }
@@ -368,11 +368,11 @@ mod tests {
 
     #[test]
     fn a_permanent_failure_is_dead_lettered_at_once_with_its_reason() {
-        let err = HandleError::permanent("payload_invalid", "body: expected an object");
+        let err = HandleError::permanent(reason::PAYLOAD_INVALID, "body: expected an object");
         assert_eq!(
             failed(err, 1, 3),
             Failed::DeadLetter {
-                reason: "payload_invalid".into(),
+                reason: reason::PAYLOAD_INVALID,
                 detail: "body: expected an object".into()
             }
         );
@@ -391,7 +391,7 @@ mod tests {
         assert_eq!(
             failed(HandleError::transient("store down"), 3, 3),
             Failed::DeadLetter {
-                reason: "max_deliveries_exceeded".into(),
+                reason: reason::MAX_DELIVERIES_EXCEEDED,
                 detail: "store down".into()
             }
         );

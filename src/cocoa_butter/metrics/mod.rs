@@ -477,6 +477,40 @@ impl RoomMetrics {
         }
     }
 
+    /// Makes the dead-letter series of every reason the room may give
+    /// exist at 0: for each input, each of `reasons`; for undeclared types
+    /// (`unknown`), the two reasons they can get.
+    pub fn init_dead_letter_reasons(&self, inputs: &[String], reasons: &[&str]) {
+        for event_type in inputs {
+            for reason in reasons.iter().filter(|r| **r != "unknown_event_type") {
+                let _ = self.dead_letters.get_or_create(&DeadLetterLabels {
+                    event_type: event_type.clone(),
+                    reason: reason.to_string(),
+                });
+            }
+        }
+        for reason in ["unknown_event_type", "envelope_too_large"] {
+            let _ = self.dead_letters.get_or_create(&DeadLetterLabels {
+                event_type: "unknown".into(),
+                reason: reason.into(),
+            });
+        }
+    }
+
+    /// Makes the gRPC request series of every method of the room's service
+    /// exist at 0 with code `OK`, so a rate or an error ratio over them
+    /// works from the first scrape.
+    pub fn init_grpc_methods(&self, methods: &[String]) {
+        for method in methods {
+            let labels = GrpcLabels {
+                method: method.clone(),
+                code: "OK".into(),
+            };
+            let _ = self.grpc_requests.get_or_create(&labels);
+            let _ = self.grpc_duration.get_or_create(&labels);
+        }
+    }
+
     /// Makes the room's stream's series exist at 0 before the first sample,
     /// so rules over them work from the first scrape.
     pub fn init_stream(&self, stream: &str) {

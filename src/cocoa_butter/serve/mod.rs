@@ -36,6 +36,32 @@ pub mod requests;
 pub const CHOCO_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/choco_descriptor.bin"));
 
+/// The methods of a room's gRPC service as its descriptor declares them,
+/// as the `method` label of the gRPC request families writes them
+/// (`/choco.factory.conch.v1.Conch/SyncProperties`).
+pub fn grpc_methods(service: &str) -> Vec<String> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(CHOCO_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    set.file
+        .iter()
+        .flat_map(|file| {
+            let package = file.package().to_string();
+            file.service
+                .iter()
+                .map(move |declared| (package.clone(), declared))
+        })
+        .filter(|(package, declared)| format!("{package}.{}", declared.name()) == service)
+        .flat_map(|(_, declared)| {
+            declared
+                .method
+                .iter()
+                .map(|method| format!("/{service}/{}", method.name()))
+        })
+        .collect()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("{key}: cannot listen on {addr}: {reason}")]

@@ -22,12 +22,12 @@ use bytes::Bytes;
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
-use crate::cocoa_butter::kit::RoomSettings;
 use crate::cocoa_butter::kit::keys::kv_key;
 use crate::cocoa_butter::kit::{
     Cause, GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Publisher, Room,
     RoomContext, RoomError, RoomSpec,
 };
+use crate::cocoa_butter::kit::{Reason, RoomSettings, reason};
 use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
 
 pub const SPEC: RoomSpec = RoomSpec {
@@ -163,7 +163,7 @@ impl Conch {
             Some(entry) => {
                 let record = serde_json::from_slice(&entry.value).map_err(|err| {
                     HandleError::permanent(
-                        "corrupt_document_record",
+                        CORRUPT_DOCUMENT_RECORD,
                         format!("stored record of {document_id:?} does not parse: {err}"),
                     )
                 })?;
@@ -251,8 +251,15 @@ impl Conch {
     }
 }
 
+/// A stored document record that no longer parses.
+const CORRUPT_DOCUMENT_RECORD: Reason = Reason::new("corrupt_document_record");
+
 #[async_trait]
 impl Room for Conch {
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
+        &[CORRUPT_DOCUMENT_RECORD]
+    }
+
     fn inputs(&self) -> &'static [&'static str] {
         &[REQUESTED]
     }
@@ -273,10 +280,10 @@ impl Room for Conch {
         let request: SyncRequest = event.payload()?;
         request
             .validate()
-            .map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))?;
+            .map_err(|err| HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string()))?;
         if request.document_id != event.envelope.aggregate_id {
             return Err(HandleError::permanent(
-                "payload_invalid",
+                reason::PAYLOAD_INVALID,
                 format!(
                     "document_id {:?} differs from the envelope's aggregate_id {:?}",
                     request.document_id, event.envelope.aggregate_id

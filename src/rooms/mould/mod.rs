@@ -25,13 +25,13 @@ use tokio::io::AsyncReadExt;
 pub use api::pb;
 use render::{Format, Limits, RenderError, Renderer};
 
-use crate::cocoa_butter::kit::RoomSettings;
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::id_too_long;
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, ObjectBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
 };
+use crate::cocoa_butter::kit::{RoomSettings, reason};
 
 pub const SPEC: RoomSpec = RoomSpec {
     name: "mould",
@@ -388,9 +388,10 @@ impl Room for Mould {
                 &document_id,
                 json!({ "document_id": document_id, "error": error }),
             )]),
-            Err(err @ HydrateError::Invalid { .. }) => {
-                Err(HandleError::permanent("payload_invalid", err.to_string()))
-            }
+            Err(err @ HydrateError::Invalid { .. }) => Err(HandleError::permanent(
+                reason::PAYLOAD_INVALID,
+                err.to_string(),
+            )),
             Err(HydrateError::Unavailable(err)) => Err(err),
         }
     }

@@ -91,7 +91,7 @@ async fn validate_http(State(winnower): State<Arc<Winnower>>, body: Bytes) -> Re
         (Some(rejection), _) => json!({
             "accepted": false,
             "failed_step": rejection.step,
-            "reason": rejection.reason,
+            "reason": rejection.reason.as_str(),
             "field": rejection.field,
             "message": rejection.message,
         }),

@@ -7,7 +7,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::cocoa_butter::kit::HandleError;
+use crate::cocoa_butter::kit::{HandleError, Reason, reason};
+
+/// A smartblock naming a command the gate does not know.
+pub const UNKNOWN_COMMAND_SLUG: Reason = Reason::new("unknown_command_slug");
+/// A smartblock of a newer schema than the gate reads.
+pub const SCHEMA_VERSION_TOO_NEW: Reason = Reason::new("schema_version_too_new");
 use crate::cocoa_butter::kit::keys::id_too_long;
 
 /// The federation manifest file.
@@ -55,7 +60,7 @@ pub struct Rejection {
     /// `payload_parses`, `command_slug`, `schema_version`.
     pub step: &'static str,
     /// The dead-letter reason.
-    pub reason: &'static str,
+    pub reason: Reason,
     /// The payload field at fault.
     pub field: &'static str,
     pub message: String,
@@ -129,7 +134,7 @@ impl Gate {
             if value.trim().is_empty() {
                 return Err(Rejection {
                     step: "2 (payload parses)",
-                    reason: "payload_invalid",
+                    reason: reason::PAYLOAD_INVALID,
                     field,
                     message: format!("{field} must not be empty"),
                 });
@@ -138,7 +143,7 @@ impl Gate {
             if let Some(message) = id_too_long(value) {
                 return Err(Rejection {
                     step: "2 (payload parses)",
-                    reason: "payload_invalid",
+                    reason: reason::PAYLOAD_INVALID,
                     field,
                     message: format!("{field} {message}"),
                 });
@@ -147,7 +152,7 @@ impl Gate {
         let Some(command) = self.manifest.commands.get(&block.command_slug) else {
             return Err(Rejection {
                 step: "3 (command slug allowlist)",
-                reason: "unknown_command_slug",
+                reason: UNKNOWN_COMMAND_SLUG,
                 field: "commandSlug",
                 message: format!(
                     "commandSlug {:?} is not in the federation manifest",
@@ -158,7 +163,7 @@ impl Gate {
         if block.schema_version > self.catalog_schema_version {
             return Err(Rejection {
                 step: "4 (schema version)",
-                reason: "schema_version_too_new",
+                reason: SCHEMA_VERSION_TOO_NEW,
                 field: "schemaVersion",
                 message: format!(
                     "schemaVersion {} is newer than the catalog's {}",
@@ -238,7 +243,7 @@ mod tests {
         let rejection = gate().check(&long).expect_err("too long");
         assert_eq!(
             (rejection.reason, rejection.field),
-            ("payload_invalid", "blockId")
+            (reason::PAYLOAD_INVALID, "blockId")
         );
         long.block_id = "b".repeat(MAX_ID_BYTES);
         assert!(gate().check(&long).is_ok());

@@ -30,12 +30,12 @@ pub use api::pb;
 use gate::{Gate, Manifest, Rejection, SmartblockCreated};
 use slop::{RulesFile, SlopRules};
 
-use crate::cocoa_butter::kit::RoomSettings;
 use crate::cocoa_butter::kit::keys::kv_key;
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
 };
+use crate::cocoa_butter::kit::{Reason, RoomSettings, reason};
 
 pub const SPEC: RoomSpec = RoomSpec {
     name: "winnower",
@@ -353,7 +353,7 @@ impl Winnower {
     async fn handle_smartblock(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
         let block: SmartblockCreated = event.payload().map_err(|err| match err {
             HandleError::Permanent { detail, .. } => HandleError::permanent(
-                "payload_invalid",
+                reason::PAYLOAD_INVALID,
                 format!("step 2 (payload parses): {detail}"),
             ),
             other => other,
@@ -382,9 +382,9 @@ impl Winnower {
         let request: SlopRequest = event.payload()?;
         let report = self.winnow(request).await.map_err(|err| {
             let reason = if err.field == "content" && err.message.starts_with("content_too_large") {
-                "content_too_large"
+                CONTENT_TOO_LARGE
             } else {
-                "payload_invalid"
+                reason::PAYLOAD_INVALID
             };
             HandleError::permanent(reason, err.to_string())
         })?;
@@ -416,8 +416,19 @@ impl Winnower {
     }
 }
 
+/// Content over the room's `max_content_bytes`.
+const CONTENT_TOO_LARGE: Reason = Reason::new("content_too_large");
+
 #[async_trait]
 impl Room for Winnower {
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
+        &[
+            gate::SCHEMA_VERSION_TOO_NEW,
+            gate::UNKNOWN_COMMAND_SLUG,
+            CONTENT_TOO_LARGE,
+        ]
+    }
+
     fn inputs(&self) -> &'static [&'static str] {
         &[SMARTBLOCK_CREATED, REQUESTED]
     }

@@ -26,13 +26,13 @@ pub use api::pb;
 use extract::{RepoLink, extract, github_slug, tag_key};
 
 use crate::cocoa_butter::kit::Kv;
-use crate::cocoa_butter::kit::RoomSettings;
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::{id_from_kv_key, id_too_long, kv_key};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
 };
+use crate::cocoa_butter::kit::{Reason, RoomSettings, reason};
 
 pub const SPEC: RoomSpec = RoomSpec {
     name: "wrapper",
@@ -271,7 +271,7 @@ impl Wrapper {
         {
             Some(entry) if entry.operation == kv::Operation::Put => {
                 let value = serde_json::from_slice(&entry.value).map_err(|err| {
-                    HandleError::permanent("corrupt_index", format!("{key}: {err}"))
+                    HandleError::permanent(CORRUPT_INDEX, format!("{key}: {err}"))
                 })?;
                 Ok(Some((value, entry.revision)))
             }
@@ -532,7 +532,9 @@ pub enum FieldErrorOr {
 impl FieldErrorOr {
     fn into_handle_error(self) -> HandleError {
         match self {
-            FieldErrorOr::Field(err) => HandleError::permanent("payload_invalid", err.to_string()),
+            FieldErrorOr::Field(err) => {
+                HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string())
+            }
             FieldErrorOr::Handle(err) => err,
         }
     }
@@ -570,8 +572,15 @@ fn outputs(request: &ResolveRequest, resolution: &Resolution) -> Vec<Outbound> {
     out
 }
 
+/// An index entry that no longer parses.
+const CORRUPT_INDEX: Reason = Reason::new("corrupt_index");
+
 #[async_trait]
 impl Room for Wrapper {
+    fn dead_letter_reasons(&self) -> &'static [Reason] {
+        &[CORRUPT_INDEX]
+    }
+
     fn inputs(&self) -> &'static [&'static str] {
         &[REQUESTED, DOCUMENT_INDEXED, TAG_REGISTERED]
     }
@@ -602,8 +611,9 @@ impl Room for Wrapper {
             }
             TAG_REGISTERED => {
                 let tag: TagRecord = event.payload()?;
-                check_tag(&tag)
-                    .map_err(|err| HandleError::permanent("payload_invalid", err.to_string()))?;
+                check_tag(&tag).map_err(|err| {
+                    HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string())
+                })?;
                 self.register_tag(tag).await?;
                 Ok(Vec::new())
             }
