@@ -839,6 +839,14 @@ async fn limit_run(
         .collect();
     let object_names: BTreeMap<String, (String, Vec<u8>)> = object_stores;
 
+    // The room's pure work and the payloads to do it on, made before the
+    // round so that only the work itself is in the loop's CPU time.
+    let room_work = Arc::new(RoomWork::for_room(case.name)?);
+    let payloads: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..events)
+            .map(|i| serde_json::to_vec(&(case.payload)(&format!("limit-doc-{i}"))))
+            .collect::<Result<_, _>>()?,
+    );
     // The loop runs on a runtime of its own, with a connection of its own,
     // so the CPU time of that runtime's threads is the loop's alone: the
     // inputs are fed from this runtime, as they are for the room.
@@ -875,6 +883,8 @@ async fn limit_run(
                 work,
                 kv_names,
                 object_names,
+                room_work,
+                payloads,
             })
             .await
         }
@@ -902,6 +912,92 @@ async fn limit_run(
     Ok((rate, loop_cpu))
 }
 
+/// The room's own work on one input, done by the bare loop too, so that
+/// the CPU ratio room/loop isolates what the runtime adds: the same pure
+/// function the room's handler calls, on the same payload, from its bytes.
+enum RoomWork {
+    /// The slop scoring of the content, with the shipped rules.
+    Winnower(Arc<choco_factory::rooms::winnower::slop::SlopRules>),
+    /// The sync rules on a fresh record, and the record's encoding for the
+    /// key-value write.
+    Conch,
+    /// Hydration (render, Markdown, sanitize) with the shipped templates
+    /// and the room's default limits.
+    Mould(Arc<choco_factory::rooms::mould::render::Renderer>),
+    /// Tag and link extraction.
+    Wrapper,
+}
+
+impl RoomWork {
+    fn for_room(room: &str) -> Result<Self, Error> {
+        use choco_factory::rooms::{mould::render, winnower::slop};
+        Ok(match room {
+            "winnower" => {
+                let text = std::fs::read_to_string("config/slop-rules.toml")?;
+                let file: slop::RulesFile = toml::from_str(&text)?;
+                RoomWork::Winnower(Arc::new(slop::SlopRules::compile(file)?))
+            }
+            "conch" => RoomWork::Conch,
+            "mould" => {
+                let mut library = BTreeMap::new();
+                for entry in std::fs::read_dir("config/templates")? {
+                    let path = entry?.path();
+                    let name = path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .unwrap_or_default();
+                    if let Some(slug) = name.strip_suffix(".md.j2") {
+                        library.insert(slug.to_string(), std::fs::read_to_string(&path)?);
+                    }
+                }
+                let limits = render::Limits {
+                    fuel: 1_000_000,
+                    recursion: 64,
+                    max_output_bytes: 8 * 1024 * 1024,
+                };
+                RoomWork::Mould(Arc::new(render::Renderer::new(library, limits)?))
+            }
+            "wrapper" => RoomWork::Wrapper,
+            other => return Err(format!("no pure work known for {other}").into()),
+        })
+    }
+
+    /// The room's work on one input payload.
+    fn run(&self, payload: &[u8]) -> Result<(), Error> {
+        use choco_factory::rooms::conch::sync::{DocumentRecord, Policy, SyncRequest};
+        use choco_factory::rooms::{mould::render::Format, wrapper::extract};
+        let text = |value: &Value, key: &str| value[key].as_str().unwrap_or_default().to_string();
+        match self {
+            RoomWork::Winnower(rules) => {
+                let value: Value = serde_json::from_slice(payload)?;
+                std::hint::black_box(rules.score(&text(&value, "content"), true));
+            }
+            RoomWork::Conch => {
+                let request: SyncRequest = serde_json::from_slice(payload)?;
+                let mut record = DocumentRecord::default();
+                let receipt = record.apply("cause", &request, Policy::LastWriterWins, 32);
+                std::hint::black_box((receipt, serde_json::to_vec(&record)?));
+            }
+            RoomWork::Mould(renderer) => {
+                let value: Value = serde_json::from_slice(payload)?;
+                let rendered =
+                    renderer.render(&text(&value, "source"), &value["data"], Format::Html)?;
+                std::hint::black_box(rendered);
+            }
+            RoomWork::Wrapper => {
+                let value: Value = serde_json::from_slice(payload)?;
+                let found = extract::extract(
+                    &text(&value, "content"),
+                    &text(&value, "repo"),
+                    &text(&value, "path"),
+                );
+                std::hint::black_box(found);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What the bare loop is given: names to open, and the room's work mix.
 struct BareLoop {
     url: String,
@@ -915,6 +1011,9 @@ struct BareLoop {
     work: Arc<Vec<(Op, f64)>>,
     kv_names: BTreeMap<String, (String, Vec<u8>)>,
     object_names: BTreeMap<String, (String, Vec<u8>)>,
+    /// The room's pure work, and each input's payload bytes to do it on.
+    room_work: Arc<RoomWork>,
+    payloads: Arc<Vec<Vec<u8>>>,
 }
 
 /// The bus's limit: consume → the room's store work → publish → ack, with
@@ -979,12 +1078,14 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
             });
             continue;
         }
-        let (js, work, kv_stores, object_stores, output) = (
+        let (js, work, kv_stores, object_stores, output, room_work, payloads) = (
             js.clone(),
             setup.work.clone(),
             kv_stores.clone(),
             object_stores.clone(),
             setup.output.clone(),
+            setup.room_work.clone(),
+            setup.payloads.clone(),
         );
         let index = handled;
         let out_subject = out_subject.clone();
@@ -992,6 +1093,9 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
         tasks.spawn(async move {
             let _permit = permit;
             let key = format!("doc-{index}");
+            if let Some(payload) = payloads.get(index) {
+                room_work.run(payload)?;
+            }
             replay_store_work(&work, &kv_stores, &object_stores, &key, index).await?;
             let publishes = share(outputs_per_event, index);
             let mut acks = Vec::with_capacity(publishes);
