@@ -647,6 +647,11 @@ fn systemd_units_verify() {
             "deploy/systemd/choco-factory@.service",
             "choco-factory@conch.service",
         ),
+        // Verified next to choco-factory.service, which its Service= names.
+        (
+            "deploy/systemd/choco-factory-conch-http.socket",
+            "choco-factory-conch-http.socket",
+        ),
     ] {
         let unit = std::fs::read_to_string(source)
             .expect("unit file")
@@ -745,4 +750,59 @@ async fn known_series_exist_at_zero_from_the_start() {
             "{method} at 0:\n{text}"
         );
     }
+}
+
+/// Sockets passed by a service manager (systemd socket activation:
+/// `LISTEN_FDS`, `LISTEN_FDNAMES`) are served instead of the configured
+/// ports: here someone else holds the configured ones, so binding them
+/// would fail. A passed socket that no enabled room uses is named in a
+/// warning and closed.
+#[tokio::test]
+async fn sockets_passed_by_the_service_manager_are_served_instead_of_binding() {
+    let nats = Nats::start().await;
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    // Someone else holds the configured ports (each its own: the
+    // configuration refuses one port for two listeners).
+    let squatters = [bind(), bind(), bind()];
+    let mut env = conch_env(&nats.url());
+    for (key, value) in env.iter_mut() {
+        for (port, squatter) in ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"]
+            .iter()
+            .zip(&squatters)
+        {
+            if key == &format!("CHOCO_ROOMS__CONCH__{port}") {
+                *value = squatter.local_addr().expect("addr").port().to_string();
+            }
+        }
+    }
+    let sockets: Vec<(String, std::net::TcpListener)> =
+        ["conch-http", "conch-grpc", "conch-metrics", "mould-http"]
+            .into_iter()
+            .map(|name| (name.to_string(), bind()))
+            .collect();
+    let passed_http = sockets[0].1.local_addr().expect("addr");
+    let passed_metrics = sockets[2].1.local_addr().expect("addr");
+    let factory =
+        Factory::start_passing(env, &["serve", "--rooms", "conch"], "Fudge Room", sockets).await;
+    assert_eq!(factory.http, passed_http);
+    factory.wait_ready().await;
+    let health = reqwest::get(format!("http://{passed_http}/healthz"))
+        .await
+        .expect("the passed HTTP socket answers");
+    assert_eq!(health.status(), 200);
+    let metrics = reqwest::get(format!("http://{passed_metrics}/metrics"))
+        .await
+        .expect("the passed metrics socket answers")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("choco_room_ready"), "{metrics}");
+    wait_until(Duration::from_secs(10), || async {
+        factory
+            .logs_containing("no enabled room uses")
+            .iter()
+            .any(|line| line.contains("mould-http"))
+    })
+    .await;
+    drop(squatters);
 }

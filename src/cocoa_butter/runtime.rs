@@ -31,7 +31,7 @@ use super::nats::{self, BusError, Publisher};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::serve::hygiene;
 use super::serve::requests::{ObserveLayer, Protocol};
-use super::serve::{self, Listeners, ServerError};
+use super::serve::{self, InheritedSockets, Listeners, ServerError};
 use super::status::{RoomInfo, RoomState};
 use super::telemetry::room_span;
 use crate::cocoa_butter::streams::StoreStreams;
@@ -146,12 +146,22 @@ pub async fn run(
             }
         };
 
-    // Bind every port before connecting or spawning anything.
+    // Bind every port before connecting or spawning anything (or take the
+    // sockets the service manager passed).
+    let mut inherited = InheritedSockets::from_env()?;
     let mut bound = Vec::with_capacity(selected.len());
     for (spec, settings) in selected {
-        let listeners = Listeners::bind(&settings).await?;
+        let listeners = Listeners::bind(&settings, &mut inherited).await?;
         bound.push((spec, settings, listeners));
     }
+    let unclaimed = inherited.unclaimed();
+    if !unclaimed.is_empty() {
+        tracing::warn!(
+            sockets = %unclaimed.join(", "),
+            "sockets passed by the service manager that no enabled room uses; closing them"
+        );
+    }
+    drop(inherited);
 
     let nats = config.factory.nats.clone();
     let connection_metrics = ConnectionMetrics::default();

@@ -74,6 +74,8 @@ pub struct Factory {
     pub grpc: SocketAddr,
     pub metrics: SocketAddr,
     pub logs: Arc<Mutex<Vec<String>>>,
+    /// The sockets the harness bound and handed the process, by name.
+    pre_bound: Vec<(String, SocketAddr)>,
 }
 
 pub fn conch_env(nats_url: &str) -> Vec<(String, String)> {
@@ -94,6 +96,119 @@ pub fn room_env(nats_url: &str, room: &str) -> Vec<(String, String)> {
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .chain(ports)
     .collect()
+}
+
+/// The rooms by key and label.
+const ROOMS: [(&str, &str); 4] = [
+    ("conch", "Fudge Room"),
+    ("winnower", "Winnowing Room"),
+    ("mould", "Moulding Room"),
+    ("wrapper", "Wrapping Room"),
+];
+
+/// Sockets the harness binds for every room the environment puts on
+/// ephemeral ports (`CHOCO_ROOMS__<ROOM>__*_PORT=0`), handed to the binary
+/// as a service manager does (`LISTEN_FDS`, `LISTEN_FDNAMES`): the harness
+/// knows each port before the process starts, and no port is picked free
+/// and then taken by someone else before the binary binds it.
+struct PreBound {
+    /// (`<room>-<http|grpc|metrics>`, socket), in the order passed.
+    sockets: Vec<(String, std::net::TcpListener)>,
+}
+
+impl PreBound {
+    fn for_env(env: &[(String, String)]) -> PreBound {
+        let ephemeral = |room: &str, port: &str| {
+            env.iter().any(|(key, value)| {
+                key == &format!("CHOCO_ROOMS__{}__{port}", room.to_uppercase()) && value == "0"
+            })
+        };
+        let mut sockets = Vec::new();
+        for (room, _) in ROOMS {
+            if ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"]
+                .iter()
+                .all(|port| ephemeral(room, port))
+            {
+                for kind in ["http", "grpc", "metrics"] {
+                    let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                    sockets.push((format!("{room}-{kind}"), socket));
+                }
+            }
+        }
+        PreBound { sockets }
+    }
+
+    /// Every socket's name and address (the process has its own copies).
+    fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.sockets
+            .iter()
+            .map(|(name, socket)| (name.clone(), socket.local_addr().expect("bound")))
+            .collect()
+    }
+
+    fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.sockets
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, socket)| socket.local_addr().expect("bound"))
+    }
+
+    /// The room labelled `label`'s three addresses, if the harness bound them.
+    fn room(&self, label: &str) -> Option<(SocketAddr, SocketAddr, SocketAddr)> {
+        let (room, _) = ROOMS.iter().find(|(_, l)| *l == label)?;
+        Some((
+            self.addr(&format!("{room}-http"))?,
+            self.addr(&format!("{room}-grpc"))?,
+            self.addr(&format!("{room}-metrics"))?,
+        ))
+    }
+
+    /// The command that runs `program` with `before` (a wrapper's own
+    /// arguments) and hands it the sockets at descriptors 3, 4, … with
+    /// their names. `LISTEN_PID` must name that process, known only once
+    /// it runs, so a shell sets it and execs the program, which keeps the
+    /// shell's pid (as a `prlimit` wrapper keeps its own).
+    fn command(&self, program: &str, before: Vec<&str>) -> Command {
+        if self.sockets.is_empty() {
+            let mut command = Command::new(program);
+            command.args(before);
+            return command;
+        }
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", r#"LISTEN_PID=$$ exec "$@""#, "sh", program])
+            .args(before);
+        let names: Vec<&str> = self.sockets.iter().map(|(n, _)| n.as_str()).collect();
+        command
+            .env("LISTEN_FDS", self.sockets.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"));
+        let fds: Vec<i32> = self
+            .sockets
+            .iter()
+            .map(|(_, socket)| std::os::fd::AsRawFd::as_raw_fd(socket))
+            .collect();
+        // SAFETY: runs in the forked child before exec and only calls
+        // fcntl, dup2 and close, which are async-signal-safe; it touches no
+        // memory but the descriptor list it owns.
+        unsafe {
+            command.pre_exec(move || {
+                // First out of the way of 3.., then into place (dup2 clears
+                // close-on-exec on the copy).
+                let high: Vec<i32> = fds
+                    .iter()
+                    .map(|&fd| libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 1000))
+                    .collect();
+                for (index, &fd) in high.iter().enumerate() {
+                    if fd < 0 || libc::dup2(fd, 3 + index as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
+                Ok(())
+            });
+        }
+        command
+    }
 }
 
 impl Factory {
@@ -119,12 +234,34 @@ impl Factory {
         args: &[&str],
         label: &str,
     ) -> Factory {
+        let pre_bound = PreBound::for_env(&env);
+        Self::start_inner(wrapper, env, args, label, pre_bound).await
+    }
+
+    /// Starts the binary with `sockets` (`<room>-<http|grpc|metrics>`)
+    /// passed as a service manager passes them, whatever the ports in `env`.
+    pub async fn start_passing(
+        env: Vec<(String, String)>,
+        args: &[&str],
+        label: &str,
+        sockets: Vec<(String, std::net::TcpListener)>,
+    ) -> Factory {
+        Self::start_inner(&[], env, args, label, PreBound { sockets }).await
+    }
+
+    async fn start_inner(
+        wrapper: &[&str],
+        env: Vec<(String, String)>,
+        args: &[&str],
+        label: &str,
+        pre_bound: PreBound,
+    ) -> Factory {
         let (program, before) = match wrapper.split_first() {
             Some((program, rest)) => (*program, rest.iter().copied().chain([BIN]).collect()),
             None => (BIN, Vec::new()),
         };
-        let mut child = Command::new(program)
-            .args(before)
+        let mut child = pre_bound
+            .command(program, before)
             .args(args)
             .envs(env)
             .env_remove("RUST_LOG")
@@ -156,13 +293,27 @@ impl Factory {
                     .then_some(json)
             });
             if let Some(json) = found {
-                let addr = |k: &str| json[k].as_str().expect(k).parse().expect("addr");
+                let logged =
+                    |k: &str| -> SocketAddr { json[k].as_str().expect(k).parse().expect("addr") };
+                let logged = (logged("http"), logged("grpc"), logged("metrics"));
+                // The room serves on the sockets the harness handed it.
+                let (http, grpc, metrics) = match pre_bound.room(label) {
+                    Some(bound) => {
+                        assert_eq!(
+                            logged, bound,
+                            "{label} did not take the sockets it was passed"
+                        );
+                        bound
+                    }
+                    None => logged,
+                };
                 return Factory {
-                    http: addr("http"),
-                    grpc: addr("grpc"),
-                    metrics: addr("metrics"),
+                    http,
+                    grpc,
+                    metrics,
                     child,
                     logs,
+                    pre_bound: pre_bound.addresses(),
                 };
             }
             if let Ok(Some(status)) = child.try_wait() {
@@ -224,8 +375,22 @@ impl Factory {
             .expect("wait")
     }
 
-    /// The addresses another room of the same process logged.
+    /// The addresses of another room of the same process: the sockets the
+    /// harness handed it, else what it logged.
     pub fn room_addrs(&self, label: &str) -> Option<(SocketAddr, SocketAddr, SocketAddr)> {
+        if let Some((room, _)) = ROOMS.iter().find(|(_, l)| *l == label) {
+            let addr = |kind: &str| {
+                self.pre_bound
+                    .iter()
+                    .find(|(name, _)| name == &format!("{room}-{kind}"))
+                    .map(|(_, addr)| *addr)
+            };
+            if let (Some(http), Some(grpc), Some(metrics)) =
+                (addr("http"), addr("grpc"), addr("metrics"))
+            {
+                return Some((http, grpc, metrics));
+            }
+        }
         self.logs.lock().expect("logs").iter().find_map(|line| {
             let json: Value = serde_json::from_str(line).ok()?;
             if json["message"] != "room listening" || json["factory.room"] != label {

@@ -70,6 +70,10 @@ pub enum ServerError {
         addr: SocketAddr,
         reason: String,
     },
+    /// A socket the service manager passed that cannot serve (not a TCP
+    /// listening socket, say).
+    #[error("socket {name} from the service manager (LISTEN_FDS): {reason}")]
+    Inherited { name: String, reason: String },
     #[error("gRPC server: {0}")]
     Grpc(String),
     #[error("HTTP server: {0}")]
@@ -83,24 +87,85 @@ pub struct Listeners {
     pub metrics: TcpListener,
 }
 
+/// Listening sockets the service manager passed to the process, by name:
+/// systemd socket activation (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`,
+/// a socket unit's `FileDescriptorName=`). A room takes `<room>-http`,
+/// `<room>-grpc` and `<room>-metrics` instead of binding its configured
+/// addresses, so the sockets outlive restarts of the process and a client
+/// never finds the port closed. The test harness hands the process sockets
+/// it bound the same way, so it knows every port before the process starts.
+#[derive(Default)]
+pub struct InheritedSockets {
+    by_name: std::collections::BTreeMap<String, std::os::fd::OwnedFd>,
+}
+
+impl InheritedSockets {
+    /// Takes the sockets passed to this process (none when `LISTEN_PID` is
+    /// not this process). Called once, at start: from then on each socket
+    /// is owned here until a room takes it.
+    pub fn from_env() -> Result<Self, ServerError> {
+        let passed = sd_notify::listen_fds_with_names().map_err(|err| ServerError::Inherited {
+            name: "LISTEN_FDS".into(),
+            reason: err.to_string(),
+        })?;
+        let mut by_name = std::collections::BTreeMap::new();
+        for (fd, name) in passed {
+            // SAFETY: these descriptors were passed to this process for it
+            // to own (`LISTEN_PID` is ours, checked by sd-notify, which also
+            // marks them close-on-exec); nothing else in the process knows
+            // them, and each is wrapped exactly once, here.
+            let owned =
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            by_name.insert(name, owned);
+        }
+        Ok(InheritedSockets { by_name })
+    }
+
+    /// The socket named `name`, now the caller's.
+    fn take(&mut self, name: &str) -> Option<std::os::fd::OwnedFd> {
+        self.by_name.remove(name)
+    }
+
+    /// The names of sockets no room took (a socket unit for a room that is
+    /// not enabled here); they are closed when this is dropped.
+    pub fn unclaimed(&self) -> Vec<String> {
+        self.by_name.keys().cloned().collect()
+    }
+}
+
 impl Listeners {
-    pub async fn bind(room: &RoomSettings) -> Result<Self, ServerError> {
-        let bind = |field: &'static str, addr: SocketAddr| {
-            let key = format!("rooms.{}.{field}", room.name);
-            async move {
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|err| ServerError::Bind {
-                        key,
-                        addr,
-                        reason: err.to_string(),
-                    })
+    /// The room's three sockets: passed by the service manager when it
+    /// passed them (see [`InheritedSockets`]), else bound to the room's
+    /// configured addresses.
+    pub async fn bind(
+        room: &RoomSettings,
+        inherited: &mut InheritedSockets,
+    ) -> Result<Self, ServerError> {
+        let mut listener = async |kind: &str, field: &'static str, addr: SocketAddr| {
+            let name = format!("{}-{kind}", room.name);
+            if let Some(fd) = inherited.take(&name) {
+                let refused = |err: std::io::Error| ServerError::Inherited {
+                    name: name.clone(),
+                    reason: err.to_string(),
+                };
+                let socket = std::net::TcpListener::from(fd);
+                // Not a listening TCP socket: no local address to serve on.
+                socket.local_addr().map_err(refused)?;
+                socket.set_nonblocking(true).map_err(refused)?;
+                return TcpListener::from_std(socket).map_err(refused);
             }
+            TcpListener::bind(addr)
+                .await
+                .map_err(|err| ServerError::Bind {
+                    key: format!("rooms.{}.{field}", room.name),
+                    addr,
+                    reason: err.to_string(),
+                })
         };
         Ok(Listeners {
-            http: bind("http_port", room.http_addr).await?,
-            grpc: bind("grpc_port", room.grpc_addr).await?,
-            metrics: bind("metrics_port", room.metrics_addr).await?,
+            http: listener("http", "http_port", room.http_addr).await?,
+            grpc: listener("grpc", "grpc_port", room.grpc_addr).await?,
+            metrics: listener("metrics", "metrics_port", room.metrics_addr).await?,
         })
     }
 
