@@ -59,6 +59,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+choco_factory::room_actions! {
+    /// The no-op room's one output.
+    enum Output: outputs {
+        Completed = "property_sync.completed",
+    }
+}
+
 const PREFIX: &str = "choco.events.coordination.";
 const DOMAIN: &str = "coordination";
 const ACTION: &str = "property_sync.requested";
@@ -154,7 +161,7 @@ impl Engine {
         black_box(&delivery);
         // A no-op room: one output naming the input.
         let output = Outbound::new(
-            "property_sync.completed",
+            Output::Completed,
             &envelope.aggregate_id,
             json!({ "document_id": envelope.aggregate_id, "applied": 5 }),
         );

@@ -27,6 +27,20 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "choco:events:probing";
+choco_factory::room_actions! {
+    /// The probe room's one output.
+    enum Output: outputs {
+        WorkCompleted = "work.completed",
+    }
+}
+
+choco_factory::room_actions! {
+    /// An output the probe room does not declare (a room's bug).
+    enum Undeclared: outputs {
+        WorkStrayed = "work.strayed",
+    }
+}
+
 const REQUESTED: &str = "choco.events.probing.work.requested";
 const COMPLETED: &str = "choco.events.probing.work.completed";
 const DLQ_SUBJECT: &str = "choco.dlq.probe.probing.work.requested";
@@ -108,6 +122,13 @@ impl Room for Probe {
             "panic" => panic!("poisoned input {}", work.n),
             "hang" => hang().await,
             "hang_once" if event.delivered == 1 => hang().await,
+            "stray" => {
+                return Ok(vec![Outbound::new(
+                    Undeclared::WorkStrayed,
+                    &event.envelope.aggregate_id,
+                    json!({ "n": work.n }),
+                )]);
+            }
             _ => {
                 // Only the healthy inputs count (n < 1000; 3000 and 3001 wait
                 // on purpose).
@@ -117,7 +138,7 @@ impl Room for Probe {
             }
         }
         Ok(vec![Outbound::new(
-            "work.completed",
+            Output::WorkCompleted,
             &event.envelope.aggregate_id,
             json!({ "n": work.n, "delivered": event.delivered }),
         )])
@@ -231,6 +252,8 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
     }
     modes.push((3000, "hang_once", "slow-once".into()));
     modes.push((3001, "ok", "hang-0".into()));
+    // And one whose handler returns an output the room does not declare.
+    modes.push((4000, "stray", "stray-0".into()));
     let healthy = 300u64;
     for n in 0..healthy {
         modes.push((n, "ok", format!("doc-{}", n % 30)));
@@ -262,9 +285,9 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
         HANDLED_WHILE_HANGING.load(Ordering::SeqCst)
     );
 
-    // The six poisoned inputs are dead-lettered with their reasons.
-    let letters = wait_for(&js, "choco:dlq", "choco.dlq.>", 6, Duration::from_secs(60)).await;
-    eprintln!("6 dead letters in {:?}", started.elapsed());
+    // The seven poisoned inputs are dead-lettered with their reasons.
+    let letters = wait_for(&js, "choco:dlq", "choco.dlq.>", 7, Duration::from_secs(60)).await;
+    eprintln!("7 dead letters in {:?}", started.elapsed());
     let mut by_n: HashMap<u64, &Stored> = HashMap::new();
     for letter in &letters {
         assert_eq!(letter.subject, DLQ_SUBJECT);
@@ -276,6 +299,19 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
             "input {n} dead-lettered twice"
         );
     }
+    let strayed = by_n[&4000];
+    assert_eq!(
+        strayed.header("Choco-Dlq-Reason").as_deref(),
+        Some("undeclared_output"),
+        "an undeclared output is never published"
+    );
+    assert!(
+        strayed
+            .header("Choco-Dlq-Detail")
+            .expect("detail")
+            .contains("work.strayed"),
+        "the detail names the output"
+    );
     for i in 0..3 {
         let hung = by_n[&(1000 + i)];
         assert_eq!(
@@ -318,7 +354,7 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
     let wanted: BTreeSet<u64> = (0..healthy).chain([3000, 3001]).collect();
     assert_eq!(ns, wanted, "each healthy input has its one output");
     assert_eq!(outputs.len(), outputs_after.len());
-    exactly(&js, "choco:dlq", "choco.dlq.>", 6).await;
+    exactly(&js, "choco:dlq", "choco.dlq.>", 7).await;
     let calls = CALLS.lock().expect("calls").clone();
     for i in 0..3 {
         assert_eq!(

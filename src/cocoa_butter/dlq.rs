@@ -81,6 +81,10 @@ pub mod reason {
     pub const HANDLER_TIMEOUT: Reason = Reason::new("handler_timeout");
     /// A transient failure on the last delivery (`consumer.max_deliver`).
     pub const MAX_DELIVERIES_EXCEEDED: Reason = Reason::new("max_deliveries_exceeded");
+    /// The handler returned an output its room does not declare (a bug of
+    /// the room): nothing is published, so nobody downstream receives an
+    /// event no contract names.
+    pub const UNDECLARED_OUTPUT: Reason = Reason::new("undeclared_output");
 
     /// Every reason above.
     pub const RUNTIME: &[Reason] = &[
@@ -94,6 +98,7 @@ pub mod reason {
         HANDLER_PANIC,
         HANDLER_TIMEOUT,
         MAX_DELIVERIES_EXCEEDED,
+        UNDECLARED_OUTPUT,
     ];
 }
 

@@ -205,6 +205,79 @@ mod base64_bytes {
     }
 }
 
+/// A room's actions in one direction as a type (`room_actions!` declares
+/// them): `Room::inputs`/`outputs`, the match in `Room::handle` and the
+/// outputs a handler builds all come from one list, so an action is never
+/// spelt twice.
+pub trait Action: Copy + 'static {
+    /// Every action of the type, in declaration order.
+    const ALL: &'static [&'static str];
+
+    /// The action as it follows the room's prefix (`conflict.detected`).
+    fn as_str(self) -> &'static str;
+
+    /// The action named `action`, if it is one of these.
+    fn parse(action: &str) -> Option<Self>;
+}
+
+/// The actions a room publishes: only these build an [`Outbound`].
+pub trait OutputAction: Action {}
+
+/// Declares a room's input or output actions:
+///
+/// ```ignore
+/// room_actions! {
+///     /// What the room consumes.
+///     pub enum Input: inputs {
+///         Requested = "requested",
+///     }
+/// }
+/// room_actions! {
+///     pub enum Output: outputs {
+///         Completed = "completed",
+///         Failed = "failed",
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! room_actions {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident : $direction:ident {
+            $($(#[$variant_meta:meta])* $variant:ident = $action:literal),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant),+
+        }
+
+        impl $crate::cocoa_butter::envelope::Action for $name {
+            const ALL: &'static [&'static str] = &[$($action),+];
+
+            fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $action),+
+                }
+            }
+
+            fn parse(action: &str) -> Option<Self> {
+                match action {
+                    $($action => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        $crate::room_actions!(@direction $direction $name);
+    };
+    (@direction inputs $name:ident) => {};
+    (@direction outputs $name:ident) => {
+        impl $crate::cocoa_butter::envelope::OutputAction for $name {}
+    };
+}
+
 /// An event a room wants published on its prefix.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Outbound {
@@ -220,9 +293,10 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(action: &str, aggregate_id: &str, payload: serde_json::Value) -> Self {
+    /// The output `action` (one the room declares) about `aggregate_id`.
+    pub fn new(action: impl OutputAction, aggregate_id: &str, payload: serde_json::Value) -> Self {
         Outbound {
-            action: action.to_string(),
+            action: action.as_str().to_string(),
             aggregate_id: aggregate_id.to_string(),
             payload,
             idempotency_key: None,

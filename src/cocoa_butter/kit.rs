@@ -9,9 +9,10 @@
 pub use super::api::{self, JsonError, decode_json};
 pub use super::config::RoomSettings;
 pub use super::dlq::{Reason, reason};
-pub use super::envelope::{Cause, EventEnvelope, content_hash, rfc3339};
+pub use super::envelope::{Action, Cause, EventEnvelope, OutputAction, content_hash, rfc3339};
 pub use super::keys;
 pub use super::nats::{Kv, KvBucket, ObjectBucket, Objects, Publisher};
 pub use super::room::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError, RoomSpec,
 };
+pub use crate::room_actions;

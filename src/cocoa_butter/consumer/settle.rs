@@ -181,10 +181,22 @@ impl Engine {
         if let Err(err) = &handled {
             handler_span.set_status(Status::error(err.to_string()));
         }
-        match handled {
-            Ok(outputs) => Ok(self.publisher.publish(&job.event.cause(), &outputs).await?),
-            Err(err) => Err(err),
+        let outputs = handled?;
+        if let Some(undeclared) = outputs
+            .iter()
+            .find(|output| !self.room.outputs().contains(&output.action.as_str()))
+        {
+            return Err(HandleError::permanent(
+                reason::UNDECLARED_OUTPUT,
+                format!(
+                    "the handler returned {:?}, which is not an output of {} (outputs: {})",
+                    undeclared.action,
+                    self.settings.service,
+                    self.room.outputs().join(", ")
+                ),
+            ));
         }
+        Ok(self.publisher.publish(&job.event.cause(), &outputs).await?)
     }
 
     /// Dead-letters a permanent failure, or a transient one on its last

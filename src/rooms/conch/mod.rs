@@ -23,11 +23,11 @@ use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
 use crate::cocoa_butter::kit::keys::kv_key;
+use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, reason, room_actions};
 use crate::cocoa_butter::kit::{
     Cause, GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Publisher, Room,
     RoomContext, RoomError, RoomSpec,
 };
-use crate::cocoa_butter::kit::{Reason, RoomSettings, reason};
 use sync::{DocumentRecord, Policy, Receipt, SyncRequest};
 
 pub const SPEC: RoomSpec = RoomSpec {
@@ -37,7 +37,12 @@ pub const SPEC: RoomSpec = RoomSpec {
     defaults: || serde_json::to_value(ConchSettings::default()).unwrap_or_default(),
 };
 
-const REQUESTED: &str = "property_sync.requested";
+room_actions! {
+    /// What the Fudge Room consumes.
+    enum Input: inputs {
+        PropertySyncRequested = "property_sync.requested",
+    }
+}
 
 /// `rooms.conch.settings`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -261,15 +266,11 @@ impl Room for Conch {
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &[REQUESTED]
+        Input::ALL
     }
 
     fn outputs(&self) -> &'static [&'static str] {
-        &[
-            sync::COMPLETED,
-            sync::CONFLICT_DETECTED,
-            sync::CONFLICT_RESOLVED,
-        ]
+        sync::Output::ALL
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
@@ -277,6 +278,26 @@ impl Room for Conch {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        match Input::parse(&event.action) {
+            Some(Input::PropertySyncRequested) => self.handle_requested(event).await,
+            None => Err(HandleError::permanent(
+                reason::UNKNOWN_EVENT_TYPE,
+                format!("{} is not an input of this room", event.action),
+            )),
+        }
+    }
+
+    fn http_routes(self: Arc<Self>) -> axum::Router {
+        api::http_routes(self)
+    }
+
+    fn grpc_service(self: Arc<Self>) -> GrpcService {
+        api::grpc_service(self)
+    }
+}
+
+impl Conch {
+    async fn handle_requested(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
         let request: SyncRequest = event.payload()?;
         request
             .validate()
@@ -292,13 +313,5 @@ impl Room for Conch {
         }
         let (_, receipt, _) = self.sync(&event.envelope.event_id, &request).await?;
         Ok(receipt.outputs)
-    }
-
-    fn http_routes(self: Arc<Self>) -> axum::Router {
-        api::http_routes(self)
-    }
-
-    fn grpc_service(self: Arc<Self>) -> GrpcService {
-        api::grpc_service(self)
     }
 }

@@ -9,13 +9,18 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::cocoa_butter::kit::Outbound;
 use crate::cocoa_butter::kit::keys::id_too_long;
 use crate::cocoa_butter::kit::rfc3339;
+use crate::cocoa_butter::kit::{Outbound, room_actions};
 
-pub const COMPLETED: &str = "property_sync.completed";
-pub const CONFLICT_DETECTED: &str = "conflict.detected";
-pub const CONFLICT_RESOLVED: &str = "conflict.resolved";
+room_actions! {
+    /// What the Fudge Room publishes.
+    pub enum Output: outputs {
+        Completed = "property_sync.completed",
+        ConflictDetected = "conflict.detected",
+        ConflictResolved = "conflict.resolved",
+    }
+}
 
 /// How deeply a property's value may nest (arrays and objects). The value
 /// is stored six levels down in the document's record (a receipt's output
@@ -222,7 +227,7 @@ fn decide(
             policy: None,
             winner: None,
             outputs: vec![Outbound::new(
-                COMPLETED,
+                Output::Completed,
                 doc,
                 json!({
                     "document_id": doc,
@@ -237,7 +242,7 @@ fn decide(
     }
 
     let detected = Outbound::new(
-        CONFLICT_DETECTED,
+        Output::ConflictDetected,
         doc,
         json!({
             "document_id": doc,
@@ -265,7 +270,7 @@ fn decide(
         updated_at: current.map_or(request.updated_at, |c| c.updated_at.max(request.updated_at)),
     });
     let resolved = Outbound::new(
-        CONFLICT_RESOLVED,
+        Output::ConflictResolved,
         doc,
         json!({
             "document_id": doc,
@@ -422,7 +427,8 @@ mod tests {
             8,
         );
         assert_eq!(older.outcome, Outcome::ConflictResolved);
-        assert_eq!(older.outputs[0].action, CONFLICT_DETECTED);
+        use crate::cocoa_butter::kit::Action;
+        assert_eq!(older.outputs[0].action, Output::ConflictDetected.as_str());
         assert_eq!(older.outputs[0].payload["current_value"], "a");
         assert_eq!(older.outputs[1].payload["winner"], "current");
         assert_eq!(older.outputs[1].payload["revision"], 1);

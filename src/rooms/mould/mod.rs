@@ -27,11 +27,11 @@ use render::{Format, Limits, RenderError, Renderer};
 
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::id_too_long;
+use crate::cocoa_butter::kit::{Action, RoomSettings, reason, room_actions};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, ObjectBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
 };
-use crate::cocoa_butter::kit::{RoomSettings, reason};
 
 pub const SPEC: RoomSpec = RoomSpec {
     name: "mould",
@@ -40,9 +40,20 @@ pub const SPEC: RoomSpec = RoomSpec {
     defaults: || serde_json::to_value(MouldSettings::default()).unwrap_or_default(),
 };
 
-const REQUESTED: &str = "requested";
-const COMPLETED: &str = "completed";
-const FAILED: &str = "failed";
+room_actions! {
+    /// What the Moulding Room consumes.
+    enum Input: inputs {
+        Requested = "requested",
+    }
+}
+
+room_actions! {
+    /// What the Moulding Room publishes.
+    enum Output: outputs {
+        Completed = "completed",
+        Failed = "failed",
+    }
+}
 
 /// `rooms.mould.settings`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -359,11 +370,11 @@ impl Mould {
 #[async_trait]
 impl Room for Mould {
     fn inputs(&self) -> &'static [&'static str] {
-        &[REQUESTED]
+        Input::ALL
     }
 
     fn outputs(&self) -> &'static [&'static str] {
-        &[COMPLETED, FAILED]
+        Output::ALL
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
@@ -371,28 +382,12 @@ impl Room for Mould {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        let request: HydrationRequest = event.payload()?;
-        let document_id = request.document_id.clone();
-        match self.hydrate(request).await {
-            Ok(hydrated) => Ok(vec![Outbound::new(
-                COMPLETED,
-                &document_id,
-                json!({
-                    "document_id": hydrated.document_id,
-                    "format": hydrated.format,
-                    "artifact": hydrated.artifact,
-                }),
-            )]),
-            Err(HydrateError::Render(error)) => Ok(vec![Outbound::new(
-                FAILED,
-                &document_id,
-                json!({ "document_id": document_id, "error": error }),
-            )]),
-            Err(err @ HydrateError::Invalid { .. }) => Err(HandleError::permanent(
-                reason::PAYLOAD_INVALID,
-                err.to_string(),
+        match Input::parse(&event.action) {
+            Some(Input::Requested) => self.handle_requested(event).await,
+            None => Err(HandleError::permanent(
+                reason::UNKNOWN_EVENT_TYPE,
+                format!("{} is not an input of this room", event.action),
             )),
-            Err(HydrateError::Unavailable(err)) => Err(err),
         }
     }
 
@@ -402,5 +397,33 @@ impl Room for Mould {
 
     fn grpc_service(self: Arc<Self>) -> GrpcService {
         api::grpc_service(self)
+    }
+}
+
+impl Mould {
+    async fn handle_requested(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
+        let request: HydrationRequest = event.payload()?;
+        let document_id = request.document_id.clone();
+        match self.hydrate(request).await {
+            Ok(hydrated) => Ok(vec![Outbound::new(
+                Output::Completed,
+                &document_id,
+                json!({
+                    "document_id": hydrated.document_id,
+                    "format": hydrated.format,
+                    "artifact": hydrated.artifact,
+                }),
+            )]),
+            Err(HydrateError::Render(error)) => Ok(vec![Outbound::new(
+                Output::Failed,
+                &document_id,
+                json!({ "document_id": document_id, "error": error }),
+            )]),
+            Err(err @ HydrateError::Invalid { .. }) => Err(HandleError::permanent(
+                reason::PAYLOAD_INVALID,
+                err.to_string(),
+            )),
+            Err(HydrateError::Unavailable(err)) => Err(err),
+        }
     }
 }

@@ -31,11 +31,11 @@ use gate::{Gate, Manifest, Rejection, SmartblockCreated};
 use slop::{RulesFile, SlopRules};
 
 use crate::cocoa_butter::kit::keys::kv_key;
+use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, reason, room_actions};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
 };
-use crate::cocoa_butter::kit::{Reason, RoomSettings, reason};
 
 pub const SPEC: RoomSpec = RoomSpec {
     name: "winnower",
@@ -44,13 +44,25 @@ pub const SPEC: RoomSpec = RoomSpec {
     defaults: || serde_json::to_value(WinnowerSettings::default()).unwrap_or_default(),
 };
 
-const SMARTBLOCK_CREATED: &str = "smartblock_created";
 /// Documents up to this size are scored on the async worker (~70 µs).
 const INLINE_SCORE_BYTES: usize = 4 * 1024;
-const REQUESTED: &str = "requested";
-const SMARTBLOCK_ACCEPTED: &str = "smartblock_accepted";
-const SLOP_DETECTED: &str = "slop_detected";
-const PASSED: &str = "passed";
+
+room_actions! {
+    /// What the Winnowing Room consumes.
+    enum Input: inputs {
+        SmartblockCreated = "smartblock_created",
+        Requested = "requested",
+    }
+}
+
+room_actions! {
+    /// What the Winnowing Room publishes.
+    enum Output: outputs {
+        SmartblockAccepted = "smartblock_accepted",
+        SlopDetected = "slop_detected",
+        Passed = "passed",
+    }
+}
 
 /// `rooms.winnower.settings`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -367,7 +379,7 @@ impl Winnower {
             .await?
         {
             Some(accepted) => Ok(vec![Outbound::new(
-                SMARTBLOCK_ACCEPTED,
+                Output::SmartblockAccepted,
                 &block.block_id,
                 accepted,
             )]),
@@ -390,7 +402,7 @@ impl Winnower {
         })?;
         let output = if report.slop {
             Outbound::new(
-                SLOP_DETECTED,
+                Output::SlopDetected,
                 &report.document_id,
                 json!({
                     "document_id": report.document_id,
@@ -407,7 +419,7 @@ impl Winnower {
             )
         } else {
             Outbound::new(
-                PASSED,
+                Output::Passed,
                 &report.document_id,
                 json!({ "document_id": report.document_id, "score": report.score }),
             )
@@ -430,11 +442,11 @@ impl Room for Winnower {
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &[SMARTBLOCK_CREATED, REQUESTED]
+        Input::ALL
     }
 
     fn outputs(&self) -> &'static [&'static str] {
-        &[SMARTBLOCK_ACCEPTED, SLOP_DETECTED, PASSED]
+        Output::ALL
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
@@ -442,9 +454,13 @@ impl Room for Winnower {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        match event.action.as_str() {
-            SMARTBLOCK_CREATED => self.handle_smartblock(event).await,
-            _ => self.handle_requested(event).await,
+        match Input::parse(&event.action) {
+            Some(Input::SmartblockCreated) => self.handle_smartblock(event).await,
+            Some(Input::Requested) => self.handle_requested(event).await,
+            None => Err(HandleError::permanent(
+                reason::UNKNOWN_EVENT_TYPE,
+                format!("{} is not an input of this room", event.action),
+            )),
         }
     }
 

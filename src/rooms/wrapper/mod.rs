@@ -28,11 +28,11 @@ use extract::{RepoLink, extract, github_slug, tag_key};
 use crate::cocoa_butter::kit::Kv;
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::{id_from_kv_key, id_too_long, kv_key};
+use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, reason, room_actions};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
 };
-use crate::cocoa_butter::kit::{Reason, RoomSettings, reason};
 
 pub const SPEC: RoomSpec = RoomSpec {
     name: "wrapper",
@@ -41,12 +41,23 @@ pub const SPEC: RoomSpec = RoomSpec {
     defaults: || serde_json::to_value(WrapperSettings::default()).unwrap_or_default(),
 };
 
-const REQUESTED: &str = "requested";
-const DOCUMENT_INDEXED: &str = "document_indexed";
-const TAG_REGISTERED: &str = "tag_registered";
-const TAG_RESOLVED: &str = "tag_resolved";
-const LINK_VERIFIED: &str = "cross_repo_link_verified";
-const COMPLETED: &str = "completed";
+room_actions! {
+    /// What the Wrapping Room consumes.
+    enum Input: inputs {
+        Requested = "requested",
+        DocumentIndexed = "document_indexed",
+        TagRegistered = "tag_registered",
+    }
+}
+
+room_actions! {
+    /// What the Wrapping Room publishes.
+    enum Output: outputs {
+        TagResolved = "tag_resolved",
+        LinkVerified = "cross_repo_link_verified",
+        Completed = "completed",
+    }
+}
 
 /// `rooms.wrapper.settings`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -546,26 +557,26 @@ impl FieldErrorOr {
 fn outputs(request: &ResolveRequest, resolution: &Resolution) -> Vec<Outbound> {
     let doc = &resolution.document_id;
     let content = content_hash(request.content.as_bytes());
-    let keyed = |action: &str, payload: serde_json::Value| {
+    let keyed = |action: Output, payload: serde_json::Value| {
         let key = format!("{doc}\n{content}\n{payload}");
         Outbound::new(action, doc, payload).with_idempotency_key(key)
     };
     let mut out = Vec::with_capacity(resolution.tags.len() + resolution.links.len() + 1);
     for tag in &resolution.tags {
         out.push(keyed(
-            TAG_RESOLVED,
+            Output::TagResolved,
             json!({"document_id": doc, "tag": tag.tag, "canonical": tag.canonical, "status": tag.status, "suggestion": tag.suggestion}),
         ));
     }
     for link in &resolution.links {
         out.push(keyed(
-            LINK_VERIFIED,
+            Output::LinkVerified,
             json!({"document_id": doc, "link": link.link, "repo": link.repo, "path": link.path,
                    "anchor": link.anchor, "status": link.status, "suggestion": link.suggestion}),
         ));
     }
     out.push(keyed(
-        COMPLETED,
+        Output::Completed,
         json!({"document_id": doc, "tags": resolution.tags.len(), "links": resolution.links.len(),
                "unresolved": resolution.unresolved, "broken": resolution.broken}),
     ));
@@ -582,11 +593,11 @@ impl Room for Wrapper {
     }
 
     fn inputs(&self) -> &'static [&'static str] {
-        &[REQUESTED, DOCUMENT_INDEXED, TAG_REGISTERED]
+        Input::ALL
     }
 
     fn outputs(&self) -> &'static [&'static str] {
-        &[TAG_RESOLVED, LINK_VERIFIED, COMPLETED]
+        Output::ALL
     }
 
     async fn prepare(&self) -> Result<(), RoomError> {
@@ -601,15 +612,15 @@ impl Room for Wrapper {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        match event.action.as_str() {
-            DOCUMENT_INDEXED => {
+        match Input::parse(&event.action) {
+            Some(Input::DocumentIndexed) => {
                 let document: IndexedDocument = event.payload()?;
                 self.register_document(document)
                     .await
                     .map_err(FieldErrorOr::into_handle_error)?;
                 Ok(Vec::new())
             }
-            TAG_REGISTERED => {
+            Some(Input::TagRegistered) => {
                 let tag: TagRecord = event.payload()?;
                 check_tag(&tag).map_err(|err| {
                     HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string())
@@ -617,7 +628,7 @@ impl Room for Wrapper {
                 self.register_tag(tag).await?;
                 Ok(Vec::new())
             }
-            _ => {
+            Some(Input::Requested) => {
                 let request: ResolveRequest = event.payload()?;
                 let resolution = self
                     .resolve(&request)
@@ -625,6 +636,10 @@ impl Room for Wrapper {
                     .map_err(FieldErrorOr::into_handle_error)?;
                 Ok(outputs(&request, &resolution))
             }
+            None => Err(HandleError::permanent(
+                reason::UNKNOWN_EVENT_TYPE,
+                format!("{} is not an input of this room", event.action),
+            )),
         }
     }
 
