@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use axum::serve::ListenerExt;
 use bytes::Bytes;
 use choco_factory::cocoa_butter::config::{CliOverrides, ConfigSources};
-use choco_factory::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+use choco_factory::cocoa_butter::metrics::RoomMetrics;
 use choco_factory::cocoa_butter::nats::Publisher;
 use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
 use choco_factory::cocoa_butter::{RoomContext, RoomSpec};
@@ -210,14 +210,13 @@ async fn bare_server() -> Result<(), Error> {
     .load()?;
     let client = async_nats::connect(config.factory.nats.url.as_slice()).await?;
     let js = async_nats::jetstream::new(client);
-    let connection = ConnectionMetrics::default();
     let mut servers = tokio::task::JoinSet::new();
     for settings in config.enabled_rooms() {
         let spec: &RoomSpec = rooms::REGISTRY
             .iter()
             .find(|spec| spec.name == settings.name)
             .ok_or("unknown room")?;
-        let metrics = RoomMetrics::new(&settings.name, &connection);
+        let metrics = RoomMetrics::new(&settings.name, None);
         let room = (spec.build)(RoomContext {
             settings: settings.clone(),
             jetstream: js.clone(),

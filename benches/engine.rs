@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use choco_factory::cocoa_butter::consumer::lane::{LaneQueue, Next, Sequenced};
 use choco_factory::cocoa_butter::consumer::{Route, Routing, route};
-use choco_factory::cocoa_butter::metrics::{ConnectionMetrics, Outcome, RoomMetrics};
+use choco_factory::cocoa_butter::metrics::{Outcome, RoomMetrics};
 use choco_factory::cocoa_butter::nats::OutputEncoder;
 use choco_factory::cocoa_butter::{Cause, EventEnvelope, Outbound};
 use criterion::{Criterion, Throughput};
@@ -136,7 +136,7 @@ impl Engine {
         Engine {
             lanes: HashMap::new(),
             encoder: OutputEncoder::new(PREFIX, DOMAIN, "the-conch"),
-            metrics: RoomMetrics::new("conch", &ConnectionMetrics::default()),
+            metrics: RoomMetrics::new("conch", None),
         }
     }
 

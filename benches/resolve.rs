@@ -8,7 +8,7 @@
 use std::hint::black_box;
 
 use choco_factory::cocoa_butter::config::ConfigSources;
-use choco_factory::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+use choco_factory::cocoa_butter::metrics::RoomMetrics;
 use choco_factory::cocoa_butter::nats::Publisher;
 use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
 use choco_factory::cocoa_butter::{EventEnvelope, InboundEvent, RoomContext};
@@ -82,7 +82,7 @@ fn resolution(c: &mut Criterion) {
     let room = runtime.block_on(async {
         let client = async_nats::connect(server.url()).await.expect("connect");
         let js = async_nats::jetstream::new(client);
-        let metrics = RoomMetrics::new("wrapper", &ConnectionMetrics::default());
+        let metrics = RoomMetrics::new("wrapper", None);
         let room = (wrapper::SPEC.build)(RoomContext {
             publisher: Publisher::new(js.clone(), &settings, metrics.clone()),
             jetstream: js,

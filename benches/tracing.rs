@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use choco_factory::cocoa_butter::config::{OtlpProtocol, TracingConfig};
-use choco_factory::cocoa_butter::metrics::{ConnectionMetrics, Outcome, RoomMetrics};
+use choco_factory::cocoa_butter::metrics::{Outcome, RoomMetrics};
 use choco_factory::cocoa_butter::telemetry::{self, propagation};
 use criterion::{Criterion, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -111,7 +111,7 @@ fn bench(c: &mut Criterion) {
         .expect("provider")
         .expect("an endpoint turns export on")
     };
-    let metrics = RoomMetrics::new("conch", &ConnectionMetrics::default());
+    let metrics = RoomMetrics::new("conch", None);
     let incoming = propagation::TraceHeaders {
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
         tracestate: None,

@@ -738,12 +738,20 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
     );
     let parsed = openmetrics_parser::openmetrics::parse_openmetrics(&text)
         .unwrap_or_else(|err| panic!("not OpenMetrics: {err:?}\n{text}"));
-    let expect = |family: &str, labels: &[&str]| {
+    // A room's families carry its `room` label; the process's own (one
+    // home per process, here the only room's port) carry none.
+    let expect_labelled = |family: &str, labels: &[&str], room: bool| {
         let found = parsed
             .families
             .get(family)
             .unwrap_or_else(|| panic!("no family {family} in\n{text}"));
-        for label in labels.iter().chain(&["room"]) {
+        assert_eq!(
+            found.get_label_names().iter().any(|l| l == "room"),
+            room,
+            "{family}: room label {:?}",
+            found.get_label_names()
+        );
+        for label in labels {
             assert!(
                 found.get_label_names().iter().any(|l| l == label),
                 "{family} lacks label {label}: {:?}",
@@ -751,6 +759,8 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
             );
         }
     };
+    let expect = |family: &str, labels: &[&str]| expect_labelled(family, labels, true);
+    let expect_process = |family: &str, labels: &[&str]| expect_labelled(family, labels, false);
     expect("choco_consumer_messages_received", &["event_type"]);
     expect(
         "choco_consumer_messages_processed",
@@ -782,9 +792,9 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
         "choco_store_operation_duration_seconds",
         &["store", "bucket", "operation", "outcome"],
     );
-    expect("choco_nats_connected", &[]);
-    expect("choco_nats_reconnects", &[]);
-    expect("choco_build_info", &["version", "git_sha"]);
+    expect_process("choco_nats_connected", &[]);
+    expect_process("choco_nats_reconnects", &[]);
+    expect_process("choco_build_info", &["version", "git_sha"]);
     // The process's own families, as every client library exports them.
     for family in [
         "process_cpu_seconds",
@@ -794,11 +804,11 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
         "process_max_fds",
         "process_start_time_seconds",
     ] {
-        expect(family, &[]);
+        expect_process(family, &[]);
     }
     let value = |name: &str| -> f64 {
         text.lines()
-            .find(|line| line.starts_with(&format!("{name}{{")))
+            .find(|line| line.starts_with(&format!("{name} ")))
             .and_then(|line| line.rsplit(' ').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} sample in\n{text}"))
@@ -811,7 +821,7 @@ async fn metrics_cover_every_hop_in_both_exposition_formats() {
         r#"choco_http_server_requests_total{room="conch",route="/v1/documents/{document_id}/properties",method="GET",status="200"} 1"#,
         r#"choco_grpc_server_requests_total{room="conch",method="/choco.factory.conch.v1.Conch/GetProperties",code="INVALID_ARGUMENT"} 1"#,
         r#"choco_publish_messages_total{room="conch",event_type="coordination.property_sync.completed",outcome="ok"} 1"#,
-        r#"choco_nats_connected{room="conch"} 1"#,
+        "choco_nats_connected 1",
         r#"choco_room_ready{room="conch"} 1"#,
     ] {
         assert!(text.contains(series), "missing {series} in\n{text}");
@@ -940,4 +950,51 @@ async fn the_log_filter_changes_at_run_time() {
         current["filter"], "info,choco_factory=debug",
         "a refused filter changes nothing"
     );
+}
+
+/// The process's own families (`process_*`, `choco_nats_*`,
+/// `choco_build_info`) have one home, the first enabled room's metrics port
+/// by name (the conch's when all four run), so that adding up what the four ports say does not
+/// count the process four times; every port has its room's own families.
+#[tokio::test]
+async fn the_process_families_are_served_once_per_process() {
+    let nats = Nats::start().await;
+    let mut env = Vec::new();
+    for room in ["WINNOWER", "CONCH", "MOULD", "WRAPPER"] {
+        env.extend(room_env(&nats.url(), room));
+    }
+    let factory = Factory::start_room(env, &["serve"], "Wrapping Room").await;
+    let mut homes = Vec::new();
+    for (room, label) in [
+        ("winnower", "Winnowing Room"),
+        ("conch", "Fudge Room"),
+        ("mould", "Moulding Room"),
+        ("wrapper", "Wrapping Room"),
+    ] {
+        let (_, _, metrics) = factory.room_addrs(label).expect("the room listens");
+        let text = reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        assert!(
+            text.contains(&format!(r#"choco_room_ready{{room="{room}"}}"#)),
+            "{room}'s port serves its own families:\n{text}"
+        );
+        let process = [
+            "process_cpu_seconds_total",
+            "choco_build_info",
+            "choco_nats_connected",
+        ]
+        .map(|family| text.lines().any(|line| line.starts_with(family)));
+        assert!(
+            process.iter().all(|&found| found) || process.iter().all(|&found| !found),
+            "{room}: the process families come together or not at all: {process:?}"
+        );
+        if process[0] {
+            homes.push(room);
+        }
+    }
+    assert_eq!(homes, ["conch"], "one home, the first room's port by name");
 }

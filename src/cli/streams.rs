@@ -192,7 +192,7 @@ async fn ensure(
 ) -> anyhow::Result<()> {
     use crate::cocoa_butter::control::{CONTROL_BUCKET, Control};
     use crate::cocoa_butter::dlq;
-    use crate::cocoa_butter::metrics::{ConnectionMetrics, RoomMetrics};
+    use crate::cocoa_butter::metrics::RoomMetrics;
     use crate::cocoa_butter::nats::{self, Publisher};
     use crate::cocoa_butter::room::RoomContext;
     // The operator asked for it: create and update even where the rooms
@@ -220,7 +220,6 @@ async fn ensure(
         replays.ensure().await,
     ));
     bar.inc(1);
-    let connection = ConnectionMetrics::default();
     for (spec, mut settings) in rooms {
         settings.buckets.provision = true;
         let outcome = nats::ensure_stream(
@@ -246,7 +245,7 @@ async fn ensure(
         bar.inc(1);
         // A room's buckets are its own business: its `prepare` opens them,
         // creating the missing ones, exactly as at start-up.
-        let metrics = RoomMetrics::new(&settings.name, &connection);
+        let metrics = RoomMetrics::new(&settings.name, None);
         let prepared = match (spec.build)(RoomContext {
             settings: settings.clone(),
             jetstream: js.clone(),

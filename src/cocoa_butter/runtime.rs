@@ -26,7 +26,7 @@ use super::consumer::{ConsumerError, Engine};
 use super::control::{self, Control, ControlError};
 use super::dlq::{self, reason};
 use super::guard::{GuardLayer, Policy};
-use super::metrics::{ConnectionMetrics, RoomMetrics};
+use super::metrics::{ConnectionMetrics, ProcessMetrics, RoomMetrics};
 use super::nats::{self, BusError, Publisher};
 use super::room::{RoomContext, RoomError, RoomSpec};
 use super::serve::hygiene;
@@ -187,9 +187,12 @@ pub async fn run(
     let consumers = TaskTracker::new();
     let servers = TaskTracker::new();
 
+    // The process's own families get one home: the first room's port
+    // (rooms come in name order).
+    let mut process_metrics = Some(ProcessMetrics::new(&connection_metrics));
     for (spec, settings, listeners) in bound {
         let span = room_span(&settings.label);
-        let metrics = RoomMetrics::new(&settings.name, &connection_metrics);
+        let metrics = RoomMetrics::new(&settings.name, process_metrics.take().as_ref());
         metrics.init_stream(&settings.stream);
         let publisher = Publisher::new(js.clone(), &settings, metrics.clone());
         let store_streams = StoreStreams::default();
@@ -716,10 +719,12 @@ async fn sample_lag(
         if fault.is_none() || unanswered != 1 {
             engine.state.set_replication_fault(fault);
         }
-        // The dead-letter stream is every room's: each samples its
-        // replication too, so the under-replicated alert covers it (an
-        // `envelope_too_large` or a poison message has nowhere else to go).
-        if let Ok(dlq) = engine.js.get_stream(&engine.nats.dlq_stream).await {
+        // The dead-letter stream is every room's, so the process's home
+        // room samples its replication, once, for the under-replicated
+        // alert to cover it (a poison message has nowhere else to go).
+        if metrics.is_process_home()
+            && let Ok(dlq) = engine.js.get_stream(&engine.nats.dlq_stream).await
+        {
             let info = dlq.cached_info();
             let replication = nats::Replication::from_info(info.cluster.as_ref());
             metrics.stream_sampled(

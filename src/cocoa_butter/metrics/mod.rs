@@ -162,10 +162,55 @@ pub struct ConnectionMetrics {
 /// The commit the binary was built from (`BUILD_GIT_SHA` at build time).
 pub const GIT_SHA: &str = env!("BUILD_GIT_SHA");
 
+/// What belongs to the process rather than to a room: its NATS
+/// connection (`choco_nats_*`), its build (`choco_build_info`) and the
+/// `process_*` families. One home, so that scraping every room's port does
+/// not count the process four times: the metrics port of the first enabled
+/// room by name (the conch's, 9102, when all four run; a room's own port
+/// when a process runs one room), without a `room` label.
+#[derive(Clone)]
+pub struct ProcessMetrics {
+    registry: Arc<Registry>,
+}
+
+impl ProcessMetrics {
+    pub fn new(connection: &ConnectionMetrics) -> Self {
+        let mut registry = Registry::default();
+        registry.register(
+            "choco_nats_connected",
+            "1 while the process's NATS connection is up",
+            connection.connected.clone(),
+        );
+        registry.register(
+            "choco_nats_reconnects",
+            "Times the NATS connection came back after being lost",
+            connection.reconnects.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge<i64, AtomicI64>>::default();
+        build
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                git_sha: GIT_SHA,
+            })
+            .set(1);
+        registry.register(
+            "choco_build_info",
+            "Always 1; the labels say which build is running",
+            build,
+        );
+        registry.register_collector(Box::new(process::ProcessCollector));
+        ProcessMetrics {
+            registry: Arc::new(registry),
+        }
+    }
+}
+
 /// The handles a room's runtime updates.
 #[derive(Clone)]
 pub struct RoomMetrics {
     pub registry: Arc<Registry>,
+    /// The process-wide families, on the one room that serves them.
+    process: Option<Arc<Registry>>,
     received: Family<EventLabels, Counter>,
     processed: Family<OutcomeLabels, Counter>,
     dead_letters: Family<DeadLetterLabels, Counter>,
@@ -193,13 +238,16 @@ pub struct RoomMetrics {
 }
 
 impl RoomMetrics {
-    pub fn new(room: &str, connection: &ConnectionMetrics) -> Self {
+    /// The room's registry; `process` when this room's metrics port is the
+    /// one that serves the process-wide families (see [`ProcessMetrics`]).
+    pub fn new(room: &str, process: Option<&ProcessMetrics>) -> Self {
         let mut registry = Registry::with_labels(std::iter::once((
             std::borrow::Cow::Borrowed("room"),
             std::borrow::Cow::Owned(room.to_string()),
         )));
         let metrics = RoomMetrics {
             registry: Arc::default(),
+            process: None,
             received: Family::default(),
             processed: Family::default(),
             dead_letters: Family::default(),
@@ -353,31 +401,9 @@ impl RoomMetrics {
             "Connections closed at accept because the listener's or the process's bound was reached",
             m.connections_refused.clone(),
         );
-        registry.register(
-            "choco_nats_connected",
-            "1 while the process's NATS connection is up",
-            connection.connected.clone(),
-        );
-        registry.register(
-            "choco_nats_reconnects",
-            "Times the NATS connection came back after being lost",
-            connection.reconnects.clone(),
-        );
-        let build = Family::<BuildLabels, Gauge<i64, AtomicI64>>::default();
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-                git_sha: GIT_SHA,
-            })
-            .set(1);
-        registry.register(
-            "choco_build_info",
-            "Always 1; the labels say which build is running",
-            build,
-        );
-        registry.register_collector(Box::new(process::ProcessCollector));
         RoomMetrics {
             registry: Arc::new(registry),
+            process: process.map(|process| process.registry.clone()),
             ..metrics
         }
     }
@@ -571,10 +597,22 @@ impl RoomMetrics {
     }
 
     /// The registry in the OpenMetrics text format.
+    /// Whether this room's port is the process's home (see
+    /// [`ProcessMetrics`]): it also reports what is shared by every room,
+    /// such as the dead-letter stream.
+    pub fn is_process_home(&self) -> bool {
+        self.process.is_some()
+    }
+
     pub fn encode(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(process) = &self.process {
+            let _ = encode_registry(&mut out, process);
+        }
+        let _ = encode_eof(&mut out);
         out
     }
 }
@@ -684,7 +722,7 @@ mod tests {
 
     #[test]
     fn exposes_the_platform_metric_names_with_room_labels() {
-        let metrics = RoomMetrics::new("conch", &ConnectionMetrics::default());
+        let metrics = RoomMetrics::new("conch", None);
         metrics.received("coordination.x");
         metrics.finished("coordination.x", Outcome::DeadLettered, 0.002);
         metrics.dead_lettered("coordination.x", "malformed_envelope");
