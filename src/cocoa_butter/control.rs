@@ -45,13 +45,13 @@ impl Desired {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("key-value bucket {CONTROL_BUCKET}: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] super::nats::BoxError),
     #[error("{CONTROL_BUCKET}/{room} holds no valid desired state: {reason}")]
     Invalid { room: String, reason: String },
 }
 
-fn unavailable(err: impl std::fmt::Display) -> ControlError {
-    ControlError::Unavailable(err.to_string())
+fn unavailable(err: impl Into<super::nats::BoxError>) -> ControlError {
+    ControlError::Unavailable(err.into())
 }
 
 /// The `choco_control` bucket.

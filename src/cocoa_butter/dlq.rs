@@ -180,8 +180,8 @@ pub enum DlqError {
     OtherRoom { sequence: u64, room: String },
 }
 
-fn unavailable(err: impl std::fmt::Display) -> DlqError {
-    DlqError::Bus(BusError::Unavailable(err.to_string()))
+fn unavailable(err: impl Into<super::nats::BoxError>) -> DlqError {
+    DlqError::Bus(BusError::Unavailable(err.into()))
 }
 
 /// One dead letter, decoded for people.

@@ -235,8 +235,13 @@ pub enum RoomError {
     /// Bad `rooms.<room>.settings`; `key` is the full dotted key.
     #[error("{key}: {message}")]
     Settings { key: String, message: String },
-    #[error("{0}")]
-    Nats(String),
+    /// Preparing what the room keeps in NATS failed (`what` says which).
+    #[error("{what}: {source}")]
+    Prepare {
+        what: String,
+        #[source]
+        source: HandleError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

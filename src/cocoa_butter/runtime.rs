@@ -587,7 +587,7 @@ async fn follow_control(
         let followed = async {
             let mut watch = control.watch(&room).await?;
             while let Some(entry) = watch.next().await {
-                let entry = entry.map_err(|err| ControlError::Unavailable(err.to_string()))?;
+                let entry = entry.map_err(|err| ControlError::Unavailable(err.into()))?;
                 match control::decode(&room, &entry) {
                     Ok(desired) => state.set_desired(desired),
                     Err(err) => {

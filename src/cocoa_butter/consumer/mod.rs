@@ -60,9 +60,9 @@ use crate::cocoa_butter::telemetry::propagation;
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumerError {
     #[error("cannot open the pull stream: {0}")]
-    Open(String),
+    Open(#[source] PullError),
     #[error("pull stream failed: {0}")]
-    Stream(String),
+    Stream(#[source] PullError),
     #[error("pull stream ended")]
     Ended,
 }
@@ -149,7 +149,7 @@ impl Engine {
             pinned_ttl.is_some().then_some(nats::PINNED_GROUP),
         )
         .await
-        .map_err(|err| ConsumerError::Open(err.to_string()))?;
+        .map_err(ConsumerError::Open)?;
 
         let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
         let lanes: LaneMap = Arc::default();
@@ -162,7 +162,7 @@ impl Engine {
             let message = match next {
                 Ok(message) => message,
                 Err(PullError::Closed) => break Err(ConsumerError::Ended),
-                Err(err) => break Err(ConsumerError::Stream(err.to_string())),
+                Err(err) => break Err(ConsumerError::Stream(err)),
             };
             // The slot is taken once a message is here, not before polling:
             // so the pull stream is polled, and keeps its pulls open (and a

@@ -60,11 +60,25 @@ pub enum BusError {
     ConsumerMissing { stream: String, consumer: String },
     /// The server could not be asked; worth retrying.
     #[error("JetStream request failed: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
+    /// A stream the server did not answer for.
+    #[error(
+        "stream {stream}: {source} (on a cluster: the stream or the cluster has no leader, a \
+         lost quorum or an election under way)"
+    )]
+    StreamUnavailable {
+        stream: String,
+        #[source]
+        source: BoxError,
+    },
 }
 
-fn unavailable(err: impl std::fmt::Display) -> BusError {
-    BusError::Unavailable(err.to_string())
+/// An error kept with its own type and chain (`Error::source`), not as
+/// its text.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn unavailable(err: impl Into<BoxError>) -> BusError {
+    BusError::Unavailable(err.into())
 }
 
 /// What making sure of a stream, consumer or bucket found, so the runtime

@@ -144,10 +144,10 @@ pub async fn ensure_stream(
             warn_if_unreplicated(name, created.cached_info(), storage);
             Ok(Provisioned::Created)
         }
-        Err(err) => Err(BusError::Unavailable(format!(
-            "stream {name}: {err} (on a cluster: the stream or the cluster has no leader, a \
-             lost quorum or an election under way)"
-        ))),
+        Err(err) => Err(BusError::StreamUnavailable {
+            stream: name.to_string(),
+            source: err.into(),
+        }),
     }
 }
 

@@ -606,7 +606,10 @@ impl Room for Wrapper {
         for tag in &self.seed {
             self.register_tag(tag.clone())
                 .await
-                .map_err(|err| RoomError::Nats(format!("seeding tag {}: {err}", tag.tag)))?;
+                .map_err(|source| RoomError::Prepare {
+                    what: format!("seeding tag {}", tag.tag),
+                    source,
+                })?;
         }
         Ok(())
     }
