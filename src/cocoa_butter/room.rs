@@ -15,6 +15,7 @@ pub use super::api::JsonError;
 use super::api::{self, decode_json};
 use super::config::RoomSettings;
 pub use super::dlq::{Reason, reason};
+use super::envelope::Action;
 pub use super::envelope::Outbound;
 use super::envelope::{Cause, EventEnvelope};
 use super::metrics::RoomMetrics;
@@ -134,6 +135,19 @@ impl InboundEvent {
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, HandleError> {
         decode_json(&self.envelope.payload)
             .map_err(|err| HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string()))
+    }
+
+    /// Which of the room's inputs this is, for `handle` to match on
+    /// exhaustively. The runtime hands a room only the inputs it declares,
+    /// so the refusal (`unknown_event_type`) is for a room whose `inputs()`
+    /// and `I` disagree.
+    pub fn input<I: Action>(&self) -> Result<I, HandleError> {
+        I::parse(&self.action).ok_or_else(|| {
+            HandleError::permanent(
+                reason::UNKNOWN_EVENT_TYPE,
+                format!("{} is not an input of this room", self.action),
+            )
+        })
     }
 
     pub fn cause(&self) -> Cause {

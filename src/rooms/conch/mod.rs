@@ -278,12 +278,8 @@ impl Room for Conch {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        match Input::parse(&event.action) {
-            Some(Input::PropertySyncRequested) => self.handle_requested(event).await,
-            None => Err(HandleError::permanent(
-                reason::UNKNOWN_EVENT_TYPE,
-                format!("{} is not an input of this room", event.action),
-            )),
+        match event.input::<Input>()? {
+            Input::PropertySyncRequested => self.handle_requested(event).await,
         }
     }
 

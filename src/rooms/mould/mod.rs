@@ -382,12 +382,8 @@ impl Room for Mould {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        match Input::parse(&event.action) {
-            Some(Input::Requested) => self.handle_requested(event).await,
-            None => Err(HandleError::permanent(
-                reason::UNKNOWN_EVENT_TYPE,
-                format!("{} is not an input of this room", event.action),
-            )),
+        match event.input::<Input>()? {
+            Input::Requested => self.handle_requested(event).await,
         }
     }
 

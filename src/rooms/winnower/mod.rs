@@ -454,13 +454,9 @@ impl Room for Winnower {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        match Input::parse(&event.action) {
-            Some(Input::SmartblockCreated) => self.handle_smartblock(event).await,
-            Some(Input::Requested) => self.handle_requested(event).await,
-            None => Err(HandleError::permanent(
-                reason::UNKNOWN_EVENT_TYPE,
-                format!("{} is not an input of this room", event.action),
-            )),
+        match event.input::<Input>()? {
+            Input::SmartblockCreated => self.handle_smartblock(event).await,
+            Input::Requested => self.handle_requested(event).await,
         }
     }
 

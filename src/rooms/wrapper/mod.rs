@@ -615,15 +615,15 @@ impl Room for Wrapper {
     }
 
     async fn handle(&self, event: &InboundEvent) -> Result<Vec<Outbound>, HandleError> {
-        match Input::parse(&event.action) {
-            Some(Input::DocumentIndexed) => {
+        match event.input::<Input>()? {
+            Input::DocumentIndexed => {
                 let document: IndexedDocument = event.payload()?;
                 self.register_document(document)
                     .await
                     .map_err(FieldErrorOr::into_handle_error)?;
                 Ok(Vec::new())
             }
-            Some(Input::TagRegistered) => {
+            Input::TagRegistered => {
                 let tag: TagRecord = event.payload()?;
                 check_tag(&tag).map_err(|err| {
                     HandleError::permanent(reason::PAYLOAD_INVALID, err.to_string())
@@ -631,7 +631,7 @@ impl Room for Wrapper {
                 self.register_tag(tag).await?;
                 Ok(Vec::new())
             }
-            Some(Input::Requested) => {
+            Input::Requested => {
                 let request: ResolveRequest = event.payload()?;
                 let resolution = self
                     .resolve(&request)
@@ -639,10 +639,6 @@ impl Room for Wrapper {
                     .map_err(FieldErrorOr::into_handle_error)?;
                 Ok(outputs(&request, &resolution))
             }
-            None => Err(HandleError::permanent(
-                reason::UNKNOWN_EVENT_TYPE,
-                format!("{} is not an input of this room", event.action),
-            )),
         }
     }
 
