@@ -83,7 +83,7 @@ pub struct Engine {
     /// left unacknowledged (the server redelivers it after `ack_wait`).
     pub intake: CancellationToken,
     /// The streams under the room's buckets, probed with its own stream
-    /// when a store call fails (see [`Engine::bus_is_failing`]).
+    /// when a store call fails (see `Engine::bus_is_failing`).
     pub store_streams: StoreStreams,
 }
 

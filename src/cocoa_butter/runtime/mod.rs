@@ -9,7 +9,7 @@
 //! pulling, finish and acknowledge in-flight work, flush the connection,
 //! then close the servers.
 //!
-//! - `mod.rs`: [`run`], the order of start and stop, and [`start_room`]'s
+//! - `mod.rs`: [`run`], the order of start and stop, and `start_room`'s
 //!   wiring of one room;
 //! - `supervise.rs`: a room's consumer kept bound (backoff, pause and
 //!   resume from `choco_control`) and its servers kept serving;
