@@ -243,7 +243,7 @@ impl ServerTls {
     }
 
     /// The TLS handshake on an accepted connection, bounded by
-    /// [`HANDSHAKE_TIMEOUT`].
+    /// `HANDSHAKE_TIMEOUT`.
     pub async fn handshake<IO>(
         &self,
         io: IO,
