@@ -5,8 +5,9 @@
 //! label of every series. The consumer names follow the platform's
 //! (`choco_consumer_*`). docs/OPERATIONS.md lists every family.
 //!
-//! Process-wide families live here too and are registered in every room's
-//! registry, so every metrics port reports them: the NATS connection
+//! What is the process's rather than a room's lives here too, in one
+//! [`ProcessMetrics`] served once per process on the first enabled room's
+//! port (by name), without a `room` label: the NATS connection
 //! (`choco_nats_*`), the build (`choco_build_info`) and the process itself
 //! (`process_*`, [`process`]).
 //!
@@ -151,8 +152,8 @@ fn exemplar() -> Option<TraceExemplar> {
     telemetry::current_trace_id().map(|trace_id| TraceExemplar { trace_id })
 }
 
-/// The state of the process's one NATS connection, shared by every room's
-/// registry (each shows it with its own `room` label).
+/// The state of the process's one NATS connection, which the runtime
+/// updates and [`ProcessMetrics`] shows.
 #[derive(Clone, Default)]
 pub struct ConnectionMetrics {
     pub connected: Gauge<i64, AtomicI64>,

@@ -3,9 +3,9 @@
 //! descriptors against their limit, and the start time. Read from
 //! `/proc/self` at each scrape, so they cost nothing between scrapes.
 //!
-//! They are process-wide: each room's metrics port reports the same values
-//! (under its `room` label, like `choco_nats_connected`), so a scrape of any
-//! one port is enough and `max by (instance)` folds the rest.
+//! They are process-wide: [`super::ProcessMetrics`] serves them once per
+//! process, on the first enabled room's metrics port, without a `room`
+//! label, like `choco_nats_connected`.
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
