@@ -174,6 +174,11 @@ struct RoomResult {
     room_cpu_us_per_event: f64,
     limit_cpu_us_per_event: f64,
     cpu_ratio: f64,
+    /// The same at the fixed offered rate of the latency run (half the
+    /// room's saturation rate), the loop fed at that rate too.
+    room_cpu_us_per_event_paced: f64,
+    limit_cpu_us_per_event_paced: f64,
+    cpu_ratio_paced: f64,
     server_cpu_us_per_event_room: f64,
     server_cpu_us_per_event_limit: f64,
     work_per_event: BTreeMap<String, f64>,
@@ -253,16 +258,19 @@ async fn run(options: Options) -> Result<(), Error> {
     }
     println!();
     println!(
-        "| room | CPU µs/event, room | CPU µs/event, loop | room/loop | nats-server µs/event with the room | with the loop |"
+        "| room | CPU µs/event, room | CPU µs/event, loop | room/loop | at half saturation: room | loop | room/loop | nats-server µs/event with the room | with the loop |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &results {
         println!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} |",
             r.room,
             r.room_cpu_us_per_event,
             r.limit_cpu_us_per_event,
             r.cpu_ratio,
+            r.room_cpu_us_per_event_paced,
+            r.limit_cpu_us_per_event_paced,
+            r.cpu_ratio_paced,
             r.server_cpu_us_per_event_room,
             r.server_cpu_us_per_event_limit
         );
@@ -362,13 +370,37 @@ async fn bench_room(
             work = work_per_event(&before, &after, options.events);
         }
         room_rates.push(run.events_per_s);
-        let (rate, _) = limit_run(js, case, &work, &run, options.events, false, &url).await?;
+        let (rate, _) = limit_run(
+            js,
+            case,
+            &work,
+            &run,
+            Feed {
+                events: options.events,
+                echoes: false,
+                paced: None,
+            },
+            &url,
+        )
+        .await?;
         limit_rates.push(rate);
         // The loop with echoes does the room's NATS work exactly (the room
         // also reads and acks its own outputs): its CPU is the baseline,
         // and the servers' during it the comparable figure.
         let server_before = bus.cpu_s()?;
-        let (rate, loop_cpu) = limit_run(js, case, &work, &run, options.events, true, &url).await?;
+        let (rate, loop_cpu) = limit_run(
+            js,
+            case,
+            &work,
+            &run,
+            Feed {
+                events: options.events,
+                echoes: true,
+                paced: None,
+            },
+            &url,
+        )
+        .await?;
         server_cpu_limit.push(per_event(bus.cpu_s()? - server_before));
         echo_rates.push(rate);
         limit_cpu.push(per_event(loop_cpu));
@@ -386,8 +418,10 @@ async fn bench_room(
         median(&echo_rates),
     );
 
-    // 3. Latency at half the room's saturation rate.
+    // 3. Latency at half the room's saturation rate, and the CPU per event
+    // there, of the room and of the loop (with echoes) fed at that rate.
     let rate = room_rate / 2.0;
+    let paced_cpu_before = process_cpu_s(room_pid)?;
     let latencies = paced(
         js,
         &stream_name,
@@ -398,12 +432,24 @@ async fn bench_room(
         options.latency_events,
     )
     .await?;
+    let per_latency_event = |cpu: f64| cpu * 1e6 / options.latency_events as f64;
+    let room_cpu_paced = per_latency_event(process_cpu_s(room_pid)? - paced_cpu_before);
+    let feed = Feed {
+        events: options.latency_events,
+        echoes: true,
+        paced: Some(rate),
+    };
+    let (_, loop_cpu_paced) = limit_run(js, case, &work, &room_run, feed, &url).await?;
+    let limit_cpu_paced = per_latency_event(loop_cpu_paced);
 
     let (room_cpu, limit_cpu) = (median(&room_cpu), median(&limit_cpu));
     Ok(RoomResult {
         room_cpu_us_per_event: room_cpu,
         limit_cpu_us_per_event: limit_cpu,
         cpu_ratio: room_cpu / limit_cpu,
+        room_cpu_us_per_event_paced: room_cpu_paced,
+        limit_cpu_us_per_event_paced: limit_cpu_paced,
+        cpu_ratio_paced: room_cpu_paced / limit_cpu_paced,
         server_cpu_us_per_event_room: median(&server_cpu_room),
         server_cpu_us_per_event_limit: median(&server_cpu_limit),
         room: case.name,
@@ -443,6 +489,31 @@ fn input(case: &RoomCase, phase: &str, i: usize) -> EventEnvelope {
         serde_json::to_vec(&(case.payload)(&doc)).unwrap_or_default(),
         "bench".into(),
     )
+}
+
+/// Publishes `envelopes` at `rate` per second (acks awaited out of order).
+async fn publish_paced(
+    js: &jetstream::Context,
+    subject: &str,
+    envelopes: Vec<EventEnvelope>,
+    rate: f64,
+) -> Result<(), Error> {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1.0)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // The acks are awaited at the end: each resolves on its own reply, so
+    // none holds the pace back.
+    let mut acks = Vec::with_capacity(envelopes.len());
+    for envelope in envelopes {
+        ticker.tick().await;
+        let message = jetstream::message::PublishMessage::build()
+            .payload(envelope.encode().into())
+            .message_id(&envelope.event_id);
+        acks.push(std::future::IntoFuture::into_future(
+            js.send_publish(subject.to_string(), message).await?,
+        ));
+    }
+    futures::future::try_join_all(acks).await?;
+    Ok(())
 }
 
 /// Publishes `count` envelopes concurrently (a window of acks in flight).
@@ -729,15 +800,28 @@ fn parse_counts(text: &str) -> Counts {
 /// The bare loop's rate. With `echoes`, its consumer filters on the whole
 /// prefix, as a room's does, so its own outputs come back to it and are
 /// acknowledged untouched, as a room does with its outputs.
+/// How the bare loop is fed: how many inputs, whether it reads its own
+/// outputs back (echoes), and at what rate (all at once when `None`).
+#[derive(Clone, Copy)]
+struct Feed {
+    events: usize,
+    echoes: bool,
+    paced: Option<f64>,
+}
+
 async fn limit_run(
     js: &jetstream::Context,
     case: &RoomCase,
     work: &[(Op, f64)],
     room: &SaturationRun,
-    events: usize,
-    echoes: bool,
+    feed: Feed,
     nats_url: &str,
 ) -> Result<(f64, f64), Error> {
+    let Feed {
+        events,
+        echoes,
+        paced,
+    } = feed;
     let name = format!("bench_limit_{}", case.name);
     let stream_name = format!("bench:limit:{}", case.name);
     let subject_base = format!("bench.limit.{}", case.name);
@@ -893,7 +977,12 @@ async fn limit_run(
         let js = js.clone();
         let subject = input_subject.clone();
         let envelopes: Vec<_> = (0..events).map(|i| input(case, "limit", i)).collect();
-        tokio::spawn(async move { publish_all(&js, &subject, envelopes).await })
+        tokio::spawn(async move {
+            match paced {
+                Some(rate) => publish_paced(&js, &subject, envelopes, rate).await,
+                None => publish_all(&js, &subject, envelopes).await,
+            }
+        })
     };
     consumed.await??;
     let loop_cpu: f64 = threads

@@ -51,6 +51,8 @@ fields = [
     ("room_cpu_us_per_event", "CPU µs/event, room"),
     ("limit_cpu_us_per_event", "CPU µs/event, loop"),
     ("cpu_ratio", "room/loop CPU"),
+    ("room_cpu_us_per_event_paced", "CPU µs/event, room, half"),
+    ("cpu_ratio_paced", "room/loop CPU, half"),
     ("ratio_with_echoes", "room/limit (echoes)"),
     ("latency_p99_ms", "p99 ms"),
 ]
