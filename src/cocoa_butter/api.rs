@@ -89,7 +89,7 @@ impl FieldViolation {
     }
 
     /// `field: message`, unless the message already starts with the field.
-    fn text(&self) -> String {
+    pub fn text(&self) -> String {
         if self.message.starts_with(&self.field) {
             self.message.clone()
         } else {

@@ -243,6 +243,101 @@ impl From<StoreError> for HandleError {
     }
 }
 
+/// A handler's failure answers an HTTP call as [`HandleError::into_http`].
+impl axum::response::IntoResponse for HandleError {
+    fn into_response(self) -> axum::response::Response {
+        self.into_http()
+    }
+}
+
+/// A handler's failure answers a gRPC call as [`HandleError::into_grpc`].
+impl From<HandleError> for tonic::Status {
+    fn from(err: HandleError) -> Self {
+        err.into_grpc()
+    }
+}
+
+/// Why a room's API call failed, answered the same way on both protocols:
+/// bad fields as 400 / `INVALID_ARGUMENT` naming them (every one in
+/// `error.violations` and `google.rpc.BadRequest` when there are several),
+/// anything else as the room's work failed. HTTP handlers return
+/// `Result<_, ApiError>` and use `?`; gRPC ones convert with `?` too.
+#[derive(Debug)]
+pub enum ApiError {
+    /// One bad field, and why (`message` without the field: answers say
+    /// `field: message`).
+    Field { field: String, message: String },
+    /// Every bad field of the request.
+    Fields(Vec<api::FieldViolation>),
+    /// What the call names (`field`) does not exist: 404 / `NOT_FOUND`.
+    NotFound {
+        field: &'static str,
+        message: String,
+    },
+    /// The room's work failed.
+    Handle(HandleError),
+}
+
+impl ApiError {
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Field {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<api::JsonError> for ApiError {
+    fn from(err: api::JsonError) -> Self {
+        ApiError::Field {
+            field: err.field,
+            message: err.message,
+        }
+    }
+}
+
+impl From<Vec<api::FieldViolation>> for ApiError {
+    fn from(violations: Vec<api::FieldViolation>) -> Self {
+        ApiError::Fields(violations)
+    }
+}
+
+impl From<HandleError> for ApiError {
+    fn from(err: HandleError) -> Self {
+        ApiError::Handle(err)
+    }
+}
+
+impl axum::response::IntoResponse for ApiError {
+    fn into_response(self) -> axum::response::Response {
+        match self {
+            ApiError::Field { field, message } => {
+                let text = api::FieldViolation::new(field.clone(), message).text();
+                api::bad_request(&field, &text)
+            }
+            ApiError::Fields(violations) => api::bad_request_fields(&violations),
+            ApiError::NotFound { field, message } => api::http_error(
+                axum::http::StatusCode::NOT_FOUND,
+                "not_found",
+                Some(field),
+                &message,
+            ),
+            ApiError::Handle(err) => err.into_http(),
+        }
+    }
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(err: ApiError) -> Self {
+        match err {
+            ApiError::Field { field, message } => api::invalid_argument(&field, &message),
+            ApiError::Fields(violations) => api::invalid_arguments(&violations),
+            ApiError::NotFound { message, .. } => tonic::Status::not_found(message),
+            ApiError::Handle(err) => err.into_grpc(),
+        }
+    }
+}
+
 /// A room could not be built or prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {
@@ -283,5 +378,79 @@ impl RoomSettings {
             key,
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    async fn http(err: ApiError) -> (StatusCode, serde_json::Value) {
+        let response = err.into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("JSON"))
+    }
+
+    #[tokio::test]
+    async fn an_api_error_answers_the_same_on_both_protocols() {
+        let bad = || ApiError::field("document_id", "must not be empty");
+        let (status, body) = http(bad()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["field"], "document_id");
+        assert_eq!(body["error"]["message"], "document_id: must not be empty");
+        let grpc = tonic::Status::from(bad());
+        assert_eq!(grpc.code(), tonic::Code::InvalidArgument);
+        assert_eq!(grpc.message(), "document_id: must not be empty");
+
+        let json: ApiError = decode_json::<SyncLike>(br#"{"a": 1}"#)
+            .map(|_| ())
+            .expect_err("b is missing")
+            .into();
+        let (status, body) = http(json).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["field"], "b");
+
+        let several = || {
+            ApiError::from(vec![
+                api::FieldViolation::new("a", "is required"),
+                api::FieldViolation::new("b", "is too long"),
+            ])
+        };
+        let (_, body) = http(several()).await;
+        assert_eq!(
+            body["error"]["violations"].as_array().map(Vec::len),
+            Some(2)
+        );
+        assert_eq!(
+            tonic::Status::from(several()).code(),
+            tonic::Code::InvalidArgument
+        );
+
+        let missing = || ApiError::NotFound {
+            field: "document_id",
+            message: "no artifact for \"d\"".into(),
+        };
+        assert_eq!(http(missing()).await.0, StatusCode::NOT_FOUND);
+        assert_eq!(tonic::Status::from(missing()).code(), tonic::Code::NotFound);
+
+        let down = || ApiError::from(HandleError::bus("no leader"));
+        assert_eq!(http(down()).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(tonic::Status::from(down()).code(), tonic::Code::Unavailable);
+        let broken = || ApiError::from(HandleError::permanent(reason::PAYLOAD_INVALID, "x"));
+        assert_eq!(http(broken()).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(tonic::Status::from(broken()).code(), tonic::Code::Internal);
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct SyncLike {
+        #[allow(dead_code)]
+        a: u32,
+        #[allow(dead_code)]
+        b: String,
     }
 }

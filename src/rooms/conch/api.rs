@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use tonic::{Request, Status};
@@ -17,10 +16,9 @@ use tonic::{Request, Status};
 use super::Conch;
 use super::sync::{self, PropertyState, SyncRequest};
 use crate::cocoa_butter::kit::api::{
-    FieldViolation, bad_request_fields, correlation_grpc, correlation_http,
-    invalid_argument as invalid, invalid_arguments, json_from_pb, json_to_pb,
+    FieldViolation, correlation_grpc, correlation_http, json_from_pb, json_to_pb,
 };
-use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.conch.v1");
@@ -43,46 +41,41 @@ fn field_violations(errors: Vec<sync::FieldError>) -> Vec<FieldViolation> {
         .collect()
 }
 
-async fn sync_http(State(conch): State<Arc<Conch>>, headers: HeaderMap, body: Bytes) -> Response {
-    let request: SyncRequest = match decode_json(&body) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
-    };
+async fn sync_http(
+    State(conch): State<Arc<Conch>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: SyncRequest = decode_json(&body)?;
     let violations = request.violations();
     if !violations.is_empty() {
-        return bad_request_fields(&field_violations(violations));
+        return Err(field_violations(violations).into());
     }
     let correlation = correlation_http(&headers);
     let property = request.property.clone();
-    match conch.sync_now(request, correlation).await {
-        Ok(result) => axum::Json(json!({
-            "outcome": result.outcome,
-            "property": result.property.as_ref().map(|state| sync::property_json(&property, state)),
-            "policy": result.receipt.policy.map(|p| p.name()),
-            "winner": result.receipt.winner,
-            "event_ids": result.event_ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        Err(err) => err.into_http(),
-    }
+    let result = conch.sync_now(request, correlation).await?;
+    Ok(Json(json!({
+        "outcome": result.outcome,
+        "property": result.property.as_ref().map(|state| sync::property_json(&property, state)),
+        "policy": result.receipt.policy.map(|p| p.name()),
+        "winner": result.receipt.winner,
+        "event_ids": result.event_ids.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })))
 }
 
 async fn properties_http(
     State(conch): State<Arc<Conch>>,
     Path(document_id): Path<String>,
-) -> Response {
-    match conch.properties(&document_id).await {
-        Ok(record) => {
-            let properties: serde_json::Map<String, Value> = record
-                .properties
-                .iter()
-                .map(|(name, state)| (name.clone(), sync::property_json(name, state)))
-                .collect();
-            axum::Json(json!({ "document_id": document_id, "properties": properties }))
-                .into_response()
-        }
-        Err(err) => err.into_http(),
-    }
+) -> Result<Json<Value>, ApiError> {
+    let record = conch.properties(&document_id).await?;
+    let properties: serde_json::Map<String, Value> = record
+        .properties
+        .iter()
+        .map(|(name, state)| (name.clone(), sync::property_json(name, state)))
+        .collect();
+    Ok(Json(
+        json!({ "document_id": document_id, "properties": properties }),
+    ))
 }
 
 pub fn grpc_service(conch: Arc<Conch>) -> GrpcService {
@@ -131,14 +124,10 @@ impl pb::conch_server::Conch for ConchGrpc {
         };
         violations.extend(field_violations(sync_request.violations()));
         if !violations.is_empty() {
-            return Err(invalid_arguments(&violations));
+            return Err(ApiError::from(violations).into());
         }
         let property = sync_request.property.clone();
-        let result = self
-            .conch
-            .sync_now(sync_request, correlation)
-            .await
-            .map_err(HandleError::into_grpc)?;
+        let result = self.conch.sync_now(sync_request, correlation).await?;
         Ok(tonic::Response::new(pb::SyncPropertyResponse {
             outcome: match result.outcome {
                 sync::Outcome::Applied => pb::SyncOutcome::Applied,
@@ -170,13 +159,9 @@ impl pb::conch_server::Conch for ConchGrpc {
     ) -> Result<tonic::Response<pb::GetPropertiesResponse>, Status> {
         let document_id = request.into_inner().document_id;
         if document_id.trim().is_empty() {
-            return Err(invalid("document_id", "must not be empty"));
+            return Err(ApiError::field("document_id", "must not be empty").into());
         }
-        let record = self
-            .conch
-            .properties(&document_id)
-            .await
-            .map_err(HandleError::into_grpc)?;
+        let record = self.conch.properties(&document_id).await?;
         Ok(tonic::Response::new(pb::GetPropertiesResponse {
             document_id,
             properties: record

@@ -16,8 +16,8 @@ use tonic::{Request, Status};
 
 use super::render::RenderError;
 use super::{HydrateError, Hydrated, HydrationRequest, Mould};
-use crate::cocoa_butter::kit::api::{bad_request, http_error, invalid_argument, struct_from_pb};
-use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::kit::api::{invalid_argument, struct_from_pb};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.mould.v1");
@@ -50,16 +50,12 @@ fn artifact_json(hydrated: &Hydrated) -> Value {
     })
 }
 
-async fn hydrate_http(State(mould): State<Arc<Mould>>, body: Bytes) -> Response {
-    let request: HydrationRequest = match decode_json(&body) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
-    };
+async fn hydrate_http(State(mould): State<Arc<Mould>>, body: Bytes) -> Result<Response, ApiError> {
+    let request: HydrationRequest = decode_json(&body)?;
     match mould.hydrate(request).await {
-        Ok(hydrated) => axum::Json(artifact_json(&hydrated)).into_response(),
-        Err(HydrateError::Invalid { field, message }) => {
-            bad_request(field, &format!("{field}: {message}"))
-        }
+        Ok(hydrated) => Ok(axum::Json(artifact_json(&hydrated)).into_response()),
+        Err(HydrateError::Invalid { field, message }) => Err(ApiError::field(field, message)),
+        // The room's own shape: the template error's kind and line too.
         Err(HydrateError::Render(err)) => {
             let body = json!({ "error": {
                 "code": "invalid_argument",
@@ -68,9 +64,9 @@ async fn hydrate_http(State(mould): State<Arc<Mould>>, body: Bytes) -> Response 
                 "message": err.message,
                 "line": err.line,
             }});
-            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+            Ok((StatusCode::BAD_REQUEST, axum::Json(body)).into_response())
         }
-        Err(HydrateError::Unavailable(err)) => err.into_http(),
+        Err(HydrateError::Unavailable(err)) => Err(err.into()),
     }
 }
 
@@ -78,18 +74,9 @@ async fn artifact_http(
     State(mould): State<Arc<Mould>>,
     Path(document_id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    let (content, metadata) = match mould.artifact(&document_id).await {
-        Ok(Some(found)) => found,
-        Ok(None) => {
-            return http_error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                Some("document_id"),
-                &format!("no artifact for {document_id:?}"),
-            );
-        }
-        Err(err) => return err.into_http(),
+) -> Result<Response, ApiError> {
+    let Some((content, metadata)) = mould.artifact(&document_id).await? else {
+        return Err(no_artifact(&document_id));
     };
     let etag = format!(
         "\"{}\"",
@@ -119,16 +106,23 @@ async fn artifact_http(
     if let Ok(value) = HeaderValue::from_str(&content_type) {
         headers.insert(header::CONTENT_TYPE, value);
     }
-    response
+    Ok(response)
 }
 
-async fn templates_http(State(mould): State<Arc<Mould>>) -> Response {
+fn no_artifact(document_id: &str) -> ApiError {
+    ApiError::NotFound {
+        field: "document_id",
+        message: format!("no artifact for {document_id:?}"),
+    }
+}
+
+async fn templates_http(State(mould): State<Arc<Mould>>) -> axum::Json<Value> {
     let templates: Vec<Value> = mould
         .template_slugs()
         .iter()
         .map(|slug| json!({ "smartblock": slug, "call": format!("/{slug} <block id>") }))
         .collect();
-    axum::Json(json!({ "templates": templates })).into_response()
+    axum::Json(json!({ "templates": templates }))
 }
 
 pub fn grpc_service(mould: Arc<Mould>) -> GrpcService {
@@ -188,7 +182,7 @@ impl pb::mould_server::Mould for MouldGrpc {
                 }
                 Err(status)
             }
-            Err(HydrateError::Unavailable(err)) => Err(err.into_grpc()),
+            Err(HydrateError::Unavailable(err)) => Err(err.into()),
         }
     }
 
@@ -198,17 +192,10 @@ impl pb::mould_server::Mould for MouldGrpc {
     ) -> Result<tonic::Response<pb::Artifact>, Status> {
         let document_id = request.into_inner().document_id;
         if document_id.trim().is_empty() {
-            return Err(invalid_argument("document_id", "must not be empty"));
+            return Err(ApiError::field("document_id", "must not be empty").into());
         }
-        let Some((content, metadata)) = self
-            .mould
-            .artifact(&document_id)
-            .await
-            .map_err(HandleError::into_grpc)?
-        else {
-            return Err(Status::not_found(format!(
-                "no artifact for {document_id:?}"
-            )));
+        let Some((content, metadata)) = self.mould.artifact(&document_id).await? else {
+            return Err(no_artifact(&document_id).into());
         };
         let hash = metadata.get("content_hash").cloned().unwrap_or_default();
         Ok(tonic::Response::new(pb::Artifact {

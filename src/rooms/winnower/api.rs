@@ -4,18 +4,17 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde_json::{Value, json};
 use tonic::{Request, Status};
 
 use super::gate::{Rejection, SmartblockCreated};
 use super::{SlopReport, SlopRequest, Winnower};
-use crate::cocoa_butter::kit::api::{bad_request, invalid_argument, struct_from_pb};
-use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::kit::api::struct_from_pb;
+use crate::cocoa_butter::kit::{ApiError, GrpcService, HandleError, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.winnower.v1");
@@ -29,15 +28,16 @@ pub fn http_routes(winnower: Arc<Winnower>) -> Router {
         .with_state(winnower)
 }
 
-async fn winnow_http(State(winnower): State<Arc<Winnower>>, body: Bytes) -> Response {
-    let request: SlopRequest = match decode_json(&body) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
-    };
-    match winnower.winnow(request).await {
-        Ok(report) => axum::Json(report).into_response(),
-        Err(err) => bad_request(err.field, &err.to_string()),
-    }
+async fn winnow_http(
+    State(winnower): State<Arc<Winnower>>,
+    body: Bytes,
+) -> Result<Json<SlopReport>, ApiError> {
+    let request: SlopRequest = decode_json(&body)?;
+    let report = winnower
+        .winnow(request)
+        .await
+        .map_err(|err| ApiError::field(err.field, err.message))?;
+    Ok(Json(report))
 }
 
 /// The outcome of the gate without recording anything.
@@ -73,19 +73,16 @@ fn targets(accepted: &Option<Value>) -> Vec<String> {
         .unwrap_or_default()
 }
 
-async fn validate_http(State(winnower): State<Arc<Winnower>>, body: Bytes) -> Response {
-    let block: SmartblockCreated = match decode_json(&body) {
-        Ok(block) => block,
-        Err(err) => return err.into_response(),
-    };
-    let validation = match validate(&winnower, &block).await {
-        Ok(validation) => validation,
-        Err(err) => return err.into_http(),
-    };
+async fn validate_http(
+    State(winnower): State<Arc<Winnower>>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let block: SmartblockCreated = decode_json(&body)?;
+    let validation = validate(&winnower, &block).await?;
     if let Some(rejection) = &validation.rejection
         && rejection.reason == "payload_invalid"
     {
-        return bad_request(rejection.field, &rejection.message);
+        return Err(ApiError::field(rejection.field, rejection.message.clone()));
     }
     let body = match (&validation.rejection, validation.duplicate) {
         (Some(rejection), _) => json!({
@@ -108,16 +105,15 @@ async fn validate_http(State(winnower): State<Arc<Winnower>>, body: Bytes) -> Re
             "smartblock_accepted": validation.accepted,
         }),
     };
-    axum::Json(body).into_response()
+    Ok(Json(body))
 }
 
-async fn manifest_http(State(winnower): State<Arc<Winnower>>) -> Response {
+async fn manifest_http(State(winnower): State<Arc<Winnower>>) -> Json<Value> {
     let gate = winnower.gate();
-    axum::Json(json!({
+    Json(json!({
         "catalog_schema_version": gate.catalog_schema_version(),
         "commands": gate.manifest().commands,
     }))
-    .into_response()
 }
 
 pub fn grpc_service(winnower: Arc<Winnower>) -> GrpcService {
@@ -171,7 +167,7 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
             .winnower
             .winnow(request)
             .await
-            .map_err(|err| invalid_argument(err.field, &err.message))?;
+            .map_err(|err| ApiError::field(err.field, err.message))?;
         Ok(tonic::Response::new(report_to_pb(report)))
     }
 
@@ -191,15 +187,10 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
             author_id: message.author_id,
             block_type: message.block_type,
         };
-        let validation = validate(&self.winnower, &block)
-            .await
-            .map_err(HandleError::into_grpc)?;
+        let validation = validate(&self.winnower, &block).await?;
         let reply = match (validation.rejection, validation.duplicate) {
             (Some(rejection), _) if rejection.reason == "payload_invalid" => {
-                return Err(invalid_argument(
-                    &to_snake(rejection.field),
-                    &rejection.message,
-                ));
+                return Err(ApiError::field(to_snake(rejection.field), rejection.message).into());
             }
             (Some(rejection), _) => pb::Validation {
                 accepted: false,

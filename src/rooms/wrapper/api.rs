@@ -4,20 +4,18 @@
 
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
+use serde_json::{Value, json};
 use tonic::{Request, Status};
 
 use super::{
     FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper, check_tag,
 };
-use crate::cocoa_butter::kit::api::{bad_request, invalid_argument};
-use crate::cocoa_butter::kit::{GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, decode_json};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.wrapper.v1");
@@ -31,29 +29,21 @@ pub fn http_routes(wrapper: Arc<Wrapper>) -> Router {
         .with_state(wrapper)
 }
 
-fn field_error_http(err: FieldErrorOr) -> Response {
-    match err {
-        FieldErrorOr::Field(err) => bad_request(err.field, &err.to_string()),
-        FieldErrorOr::Handle(err) => err.into_http(),
+impl From<FieldErrorOr> for ApiError {
+    fn from(err: FieldErrorOr) -> Self {
+        match err {
+            FieldErrorOr::Field(err) => ApiError::field(err.field, err.message),
+            FieldErrorOr::Handle(err) => err.into(),
+        }
     }
 }
 
-fn field_error_grpc(err: FieldErrorOr) -> Status {
-    match err {
-        FieldErrorOr::Field(err) => invalid_argument(err.field, &err.message),
-        FieldErrorOr::Handle(err) => err.into_grpc(),
-    }
-}
-
-async fn resolve_http(State(wrapper): State<Arc<Wrapper>>, body: Bytes) -> Response {
-    let request: ResolveRequest = match decode_json(&body) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
-    };
-    match wrapper.resolve(&request).await {
-        Ok(resolution) => axum::Json(resolution).into_response(),
-        Err(err) => field_error_http(err),
-    }
+async fn resolve_http(
+    State(wrapper): State<Arc<Wrapper>>,
+    body: Bytes,
+) -> Result<Json<Resolution>, ApiError> {
+    let request: ResolveRequest = decode_json(&body)?;
+    Ok(Json(wrapper.resolve(&request).await?))
 }
 
 /// The body of `PUT /v1/index/{repo}/{path}`: repo and path come from the URL.
@@ -69,42 +59,29 @@ async fn index_http(
     State(wrapper): State<Arc<Wrapper>>,
     Path((repo, path)): Path<(String, String)>,
     body: Bytes,
-) -> Response {
-    let body: IndexBody = match decode_json(&body) {
-        Ok(body) => body,
-        Err(err) => return err.into_response(),
-    };
+) -> Result<Json<IndexedDocument>, ApiError> {
+    let body: IndexBody = decode_json(&body)?;
     let document = IndexedDocument {
         repo,
         path,
         anchors: body.anchors,
         tags: body.tags,
     };
-    match wrapper.register_document(document).await {
-        Ok(document) => axum::Json(document).into_response(),
-        Err(err) => field_error_http(err),
-    }
+    Ok(Json(wrapper.register_document(document).await?))
 }
 
-async fn list_tags_http(State(wrapper): State<Arc<Wrapper>>) -> Response {
-    match wrapper.list_tags().await {
-        Ok(tags) => axum::Json(json!({ "tags": tags })).into_response(),
-        Err(err) => err.into_http(),
-    }
+async fn list_tags_http(State(wrapper): State<Arc<Wrapper>>) -> Result<Json<Value>, ApiError> {
+    let tags = wrapper.list_tags().await?;
+    Ok(Json(json!({ "tags": tags })))
 }
 
-async fn register_tag_http(State(wrapper): State<Arc<Wrapper>>, body: Bytes) -> Response {
-    let tag: TagRecord = match decode_json(&body) {
-        Ok(tag) => tag,
-        Err(err) => return err.into_response(),
-    };
-    if let Err(err) = check_tag(&tag) {
-        return bad_request(err.field, &err.to_string());
-    }
-    match wrapper.register_tag(tag).await {
-        Ok(tag) => axum::Json(tag).into_response(),
-        Err(err) => err.into_http(),
-    }
+async fn register_tag_http(
+    State(wrapper): State<Arc<Wrapper>>,
+    body: Bytes,
+) -> Result<Json<TagRecord>, ApiError> {
+    let tag: TagRecord = decode_json(&body)?;
+    check_tag(&tag).map_err(|err| ApiError::field(err.field, err.message))?;
+    Ok(Json(wrapper.register_tag(tag).await?))
 }
 
 pub fn grpc_service(wrapper: Arc<Wrapper>) -> GrpcService {
@@ -167,7 +144,7 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
             .wrapper
             .resolve(&request)
             .await
-            .map_err(field_error_grpc)?;
+            .map_err(ApiError::from)?;
         Ok(tonic::Response::new(resolution_to_pb(resolution)))
     }
 
@@ -185,7 +162,7 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
                 tags: document.tags,
             })
             .await
-            .map_err(field_error_grpc)?;
+            .map_err(ApiError::from)?;
         Ok(tonic::Response::new(pb::IndexedDocument {
             repo: stored.repo,
             path: stored.path,
@@ -203,14 +180,8 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
             tag: tag.tag,
             aliases: tag.aliases,
         };
-        if let Err(err) = check_tag(&record) {
-            return Err(invalid_argument(err.field, &err.message));
-        }
-        let stored = self
-            .wrapper
-            .register_tag(record)
-            .await
-            .map_err(HandleError::into_grpc)?;
+        check_tag(&record).map_err(|err| ApiError::field(err.field, err.message))?;
+        let stored = self.wrapper.register_tag(record).await?;
         Ok(tonic::Response::new(pb::Tag {
             tag: stored.tag,
             aliases: stored.aliases,
@@ -221,11 +192,7 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
         &self,
         _request: Request<pb::ListTagsRequest>,
     ) -> Result<tonic::Response<pb::ListTagsResponse>, Status> {
-        let tags = self
-            .wrapper
-            .list_tags()
-            .await
-            .map_err(HandleError::into_grpc)?;
+        let tags = self.wrapper.list_tags().await?;
         Ok(tonic::Response::new(pb::ListTagsResponse {
             tags: tags
                 .into_iter()
