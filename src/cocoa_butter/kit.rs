@@ -13,7 +13,7 @@ pub use super::envelope::{Action, Cause, EventEnvelope, OutputAction, content_ha
 pub use super::keys;
 pub use super::nats::{Kv, KvBucket, ObjectBucket, Objects, Publisher};
 pub use super::room::{
-    ApiError, GrpcService, HandleError, InboundEvent, Outbound, Room, RoomContext, RoomError,
-    RoomSpec,
+    ApiError, GrpcService, HandleError, InboundEvent, JsonBody, Outbound, Room, RoomContext,
+    RoomError, RoomSpec,
 };
 pub use crate::room_actions;

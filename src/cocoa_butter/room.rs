@@ -338,6 +338,34 @@ impl From<ApiError> for tonic::Status {
     }
 }
 
+/// A JSON request body decoded as `T`, for a room's HTTP handlers: a body
+/// that does not fit is refused with 400 naming the field, as
+/// [`decode_json`] names it; a body over the size limit keeps its own
+/// answer (413).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> axum::extract::FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = axum::response::Response;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        use axum::response::IntoResponse;
+        let bytes = bytes::Bytes::from_request(request, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        decode_json(&bytes)
+            .map(JsonBody)
+            .map_err(|err| ApiError::from(err).into_response())
+    }
+}
+
 /// A room could not be built or prepared.
 #[derive(Debug, thiserror::Error)]
 pub enum RoomError {

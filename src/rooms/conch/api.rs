@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
@@ -18,7 +17,7 @@ use super::sync::{self, PropertyState, SyncRequest};
 use crate::cocoa_butter::kit::api::{
     FieldViolation, correlation_grpc, correlation_http, json_from_pb, json_to_pb,
 };
-use crate::cocoa_butter::kit::{ApiError, GrpcService, decode_json};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, JsonBody};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.conch.v1");
@@ -44,9 +43,8 @@ fn field_violations(errors: Vec<sync::FieldError>) -> Vec<FieldViolation> {
 async fn sync_http(
     State(conch): State<Arc<Conch>>,
     headers: HeaderMap,
-    body: Bytes,
+    JsonBody(request): JsonBody<SyncRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let request: SyncRequest = decode_json(&body)?;
     let violations = request.violations();
     if !violations.is_empty() {
         return Err(field_violations(violations).into());

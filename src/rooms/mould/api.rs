@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +16,7 @@ use tonic::{Request, Status};
 use super::render::RenderError;
 use super::{HydrateError, Hydrated, HydrationRequest, Mould};
 use crate::cocoa_butter::kit::api::{invalid_argument, struct_from_pb};
-use crate::cocoa_butter::kit::{ApiError, GrpcService, decode_json};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, JsonBody};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.mould.v1");
@@ -50,8 +49,10 @@ fn artifact_json(hydrated: &Hydrated) -> Value {
     })
 }
 
-async fn hydrate_http(State(mould): State<Arc<Mould>>, body: Bytes) -> Result<Response, ApiError> {
-    let request: HydrationRequest = decode_json(&body)?;
+async fn hydrate_http(
+    State(mould): State<Arc<Mould>>,
+    JsonBody(request): JsonBody<HydrationRequest>,
+) -> Result<Response, ApiError> {
     match mould.hydrate(request).await {
         Ok(hydrated) => Ok(axum::Json(artifact_json(&hydrated)).into_response()),
         Err(HydrateError::Invalid { field, message }) => Err(ApiError::field(field, message)),

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,7 +13,7 @@ use tonic::{Request, Status};
 use super::gate::{Rejection, SmartblockCreated};
 use super::{SlopReport, SlopRequest, Winnower};
 use crate::cocoa_butter::kit::api::struct_from_pb;
-use crate::cocoa_butter::kit::{ApiError, GrpcService, HandleError, decode_json};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, HandleError, JsonBody};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.winnower.v1");
@@ -30,9 +29,8 @@ pub fn http_routes(winnower: Arc<Winnower>) -> Router {
 
 async fn winnow_http(
     State(winnower): State<Arc<Winnower>>,
-    body: Bytes,
+    JsonBody(request): JsonBody<SlopRequest>,
 ) -> Result<Json<SlopReport>, ApiError> {
-    let request: SlopRequest = decode_json(&body)?;
     let report = winnower
         .winnow(request)
         .await
@@ -75,9 +73,8 @@ fn targets(accepted: &Option<Value>) -> Vec<String> {
 
 async fn validate_http(
     State(winnower): State<Arc<Winnower>>,
-    body: Bytes,
+    JsonBody(block): JsonBody<SmartblockCreated>,
 ) -> Result<Json<Value>, ApiError> {
-    let block: SmartblockCreated = decode_json(&body)?;
     let validation = validate(&winnower, &block).await?;
     if let Some(rejection) = &validation.rejection
         && rejection.reason == "payload_invalid"

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -15,7 +14,7 @@ use tonic::{Request, Status};
 use super::{
     FieldErrorOr, IndexedDocument, Resolution, ResolveRequest, TagRecord, Wrapper, check_tag,
 };
-use crate::cocoa_butter::kit::{ApiError, GrpcService, decode_json};
+use crate::cocoa_butter::kit::{ApiError, GrpcService, JsonBody};
 
 pub mod pb {
     tonic::include_proto!("choco.factory.wrapper.v1");
@@ -40,9 +39,8 @@ impl From<FieldErrorOr> for ApiError {
 
 async fn resolve_http(
     State(wrapper): State<Arc<Wrapper>>,
-    body: Bytes,
+    JsonBody(request): JsonBody<ResolveRequest>,
 ) -> Result<Json<Resolution>, ApiError> {
-    let request: ResolveRequest = decode_json(&body)?;
     Ok(Json(wrapper.resolve(&request).await?))
 }
 
@@ -58,9 +56,8 @@ struct IndexBody {
 async fn index_http(
     State(wrapper): State<Arc<Wrapper>>,
     Path((repo, path)): Path<(String, String)>,
-    body: Bytes,
+    JsonBody(body): JsonBody<IndexBody>,
 ) -> Result<Json<IndexedDocument>, ApiError> {
-    let body: IndexBody = decode_json(&body)?;
     let document = IndexedDocument {
         repo,
         path,
@@ -77,9 +74,8 @@ async fn list_tags_http(State(wrapper): State<Arc<Wrapper>>) -> Result<Json<Valu
 
 async fn register_tag_http(
     State(wrapper): State<Arc<Wrapper>>,
-    body: Bytes,
+    JsonBody(tag): JsonBody<TagRecord>,
 ) -> Result<Json<TagRecord>, ApiError> {
-    let tag: TagRecord = decode_json(&body)?;
     check_tag(&tag).map_err(|err| ApiError::field(err.field, err.message))?;
     Ok(Json(wrapper.register_tag(tag).await?))
 }
