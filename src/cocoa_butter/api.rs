@@ -73,6 +73,32 @@ impl IntoResponse for JsonError {
     }
 }
 
+/// A request field that is unusable, as a room's own checks find it: the
+/// field is one of the room's names, so `&'static str`. Answered as a
+/// [`FieldViolation`] (`ApiError::field` over both protocols; a
+/// `payload_invalid` dead letter on the event path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        FieldError {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<FieldError> for FieldViolation {
+    fn from(err: FieldError) -> Self {
+        FieldViolation::new(err.field, err.message)
+    }
+}
+
 /// One bad field of a request and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldViolation {

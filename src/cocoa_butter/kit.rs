@@ -6,7 +6,7 @@
 //! settings, the envelope helpers, its stores and publisher, the key
 //! encoding, and the API helpers its HTTP and gRPC handlers share.
 
-pub use super::api::{self, JsonError, decode_json};
+pub use super::api::{self, FieldError, JsonError, decode_json};
 pub use super::config::RoomSettings;
 pub use super::dlq::{Reason, reason};
 pub use super::envelope::{Action, Cause, EventEnvelope, OutputAction, content_hash, rfc3339};

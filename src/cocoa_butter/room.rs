@@ -296,6 +296,15 @@ impl From<api::JsonError> for ApiError {
     }
 }
 
+impl From<api::FieldError> for ApiError {
+    fn from(err: api::FieldError) -> Self {
+        ApiError::Field {
+            field: err.field.to_string(),
+            message: err.message,
+        }
+    }
+}
+
 impl From<Vec<api::FieldViolation>> for ApiError {
     fn from(violations: Vec<api::FieldViolation>) -> Self {
         ApiError::Fields(violations)

@@ -15,7 +15,7 @@ use tonic::{Request, Status};
 use super::Conch;
 use super::sync::{self, PropertyState, SyncRequest};
 use crate::cocoa_butter::kit::api::{
-    FieldViolation, correlation_grpc, correlation_http, json_from_pb, json_to_pb,
+    FieldError, FieldViolation, correlation_grpc, correlation_http, json_from_pb, json_to_pb,
 };
 use crate::cocoa_butter::kit::{ApiError, GrpcService, JsonBody};
 
@@ -33,11 +33,8 @@ pub fn http_routes(conch: Arc<Conch>) -> Router {
         .with_state(conch)
 }
 
-fn field_violations(errors: Vec<sync::FieldError>) -> Vec<FieldViolation> {
-    errors
-        .into_iter()
-        .map(|error| FieldViolation::new(error.field, error.message))
-        .collect()
+fn field_violations(errors: Vec<FieldError>) -> Vec<FieldViolation> {
+    errors.into_iter().map(FieldViolation::from).collect()
 }
 
 async fn sync_http(

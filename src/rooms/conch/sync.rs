@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::cocoa_butter::kit::keys::id_too_long;
 use crate::cocoa_butter::kit::rfc3339;
-use crate::cocoa_butter::kit::{Outbound, room_actions};
+use crate::cocoa_butter::kit::{FieldError, Outbound, room_actions};
 
 room_actions! {
     /// What the Fudge Room publishes.
@@ -51,14 +51,6 @@ pub struct SyncRequest {
     /// Only for the APIs: an idempotency key.
     #[serde(default)]
     pub request_id: Option<String>,
-}
-
-/// A request field that is present but unusable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    pub field: &'static str,
-    pub message: String,
 }
 
 impl SyncRequest {

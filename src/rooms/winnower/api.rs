@@ -31,10 +31,7 @@ async fn winnow_http(
     State(winnower): State<Arc<Winnower>>,
     JsonBody(request): JsonBody<SlopRequest>,
 ) -> Result<Json<SlopReport>, ApiError> {
-    let report = winnower
-        .winnow(request)
-        .await
-        .map_err(|err| ApiError::field(err.field, err.message))?;
+    let report = winnower.winnow(request).await.map_err(ApiError::from)?;
     Ok(Json(report))
 }
 
@@ -164,7 +161,7 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
             .winnower
             .winnow(request)
             .await
-            .map_err(|err| ApiError::field(err.field, err.message))?;
+            .map_err(ApiError::from)?;
         Ok(tonic::Response::new(report_to_pb(report)))
     }
 

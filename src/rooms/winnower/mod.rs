@@ -31,7 +31,7 @@ use gate::{Gate, Manifest, Rejection, SmartblockCreated};
 use slop::{RulesFile, SlopRules};
 
 use crate::cocoa_butter::kit::keys::kv_key;
-use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, reason, room_actions};
+use crate::cocoa_butter::kit::{Action, FieldError, Reason, RoomSettings, reason, room_actions};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
@@ -164,14 +164,6 @@ pub struct SlopRequest {
     /// `text/markdown` (the default) or `text/plain`.
     #[serde(default)]
     pub content_type: String,
-}
-
-/// Why a request to the winnower is unusable, naming the field.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    pub field: &'static str,
-    pub message: String,
 }
 
 /// A slop verdict.

@@ -31,7 +31,7 @@ pub fn http_routes(wrapper: Arc<Wrapper>) -> Router {
 impl From<FieldErrorOr> for ApiError {
     fn from(err: FieldErrorOr) -> Self {
         match err {
-            FieldErrorOr::Field(err) => ApiError::field(err.field, err.message),
+            FieldErrorOr::Field(err) => err.into(),
             FieldErrorOr::Handle(err) => err.into(),
         }
     }
@@ -76,7 +76,7 @@ async fn register_tag_http(
     State(wrapper): State<Arc<Wrapper>>,
     JsonBody(tag): JsonBody<TagRecord>,
 ) -> Result<Json<TagRecord>, ApiError> {
-    check_tag(&tag).map_err(|err| ApiError::field(err.field, err.message))?;
+    check_tag(&tag).map_err(ApiError::from)?;
     Ok(Json(wrapper.register_tag(tag).await?))
 }
 
@@ -176,7 +176,7 @@ impl pb::wrapper_server::Wrapper for WrapperGrpc {
             tag: tag.tag,
             aliases: tag.aliases,
         };
-        check_tag(&record).map_err(|err| ApiError::field(err.field, err.message))?;
+        check_tag(&record).map_err(ApiError::from)?;
         let stored = self.wrapper.register_tag(record).await?;
         Ok(tonic::Response::new(pb::Tag {
             tag: stored.tag,

@@ -28,7 +28,7 @@ use extract::{RepoLink, extract, github_slug, tag_key};
 use crate::cocoa_butter::kit::Kv;
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::{id_from_kv_key, id_too_long, kv_key};
-use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, reason, room_actions};
+use crate::cocoa_butter::kit::{Action, FieldError, Reason, RoomSettings, reason, room_actions};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
@@ -148,14 +148,6 @@ pub struct Resolution {
     pub links: Vec<LinkVerification>,
     pub unresolved: usize,
     pub broken: usize,
-}
-
-/// A request field that is unusable.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct FieldError {
-    pub field: &'static str,
-    pub message: String,
 }
 
 struct Loaded {
