@@ -11,7 +11,7 @@ pub use super::config::RoomSettings;
 pub use super::dlq::{Reason, reason};
 pub use super::envelope::{Action, Cause, EventEnvelope, OutputAction, content_hash, rfc3339};
 pub use super::keys;
-pub use super::nats::{Kv, KvBucket, ObjectBucket, Objects, Publisher};
+pub use super::nats::{Kv, KvBucket, ObjectBucket, Objects, Publisher, Written};
 pub use super::room::{
     ApiError, GrpcService, HandleError, InboundEvent, JsonBody, Outbound, Room, RoomContext,
     RoomError, RoomSpec,

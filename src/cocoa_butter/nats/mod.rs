@@ -30,7 +30,7 @@ pub use provision::{
 pub(crate) use publish::header_safe;
 pub use publish::{EncodedOutput, OutputEncoder, PublishError, Publisher, event_headers};
 pub use status::{ConsumerStatus, Replica, Replication, StreamLimits, StreamStatus, room_status};
-pub use store::{Kv, KvBucket, ObjectBucket, Objects, StoreError};
+pub use store::{Kv, KvBucket, ObjectBucket, Objects, StoreError, Written};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {

@@ -12,7 +12,7 @@ use crate::cocoa_butter::metrics::{RoomMetrics, StoreLabels};
 use crate::cocoa_butter::streams::BucketStorage;
 use crate::cocoa_butter::telemetry::{self};
 
-use super::{Provisioned, bucket_storage_or_report};
+use super::{BoxError, Provisioned, bucket_storage_or_report};
 
 /// A bucket that could not be opened, or was used before it was.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +28,18 @@ pub enum StoreError {
     /// Used before `Room::prepare` opened it: retried like any NATS failure.
     #[error("{kind} {bucket} is not open yet")]
     NotOpen { kind: &'static str, bucket: String },
+    /// A write NATS refused or did not answer (not a lost race).
+    #[error("writing {key}: {source}")]
+    Write { key: String, source: BoxError },
+}
+
+/// What a compare-and-set write found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Stored, at this revision.
+    Stored(u64),
+    /// Someone else wrote the key first: read it again and retry.
+    Conflict,
 }
 
 /// A room's key-value bucket: named at build time, opened (and created
@@ -267,6 +279,38 @@ impl Kv<'_> {
                 err.kind() == kv::UpdateErrorKind::WrongLastRevision
             })
             .await
+    }
+
+    /// The one compare-and-set of the rooms: writes `value` at `key` if
+    /// the key is still at `revision` (`None`: absent, so it is created). A
+    /// lost race is [`Written::Conflict`], for the caller to read again and
+    /// retry; anything else NATS answers is an error.
+    pub async fn write_if(
+        &self,
+        key: &str,
+        value: Bytes,
+        revision: Option<u64>,
+    ) -> Result<Written, StoreError> {
+        let failed = |err: BoxError| StoreError::Write {
+            key: key.to_string(),
+            source: err,
+        };
+        match revision {
+            None => match self.create(key, value).await {
+                Ok(revision) => Ok(Written::Stored(revision)),
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    Ok(Written::Conflict)
+                }
+                Err(err) => Err(failed(err.into())),
+            },
+            Some(revision) => match self.update(key, value, revision).await {
+                Ok(revision) => Ok(Written::Stored(revision)),
+                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    Ok(Written::Conflict)
+                }
+                Err(err) => Err(failed(err.into())),
+            },
+        }
     }
 
     pub async fn keys(&self) -> Result<kv::Keys, kv::HistoryError> {

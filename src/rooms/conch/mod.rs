@@ -23,7 +23,7 @@ use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
 use crate::cocoa_butter::kit::keys::kv_key;
-use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, reason, room_actions};
+use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, Written, reason, room_actions};
 use crate::cocoa_butter::kit::{
     Cause, GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Publisher, Room,
     RoomContext, RoomError, RoomSpec,
@@ -195,24 +195,9 @@ impl Conch {
             }
             let receipt = record.apply(cause, request, policy, self.settings.receipts_kept);
             let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
-            let written = match revision {
-                None => store.create(&key, bytes).await.map_err(|err| {
-                    (
-                        err.kind() == kv::CreateErrorKind::AlreadyExists,
-                        err.to_string(),
-                    )
-                }),
-                Some(revision) => store.update(&key, bytes, revision).await.map_err(|err| {
-                    (
-                        err.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        err.to_string(),
-                    )
-                }),
-            };
-            match written {
-                Ok(_) => return Ok((receipt.outcome, receipt, record)),
-                Err((true, _)) => continue,
-                Err((false, reason)) => return Err(HandleError::bus(reason)),
+            match store.write_if(&key, bytes, revision).await? {
+                Written::Stored(_) => return Ok((receipt.outcome, receipt, record)),
+                Written::Conflict => continue,
             }
         }
         Err(HandleError::transient(format!(

@@ -31,7 +31,9 @@ use gate::{Gate, Manifest, Rejection, SmartblockCreated};
 use slop::{RulesFile, SlopRules};
 
 use crate::cocoa_butter::kit::keys::kv_key;
-use crate::cocoa_butter::kit::{Action, FieldError, Reason, RoomSettings, reason, room_actions};
+use crate::cocoa_butter::kit::{
+    Action, FieldError, Reason, RoomSettings, Written, reason, room_actions,
+};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
@@ -312,13 +314,8 @@ impl Winnower {
         // record then decides.
         for _ in 0..4 {
             let entry = store.entry(key.clone()).await.map_err(HandleError::bus)?;
-            let written = match entry {
-                None => store.create(&key, bytes.clone()).await.map_err(|err| {
-                    (
-                        err.kind() == kv::CreateErrorKind::AlreadyExists,
-                        err.to_string(),
-                    )
-                }),
+            let revision = match entry {
+                None => None,
                 Some(entry) => {
                     if entry.operation == kv::Operation::Put
                         && let Ok(existing) = serde_json::from_slice::<BlockRecord>(&entry.value)
@@ -332,21 +329,12 @@ impl Winnower {
                             return Ok(None);
                         }
                     }
-                    store
-                        .update(&key, bytes.clone(), entry.revision)
-                        .await
-                        .map_err(|err| {
-                            (
-                                err.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                                err.to_string(),
-                            )
-                        })
+                    Some(entry.revision)
                 }
             };
-            match written {
-                Ok(_) => return Ok(Some(record.accepted)),
-                Err((true, _)) => continue,
-                Err((false, reason)) => return Err(HandleError::bus(reason)),
+            match store.write_if(&key, bytes.clone(), revision).await? {
+                Written::Stored(_) => return Ok(Some(record.accepted)),
+                Written::Conflict => continue,
             }
         }
         Err(HandleError::transient(format!(

@@ -28,7 +28,9 @@ use extract::{RepoLink, extract, github_slug, tag_key};
 use crate::cocoa_butter::kit::Kv;
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::{id_from_kv_key, id_too_long, kv_key};
-use crate::cocoa_butter::kit::{Action, FieldError, Reason, RoomSettings, reason, room_actions};
+use crate::cocoa_butter::kit::{
+    Action, FieldError, Reason, RoomSettings, Written, reason, room_actions,
+};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
@@ -353,24 +355,13 @@ impl Wrapper {
                 return Ok(document);
             }
             let bytes = Bytes::from(serde_json::to_vec(&record).map_err(HandleError::transient)?);
-            let written = match revision {
-                None => store
-                    .create(&key, bytes)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists),
-                Some(revision) => store
-                    .update(&key, bytes, revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision),
-            };
-            match written {
-                Ok(()) => return Ok(document),
-                Err(true) => continue,
-                Err(false) => {
-                    return Err(HandleError::bus(format!("cannot update {key}")).into());
-                }
+            match store
+                .write_if(&key, bytes, revision)
+                .await
+                .map_err(HandleError::from)?
+            {
+                Written::Stored(_) => return Ok(document),
+                Written::Conflict => continue,
             }
         }
         Err(HandleError::transient(format!("{key} kept changing")).into())
