@@ -258,7 +258,33 @@ async fn the_stream_leader_killed_mid_stream_loses_nothing() {
         leader,
         "the leader did not move before the kill"
     );
-    eprintln!("killing the stream leader n{}", leader + 1);
+    // Where the room's own connection is, to tell a failover the room
+    // rides out on a surviving server from one where it reconnects too.
+    let mut room_on = None;
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        let Some(monitoring) = node.monitoring_url() else {
+            continue;
+        };
+        let connz: serde_json::Value = match reqwest::get(format!("{monitoring}/connz")).await {
+            Ok(response) => response.json().await.unwrap_or_default(),
+            Err(_) => continue,
+        };
+        let named = connz["connections"].as_array().is_some_and(|connections| {
+            connections.iter().any(|c| {
+                c["name"]
+                    .as_str()
+                    .is_some_and(|name| name.starts_with("choco-factory"))
+            })
+        });
+        if named {
+            room_on = Some(index + 1);
+        }
+    }
+    eprintln!(
+        "killing the stream leader n{}; the room's connection is on {}",
+        leader + 1,
+        room_on.map_or("an unknown server".to_string(), |n| format!("n{n}"))
+    );
     let killed = Instant::now();
     cluster.nodes[leader].kill().await;
     let election = tokio::time::timeout(
