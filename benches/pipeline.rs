@@ -684,27 +684,10 @@ async fn paced(
     events: usize,
 ) -> Result<Vec<f64>, Error> {
     let start = next_sequence(js, stream).await?;
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut acks = futures::stream::FuturesUnordered::new();
-    for i in 0..events {
-        ticker.tick().await;
-        let envelope = input(case, "lat", i);
-        let message = jetstream::message::PublishMessage::build()
-            .payload(envelope.encode().into())
-            .message_id(&envelope.event_id);
-        acks.push(std::future::IntoFuture::into_future(
-            js.send_publish(subject.to_string(), message).await?,
-        ));
-        // Keep the ack futures moving without waiting on them in order.
-        while let Some(Some(ack)) = futures::FutureExt::now_or_never(acks.next()) {
-            ack?;
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack?;
-    }
+    // Latency is read in stream time (input stored → last output stored),
+    // so making the envelopes before pacing them does not move it.
+    let envelopes = (0..events).map(|i| input(case, "lat", i)).collect();
+    publish_paced(js, subject, envelopes, rate).await?;
     drained(js, stream, durable).await?;
     let messages = read_from(js, stream, start).await?;
     let mut input_at = BTreeMap::new();

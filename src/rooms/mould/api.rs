@@ -169,7 +169,9 @@ impl pb::mould_server::Mould for MouldGrpc {
                 content_type: hydrated.content_type.to_string(),
                 content: hydrated.content,
             })),
-            Err(HydrateError::Invalid { field, message }) => Err(invalid_argument(field, &message)),
+            Err(HydrateError::Invalid { field, message }) => {
+                Err(ApiError::field(field, message).into())
+            }
             Err(HydrateError::Render(err)) => {
                 let mut status = invalid_argument(
                     render_field(&err),
