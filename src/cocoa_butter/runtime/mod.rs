@@ -184,8 +184,9 @@ pub async fn run(
     let mut process_metrics = Some(ProcessMetrics::new(&connection_metrics));
     for (spec, settings, listeners) in bound {
         let home = process_metrics.take();
-        let state = start_room(&shared, spec, settings.clone(), listeners, home.as_ref())?;
-        states.push((settings.name, state));
+        let name = settings.name.clone();
+        let state = start_room(&shared, spec, settings, listeners, home.as_ref())?;
+        states.push((name, state));
     }
     let Shared {
         intake,
