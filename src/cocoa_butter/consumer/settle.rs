@@ -35,13 +35,23 @@ impl Engine {
     async fn settle(&self, job: Job) -> Option<AwaitRedelivery> {
         let mut hold: Option<BusHold<'_>> = None;
         let mut attempts: i64 = 0;
+        // Failures of NATS met while every stream answered the probe.
+        let mut while_answering = 0;
         let published = loop {
             match self.handle_and_publish(&job).await {
-                // The store or the stream answered, so it is no leadership
-                // or connection fault (a deleted bucket, say): retried like
-                // any transient failure, deliveries counted.
+                // The streams answer now. A call that failed during an
+                // election that has just ended (a publish that timed out
+                // while the stream had no leader) succeeds when made again,
+                // so it is made again once, in place. Failing again while
+                // everything answers, it is no leadership or connection
+                // fault (a deleted bucket, say): retried like any transient
+                // failure, deliveries counted.
                 Err(HandleError::Bus(detail)) if !self.bus_is_failing().await => {
-                    break Err(HandleError::Transient(detail));
+                    while_answering += 1;
+                    if while_answering > 1 {
+                        break Err(HandleError::Transient(detail));
+                    }
+                    tracing::debug!(error = %detail, "NATS failed a call but answers now: once more in place");
                 }
                 Err(HandleError::Bus(detail)) => {
                     attempts += 1;

@@ -110,7 +110,7 @@ pub async fn ensure_stream(
             let mut wanted = config.clone();
             storage.apply(&mut wanted);
             wanted.duplicate_window = nats.duplicate_window;
-            js.update_stream(&wanted)
+            resent_on_timeout(|| js.update_stream(&wanted))
                 .await
                 .map_err(|err| BusError::StreamSettings {
                     stream: name.into(),
@@ -132,8 +132,8 @@ pub async fn ensure_stream(
                     stream: name.into(),
                 });
             }
-            let created = js
-                .create_stream(stream_config(name, subject, nats.duplicate_window, storage))
+            let config = stream_config(name, subject, nats.duplicate_window, storage);
+            let created = resent_on_timeout(|| js.create_stream(config.clone()))
                 .await
                 .map_err(|err| BusError::StreamSettings {
                     stream: name.into(),
@@ -148,6 +148,37 @@ pub async fn ensure_stream(
             stream: name.to_string(),
             source: err.into(),
         }),
+    }
+}
+
+/// Sends a stream create or update again when it timed out, up to three
+/// times in all. On a loaded cluster the meta leader can take longer than
+/// `nats.request_timeout` to place a stream's replicas (seen creating an R3
+/// stream while another moved from R1 to R3), and both requests are
+/// idempotent: the same configuration sent again succeeds, created or not.
+async fn resent_on_timeout<T, Request, Answer>(
+    mut request: Request,
+) -> Result<T, jetstream::context::CreateStreamError>
+where
+    Request: FnMut() -> Answer,
+    Answer: std::future::Future<Output = Result<T, jetstream::context::CreateStreamError>>,
+{
+    const ATTEMPTS: usize = 3;
+    let mut attempt = 1;
+    loop {
+        match request().await {
+            Err(err)
+                if attempt < ATTEMPTS
+                    && matches!(
+                        err.kind(),
+                        jetstream::context::CreateStreamErrorKind::TimedOut
+                    ) =>
+            {
+                tracing::debug!(attempt, "a stream request timed out; sending it again");
+                attempt += 1;
+            }
+            answer => return answer,
+        }
     }
 }
 

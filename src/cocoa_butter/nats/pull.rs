@@ -23,6 +23,15 @@
 //! and `max_waiting` and the engine's slots bound, never for less. Silence
 //! is answered by pulling again in place, so a lost pull costs two
 //! heartbeats and no rebind.
+//!
+//! A pull answered by "no responders" (503) found no consumer leader: an
+//! election is under way on a cluster (or the consumer is gone). The puller
+//! waits a moment and pulls again rather than ending: ending would have the
+//! supervisor rebind only after every lane finished, and a lane can be
+//! waiting out an ack deadline for a nak the leaderless consumer never
+//! got — a 30 s stall of the whole room, measured in the cluster failover
+//! test. Only a consumer that has had no leader for [`NO_LEADER_GRACE`]
+//! ends the pull (the supervisor then binds again, creating it if gone).
 
 use std::time::Duration;
 
@@ -31,6 +40,14 @@ use async_nats::{StatusCode, Subject};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
+
+/// How long pulls may find no consumer leader before the puller gives up
+/// and lets the supervisor bind again: longer than a JetStream election
+/// (Raft waits a few seconds before it elects, about 5 s measured).
+pub const NO_LEADER_GRACE: Duration = Duration::from_secs(15);
+
+/// The pause before pulling again after a pull found no consumer leader.
+const NO_LEADER_RETRY: Duration = Duration::from_millis(250);
 
 /// Why a [`Puller`] stopped: the consumer is gone or cannot be pulled.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +83,10 @@ pub struct Puller {
     /// Messages requested and neither delivered nor released by a status.
     owed: usize,
     last_heard: Instant,
+    /// Since when pulls have found no consumer leader (503), if they do.
+    leaderless_since: Option<Instant>,
+    /// No pull before this instant (set after a 503).
+    pull_after: Option<Instant>,
 }
 
 impl Puller {
@@ -107,6 +128,8 @@ impl Puller {
             request: Bytes::new(),
             owed: 0,
             last_heard: Instant::now(),
+            leaderless_since: None,
+            pull_after: None,
         };
         puller.request = puller.build_request();
         Ok(puller)
@@ -157,6 +180,9 @@ impl Puller {
     pub async fn next(&mut self) -> Result<jetstream::Message, PullError> {
         loop {
             if self.owed <= self.batch / 2 {
+                if let Some(after) = self.pull_after.take() {
+                    tokio::time::sleep_until(after).await;
+                }
                 self.pull().await?;
             }
             let silence = if self.heartbeat.is_zero() {
@@ -200,6 +226,20 @@ impl Puller {
         &mut self,
         message: async_nats::Message,
     ) -> Result<Option<jetstream::Message>, PullError> {
+        if let Some(status) = message.status
+            && status != StatusCode::OK
+            && status != StatusCode::IDLE_HEARTBEAT
+        {
+            tracing::debug!(
+                %status,
+                description = message.description.as_deref().unwrap_or_default(),
+                owed = self.owed,
+                "pull status"
+            );
+        }
+        if message.status != Some(StatusCode::NO_RESPONDERS) {
+            self.leaderless_since = None;
+        }
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.owed = self.owed.saturating_sub(1);
@@ -246,6 +286,19 @@ impl Puller {
             }
             Some(StatusCode::NOT_FOUND) => {
                 self.owed = 0;
+                Ok(None)
+            }
+            Some(StatusCode::NO_RESPONDERS) => {
+                // No consumer leader took the pull: nothing is owed.
+                self.owed = 0;
+                let now = Instant::now();
+                let since = *self.leaderless_since.get_or_insert(now);
+                if now - since >= NO_LEADER_GRACE {
+                    return Err(PullError::Ended(format!(
+                        "no consumer leader answered pulls for {NO_LEADER_GRACE:?}"
+                    )));
+                }
+                self.pull_after = Some(now + NO_LEADER_RETRY);
                 Ok(None)
             }
             Some(status) => Err(PullError::Ended(format!(
