@@ -74,6 +74,7 @@ const ROUTING: Routing<'static> = Routing {
     outputs: &["property_sync.completed"],
     max_envelope_bytes: 1024 * 1024,
     service: "the-conch",
+    contracts: None,
 };
 
 /// A delivery as the engine gets it: subject and body.

@@ -33,11 +33,15 @@ async fn a_matching_write_applies_and_a_stale_one_is_resolved() {
     publish(&js, REQUESTED, &first).await;
     let completed = exactly(&js, COORDINATION, COMPLETED, 1).await;
     let done = &completed[0];
+    // The input is major 1 (a bare value); the output is published at its
+    // current major, 2, whose value carries its type.
     assert_eq!(
         done.payload(),
-        json!({"document_id": "doc-1", "property": "title", "value": "Golden ticket", "revision": 1, "author_id": "ann"})
+        json!({"document_id": "doc-1", "property": "title",
+               "value": {"type": "string", "value": "Golden ticket"}, "revision": 1, "author_id": "ann"})
     );
     let envelope_out = done.envelope();
+    assert_eq!(envelope_out.schema_version, "2.0.0");
     assert_eq!(
         envelope_out.event_type,
         "coordination.property_sync.completed"
@@ -602,4 +606,124 @@ async fn order_per_document_survives_a_transient_failure() {
         "no conflict"
     );
     assert!(read_all(&js, "choco:dlq", "choco.dlq.>").await.is_empty());
+}
+
+/// `property_sync.requested` at major 2 carries its value's type; major 1
+/// (a bare value) is still read, upcast before the handler sees it. Events
+/// of both majors already in the stream when the (upgraded) binary starts
+/// are handled; a newer major is dead-lettered `unsupported_schema_version`,
+/// and a major 2 value that is not its declared type `payload_invalid`,
+/// naming `value.type`. A minor difference is accepted as it is.
+#[tokio::test]
+async fn inputs_of_every_major_the_conch_reads_are_handled_and_newer_ones_refused() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let (ok, out, err) = cli(&nats.url(), &["streams", "ensure"]);
+    assert!(ok, "{out}{err}");
+    let at = "2026-03-01T10:00:00Z";
+    let at_version = |doc: &str, version: &str, value: Value| {
+        let mut event = envelope(
+            "coordination.property_sync.requested",
+            doc,
+            &sync_payload(doc, "title", value, 0, "ann", at),
+        );
+        event.schema_version = version.into();
+        event
+    };
+    for event in [
+        at_version("doc-v1", "1.0.0", json!("one")),
+        at_version("doc-v2", "2.0.0", json!({"type": "number", "value": 2})),
+        at_version("doc-v1-minor", "1.4.2", json!(["a"])),
+        at_version(
+            "doc-v2-lies",
+            "2.0.0",
+            json!({"type": "number", "value": "three"}),
+        ),
+        at_version("doc-v3", "3.0.0", json!({"type": "string", "value": "x"})),
+    ] {
+        publish(&js, REQUESTED, &event).await;
+    }
+
+    let factory = Factory::start(&nats.url()).await;
+    factory.wait_ready().await;
+    let completed = exactly(&js, COORDINATION, COMPLETED, 3).await;
+    let by_doc: HashMap<String, (String, Value)> = completed
+        .iter()
+        .map(|m| {
+            let envelope = m.envelope();
+            (
+                envelope.aggregate_id.clone(),
+                (envelope.schema_version, m.payload()["value"].clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_doc["doc-v1"],
+        ("2.0.0".into(), json!({"type": "string", "value": "one"}))
+    );
+    assert_eq!(
+        by_doc["doc-v2"],
+        ("2.0.0".into(), json!({"type": "number", "value": 2}))
+    );
+    assert_eq!(
+        by_doc["doc-v1-minor"],
+        ("2.0.0".into(), json!({"type": "array", "value": ["a"]}))
+    );
+
+    let letters = exactly(&js, "choco:dlq", "choco.dlq.>", 2).await;
+    let reasons: HashMap<String, (String, String)> = letters
+        .iter()
+        .map(|l| {
+            (
+                l.envelope().aggregate_id,
+                (
+                    l.header("Choco-Dlq-Reason").unwrap_or_default(),
+                    l.header("Choco-Dlq-Detail").unwrap_or_default(),
+                ),
+            )
+        })
+        .collect();
+    let (reason, detail) = &reasons["doc-v2-lies"];
+    assert_eq!(reason, "payload_invalid");
+    assert!(detail.contains("value.type"), "{detail}");
+    let (reason, detail) = &reasons["doc-v3"];
+    assert_eq!(reason, "unsupported_schema_version");
+    assert!(detail.contains("majors 1, 2"), "{detail}");
+}
+
+/// During a migration window (`rooms.conch.publish_previous_major`), the
+/// conch publishes `property_sync.completed` at major 1 (the bare value),
+/// one output per input as always, while it reads inputs of both majors.
+#[tokio::test]
+async fn a_room_in_a_migration_window_publishes_the_previous_major() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let mut env = conch_env(&nats.url());
+    env.push((
+        "CHOCO_ROOMS__CONCH__PUBLISH_PREVIOUS_MAJOR".into(),
+        "true".into(),
+    ));
+    let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
+    factory.wait_ready().await;
+    let mut event = envelope(
+        "coordination.property_sync.requested",
+        "doc-window",
+        &sync_payload(
+            "doc-window",
+            "title",
+            json!({"type": "string", "value": "Fudge"}),
+            0,
+            "ann",
+            "2026-03-01T10:00:00Z",
+        ),
+    );
+    event.schema_version = "2.0.0".into();
+    publish(&js, REQUESTED, &event).await;
+    let completed = exactly(&js, COORDINATION, COMPLETED, 1).await;
+    assert_eq!(completed[0].envelope().schema_version, "1.0.0");
+    assert_eq!(
+        completed[0].payload(),
+        json!({"document_id": "doc-window", "property": "title", "value": "Fudge",
+               "revision": 1, "author_id": "ann"})
+    );
 }

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use choco_factory::cocoa_butter::config::{
     ConsumerConfig, FactoryConfig, RoomConfig, ServerUrls, ValidatedConfig, validate,
 };
+use choco_factory::cocoa_butter::contract::EventContract;
 use choco_factory::cocoa_butter::runtime;
 use choco_factory::cocoa_butter::{
     GrpcService, HandleError, InboundEvent, Outbound, Room, RoomError, RoomSpec,
@@ -27,6 +28,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 const STREAM: &str = "choco:events:probing";
+choco_factory::room_actions! {
+    /// The probe room's one input.
+    enum Input: inputs {
+        WorkRequested = "work.requested",
+    }
+}
+
 choco_factory::room_actions! {
     /// The probe room's one output.
     enum Output: outputs {
@@ -85,6 +93,12 @@ const SPEC: RoomSpec = RoomSpec {
     check: |_| Ok(()),
     build: |_| Ok(Arc::new(Probe)),
     defaults: || serde_json::json!({}),
+    contracts: || {
+        vec![
+            EventContract::input::<serde_json::Value>(Input::WorkRequested, "work to do"),
+            EventContract::output::<serde_json::Value>(Output::WorkCompleted, "work done"),
+        ]
+    },
 };
 static REGISTRY: &[RoomSpec] = &[SPEC];
 
@@ -186,6 +200,7 @@ fn config(nats_url: &str, http_port: u16) -> ValidatedConfig {
             metrics_port: Some(free_port()),
             consumer: Default::default(),
             streams: Default::default(),
+            publish_previous_major: false,
             settings: Default::default(),
         },
     );

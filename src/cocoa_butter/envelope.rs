@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-/// The schema version this runtime writes.
+/// The schema version of a payload whose contract has one major (and of
+/// what the runtime writes without a contract). An event's own payload
+/// schema sets its version: `contract/`.
 pub const SCHEMA_VERSION: &str = "1.0.0";
-/// The major version this runtime reads; anything else is dead-lettered.
-pub const SUPPORTED_SCHEMA_MAJOR: u64 = 1;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope {
@@ -43,7 +43,7 @@ pub enum EnvelopeError {
     Malformed(String),
     #[error("content_hash {claimed} does not match the payload's SHA-256 {actual}")]
     ContentHashMismatch { claimed: String, actual: String },
-    #[error("schema_version {0:?} is not supported (this runtime reads major version 1)")]
+    #[error("schema_version {0:?} is not a version (MAJOR.MINOR.PATCH)")]
     UnsupportedSchemaVersion(String),
 }
 
@@ -56,6 +56,11 @@ impl EnvelopeError {
             EnvelopeError::UnsupportedSchemaVersion(_) => "unsupported_schema_version",
         }
     }
+}
+
+/// The major of a `schema_version` (`"2.1.0"` → 2).
+pub fn major_of(version: &str) -> Option<u64> {
+    version.split('.').next()?.trim().parse().ok()
 }
 
 /// Lower-case hex SHA-256.
@@ -86,8 +91,9 @@ impl EventEnvelope {
         }
     }
 
-    /// Parses and checks a message body: structure, required fields, schema
-    /// major version and content hash, in that order.
+    /// Parses and checks a message body: structure, required fields, that
+    /// the schema version has a major, and the content hash, in that order.
+    /// Which majors an event may have is its contract's to say.
     pub fn decode(body: &[u8]) -> Result<Self, EnvelopeError> {
         let envelope: EventEnvelope = serde_json::from_slice(body)
             .map_err(|err| EnvelopeError::Malformed(err.to_string()))?;
@@ -102,12 +108,7 @@ impl EventEnvelope {
                 return Err(EnvelopeError::Malformed(format!("{field} is required")));
             }
         }
-        let major = envelope
-            .schema_version
-            .split('.')
-            .next()
-            .and_then(|major| major.parse::<u64>().ok());
-        if major != Some(SUPPORTED_SCHEMA_MAJOR) {
+        if major_of(&envelope.schema_version).is_none() {
             return Err(EnvelopeError::UnsupportedSchemaVersion(
                 envelope.schema_version,
             ));
@@ -293,12 +294,20 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// The output `action` (one the room declares) about `aggregate_id`.
-    pub fn new(action: impl OutputAction, aggregate_id: &str, payload: serde_json::Value) -> Self {
+    /// The output `action` (one the room declares) about `aggregate_id`,
+    /// its payload the action's contract type (or JSON).
+    pub fn new(
+        action: impl OutputAction,
+        aggregate_id: &str,
+        payload: impl serde::Serialize,
+    ) -> Self {
         Outbound {
             action: action.as_str().to_string(),
             aggregate_id: aggregate_id.to_string(),
-            payload,
+            // The payload types are plain structs of strings, numbers and
+            // JSON values, whose serializing cannot fail; a null would be
+            // refused by every consumer's schema rather than pass unseen.
+            payload: serde_json::to_value(payload).unwrap_or_default(),
             idempotency_key: None,
         }
     }
@@ -354,9 +363,9 @@ mod tests {
         let err = EventEnvelope::decode(b"not json").expect_err("garbage");
         assert_eq!(err.reason(), "malformed_envelope");
 
-        let mut v2 = sample();
-        v2.schema_version = "2.0.0".into();
-        let err = EventEnvelope::decode(&v2.encode()).expect_err("v2");
+        let mut unversioned = sample();
+        unversioned.schema_version = "latest".into();
+        let err = EventEnvelope::decode(&unversioned.encode()).expect_err("no major");
         assert_eq!(err.reason(), "unsupported_schema_version");
 
         let mut json: serde_json::Value = serde_json::from_slice(&sample().encode()).expect("json");

@@ -8,6 +8,7 @@
 
 pub use super::api::{self, FieldError, JsonError, decode_json};
 pub use super::config::RoomSettings;
+pub use super::contract::{EventContract, Older, Payload, snake_case_aliases};
 pub use super::dlq::{Reason, reason};
 pub use super::envelope::{Action, Cause, EventEnvelope, OutputAction, content_hash, rfc3339};
 pub use super::keys;

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod consumer;
+pub mod contract;
 pub mod control;
 pub mod dlq;
 pub mod envelope;

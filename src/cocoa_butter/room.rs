@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 pub use super::api::JsonError;
 use super::api::{self, decode_json};
 use super::config::RoomSettings;
+use super::contract::EventContract;
 pub use super::dlq::{Reason, reason};
 use super::envelope::Action;
 pub use super::envelope::Outbound;
@@ -34,6 +35,10 @@ pub struct RoomSpec {
     /// The room's settings when `rooms.<room>.settings` sets nothing, as
     /// JSON, so `config show` lists every setting with its default.
     pub defaults: fn() -> serde_json::Value,
+    /// One contract per input and output: its payload type and majors
+    /// (`contract/`). The runtime refuses to start a room whose contracts
+    /// and `inputs()`/`outputs()` disagree.
+    pub contracts: fn() -> Vec<EventContract>,
 }
 
 /// What the runtime hands a room when building it.

@@ -478,6 +478,11 @@ pub struct RoomConfig {
     /// The room's domain stream, over `[streams]`.
     #[serde(default)]
     pub streams: StreamOverrides,
+    /// Publish every output that has a previous major at that major instead
+    /// of the current one: a migration window for consumers not yet moved
+    /// to a breaking change (docs/OPERATIONS.md, "Changing an event").
+    #[serde(default)]
+    pub publish_previous_major: bool,
     /// The room's own settings; only the room knows their shape.
     #[serde(default)]
     pub settings: serde_json::Map<String, serde_json::Value>,
@@ -515,6 +520,8 @@ pub struct RoomSettings {
     pub buckets: BucketStorage,
     /// How the dead-letter stream (shared by every room) is kept.
     pub dlq: StreamStorage,
+    /// `rooms.<room>.publish_previous_major`.
+    pub publish_previous_major: bool,
     pub settings: serde_json::Value,
     /// Relative file paths in the room's settings are resolved against this:
     /// the folder of the port table in use (`--rooms-file`), else the

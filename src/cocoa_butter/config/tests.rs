@@ -210,6 +210,7 @@ fn unknown_rooms_are_refused() {
             metrics_port: None,
             consumer: ConsumerOverrides::default(),
             streams: StreamOverrides::default(),
+            publish_previous_major: false,
             settings: Default::default(),
         },
     );

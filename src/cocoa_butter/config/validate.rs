@@ -389,6 +389,7 @@ pub(super) fn resolve_room(
         },
         // Resolved once every domain stream is (see `validate`).
         dlq: factory.streams.for_dlq(&[])?,
+        publish_previous_major: room.publish_previous_major,
         settings: serde_json::Value::Object(room.settings.clone()),
         base_dir: PathBuf::from("."),
     })

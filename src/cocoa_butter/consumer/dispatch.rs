@@ -47,6 +47,7 @@ impl Engine {
             outputs: self.room.outputs(),
             max_envelope_bytes: self.max_envelope_bytes,
             service: &self.settings.service,
+            contracts: Some(&self.contracts),
         };
         let verdict = match route(&routing, &action, &event_type, &message.payload) {
             Route::OwnOutput => {

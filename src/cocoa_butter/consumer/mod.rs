@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cocoa_butter::config::{NatsConfig, RoomSettings};
+use crate::cocoa_butter::contract::Contracts;
 use crate::cocoa_butter::metrics::RoomMetrics;
 use crate::cocoa_butter::nats::pull::{PullError, Puller};
 use crate::cocoa_butter::nats::{self, Publisher};
@@ -70,6 +71,8 @@ pub enum ConsumerError {
 /// One room's consumer: everything needed to turn deliveries into outcomes.
 pub struct Engine {
     pub room: Arc<dyn Room>,
+    /// The majors of the room's inputs and their upcasters.
+    pub contracts: Contracts,
     pub settings: RoomSettings,
     pub nats: NatsConfig,
     pub js: jetstream::Context,

@@ -4,8 +4,9 @@
 //! dead letter will carry. Public, with [`verify`], for the micro-bench
 //! (`benches/engine.rs`) and the fuzz targets.
 
+use crate::cocoa_butter::contract::{self, ContractError, Contracts};
 use crate::cocoa_butter::dlq::reason;
-use crate::cocoa_butter::envelope::{EnvelopeError, EventEnvelope};
+use crate::cocoa_butter::envelope::{EnvelopeError, EventEnvelope, content_hash};
 use crate::cocoa_butter::room::HandleError;
 
 /// What routing needs to know of a room.
@@ -17,6 +18,9 @@ pub struct Routing<'a> {
     pub max_envelope_bytes: usize,
     /// The room's service name, for the refusal of an unknown type.
     pub service: &'a str,
+    /// The majors each input accepts and their upcasters. Without them
+    /// (the micro-bench), an input has the one major 1.
+    pub contracts: Option<&'a Contracts>,
 }
 
 /// Where a delivery goes.
@@ -49,6 +53,7 @@ pub fn route(routing: &Routing<'_>, action: &str, event_type: &str, body: &[u8])
         ))
     } else if routing.inputs.contains(&action) {
         verify(body, event_type)
+            .and_then(|envelope| at_current_major(routing.contracts, action, envelope))
     } else {
         Err(HandleError::permanent(
             reason::UNKNOWN_EVENT_TYPE,
@@ -95,6 +100,46 @@ pub fn verify(body: &[u8], event_type: &str) -> Result<EventEnvelope, HandleErro
     Ok(envelope)
 }
 
+/// The input with its payload at its contract's current major: upcast step
+/// by step when older, refused when its major is not one the room reads.
+/// The envelope then says the current version, and its hash is the upcast
+/// payload's, so what the handler sees is consistent.
+pub fn at_current_major(
+    contracts: Option<&Contracts>,
+    action: &str,
+    mut envelope: EventEnvelope,
+) -> Result<EventEnvelope, HandleError> {
+    let Some(contract) = contracts.and_then(|contracts| contracts.get(action)) else {
+        if contract::major_of(&envelope.schema_version) == Some(1) {
+            return Ok(envelope);
+        }
+        return Err(HandleError::permanent(
+            reason::UNSUPPORTED_SCHEMA_VERSION,
+            format!(
+                "schema_version {:?} of {action}: this room reads major 1",
+                envelope.schema_version
+            ),
+        ));
+    };
+    match contract.to_current(&envelope.schema_version, &envelope.payload) {
+        Ok(None) => Ok(envelope),
+        Ok(Some(payload)) => {
+            envelope.content_hash = content_hash(&payload);
+            envelope.payload = payload;
+            envelope.schema_version = contract::version_of(contract.current);
+            Ok(envelope)
+        }
+        Err(err @ ContractError::UnsupportedMajor { .. }) => Err(HandleError::permanent(
+            reason::UNSUPPORTED_SCHEMA_VERSION,
+            err.to_string(),
+        )),
+        Err(err @ ContractError::Upcast { .. }) => Err(HandleError::permanent(
+            reason::PAYLOAD_INVALID,
+            err.to_string(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +149,7 @@ mod tests {
         outputs: &["conflict.detected"],
         max_envelope_bytes: 4096,
         service: "the-conch",
+        contracts: None,
     };
     const INPUT: &str = "coordination.property_sync.requested";
 

@@ -11,6 +11,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::contract::{self, Contracts};
 use crate::cocoa_butter::envelope::Outbound;
 use crate::cocoa_butter::envelope::{Cause, EventEnvelope};
 use crate::cocoa_butter::metrics::RoomMetrics;
@@ -40,11 +41,15 @@ pub struct Publisher {
 /// Turns a room's outputs into the messages that carry them: subject,
 /// envelope, headers and message id; no I/O, so the micro-bench
 /// (`benches/engine.rs`) measures it as the engine runs it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OutputEncoder {
     subject_base: String,
     domain: String,
     service: String,
+    /// The outputs' majors (without them, every output is major 1).
+    contracts: Contracts,
+    /// `rooms.<room>.publish_previous_major`.
+    previous_major: bool,
 }
 
 /// One output, ready to publish.
@@ -70,7 +75,17 @@ impl OutputEncoder {
             subject_base: subject_base.to_string(),
             domain: domain.to_string(),
             service: service.to_string(),
+            contracts: Contracts::default(),
+            previous_major: false,
         }
+    }
+
+    /// Outputs at the majors `contracts` give them: the current one, or the
+    /// previous one where there is one and `previous_major` is on.
+    pub fn with_contracts(mut self, contracts: Contracts, previous_major: bool) -> Self {
+        self.contracts = contracts;
+        self.previous_major = previous_major;
+        self
     }
 
     /// The `index`-th output of `cause`.
@@ -83,12 +98,30 @@ impl OutputEncoder {
         let event_id = cause.output_id(index);
         let subject = format!("{}{}", self.subject_base, output.action);
         let event_type = format!("{}.{}", self.domain, output.action);
-        let payload = serde_json::to_vec(&output.payload).map_err(|err| PublishError {
+        let refused = |reason: String| PublishError {
             subject: subject.clone(),
-            reason: err.to_string(),
+            reason,
             bus_fault: false,
-        })?;
-        let envelope = EventEnvelope::new(
+        };
+        let contract = self.contracts.get(&output.action);
+        let previous = contract
+            .filter(|_| self.previous_major)
+            .and_then(|contract| contract.to_previous(&output.payload))
+            .transpose()
+            .map_err(|err| refused(format!("writing it at its previous major: {err}")))?;
+        let (version, payload) = match (&previous, contract) {
+            (Some((major, value)), _) => (contract::version_of(*major), serde_json::to_vec(value)),
+            (None, Some(contract)) => (
+                contract::version_of(contract.current),
+                serde_json::to_vec(&output.payload),
+            ),
+            (None, None) => (
+                crate::cocoa_butter::envelope::SCHEMA_VERSION.to_string(),
+                serde_json::to_vec(&output.payload),
+            ),
+        };
+        let payload = payload.map_err(|err| refused(err.to_string()))?;
+        let mut envelope = EventEnvelope::new(
             event_id,
             event_type.clone(),
             output.aggregate_id.clone(),
@@ -96,6 +129,7 @@ impl OutputEncoder {
             payload,
             self.service.clone(),
         );
+        envelope.schema_version = version;
         let message_id = match &output.idempotency_key {
             Some(key) => format!(
                 "{}:{}",
@@ -155,6 +189,13 @@ impl Publisher {
             encoder: OutputEncoder::new(&room.subject_base, &room.domain, &room.service),
             metrics,
         }
+    }
+
+    /// Publishes the room's outputs at the majors its contracts give them
+    /// (see [`OutputEncoder::with_contracts`]).
+    pub fn with_contracts(mut self, contracts: Contracts, previous_major: bool) -> Self {
+        self.encoder = self.encoder.with_contracts(contracts, previous_major);
+        self
     }
 
     /// Publishes every output and waits until JetStream stored each of them.

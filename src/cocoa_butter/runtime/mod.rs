@@ -36,6 +36,7 @@ use tracing::Instrument;
 
 use super::config::{RoomSettings, ValidatedConfig};
 use super::consumer::Engine;
+use super::contract::Contracts;
 use super::dlq::reason;
 use super::guard::{GuardLayer, Policy};
 use super::metrics::{ConnectionMetrics, ProcessMetrics, RoomMetrics};
@@ -292,7 +293,9 @@ fn start_room(
     let span = room_span(&settings.label);
     let metrics = RoomMetrics::new(&settings.name, home);
     metrics.init_stream(&settings.stream);
-    let publisher = Publisher::new(shared.js.clone(), &settings, metrics.clone());
+    let contracts = Contracts::new((spec.contracts)());
+    let publisher = Publisher::new(shared.js.clone(), &settings, metrics.clone())
+        .with_contracts(contracts.clone(), settings.publish_previous_major);
     let store_streams = StoreStreams::default();
     let room = (spec.build)(RoomContext {
         settings: settings.clone(),
@@ -302,6 +305,14 @@ fn start_room(
         store_streams: store_streams.clone(),
     })
     .map_err(|err| RuntimeError::Refused(err.to_string()))?;
+    let disagreements = contracts.mismatches(room.inputs(), room.outputs());
+    if !disagreements.is_empty() {
+        return Err(RuntimeError::Refused(format!(
+            "rooms.{}: its event contracts and its inputs/outputs disagree: {}",
+            settings.name,
+            disagreements.join("; ")
+        )));
+    }
     let declared = |actions: &[&str]| -> Vec<String> {
         actions.iter().map(|a| settings.event_type(a)).collect()
     };
@@ -425,6 +436,7 @@ fn start_room(
 
     let engine = Arc::new(Engine {
         room,
+        contracts,
         settings,
         nats: shared.nats.clone(),
         js: shared.js.clone(),

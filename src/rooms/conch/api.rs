@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tonic::{Request, Status};
 
 use super::Conch;
-use super::sync::{self, PropertyState, SyncRequest};
+use super::sync::{self, PropertyState, SyncRequest, SyncRequestV1, TypedValue};
 use crate::cocoa_butter::kit::api::{
     FieldError, FieldViolation, correlation_grpc, correlation_http, json_from_pb, json_to_pb,
 };
@@ -40,8 +40,10 @@ fn field_violations(errors: Vec<FieldError>) -> Vec<FieldViolation> {
 async fn sync_http(
     State(conch): State<Arc<Conch>>,
     headers: HeaderMap,
-    JsonBody(request): JsonBody<SyncRequest>,
+    JsonBody(request): JsonBody<SyncRequestV1>,
 ) -> Result<Json<Value>, ApiError> {
+    // The API keeps the major 1 shape; the rules work on the current one.
+    let request = SyncRequest::from(request);
     let violations = request.violations();
     if !violations.is_empty() {
         return Err(field_violations(violations).into());
@@ -111,7 +113,7 @@ impl pb::conch_server::Conch for ConchGrpc {
         let sync_request = SyncRequest {
             document_id: message.document_id,
             property: message.property,
-            value: message.value.map_or(Value::Null, json_from_pb),
+            value: TypedValue::inferred(message.value.map_or(Value::Null, json_from_pb)),
             base_revision: message.base_revision,
             author_id: message.author_id,
             updated_at,

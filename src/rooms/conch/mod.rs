@@ -23,7 +23,9 @@ use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
 use crate::cocoa_butter::kit::keys::kv_key;
-use crate::cocoa_butter::kit::{Action, Reason, RoomSettings, Written, reason, room_actions};
+use crate::cocoa_butter::kit::{
+    Action, EventContract, Reason, RoomSettings, Written, reason, room_actions,
+};
 use crate::cocoa_butter::kit::{
     Cause, GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Publisher, Room,
     RoomContext, RoomError, RoomSpec,
@@ -35,6 +37,26 @@ pub const SPEC: RoomSpec = RoomSpec {
     check: |settings| ConchSettings::parse(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Conch::new(ctx)?)),
     defaults: || serde_json::to_value(ConchSettings::default()).unwrap_or_default(),
+    contracts: || {
+        vec![
+            EventContract::input::<SyncRequest>(
+                Input::PropertySyncRequested,
+                "set one property of a document, based on the revision the writer saw",
+            ),
+            EventContract::output::<sync::SyncCompleted>(
+                sync::Output::Completed,
+                "the write was applied: the property's value and its new revision",
+            ),
+            EventContract::output::<sync::ConflictDetected>(
+                sync::Output::ConflictDetected,
+                "the write's base revision was not the property's",
+            ),
+            EventContract::output::<sync::ConflictResolved>(
+                sync::Output::ConflictResolved,
+                "what the property's policy kept after a conflict",
+            ),
+        ]
+    },
 };
 
 room_actions! {

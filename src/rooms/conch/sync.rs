@@ -6,12 +6,13 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::cocoa_butter::kit::keys::id_too_long;
 use crate::cocoa_butter::kit::rfc3339;
-use crate::cocoa_butter::kit::{FieldError, Outbound, room_actions};
+use crate::cocoa_butter::kit::{FieldError, Older, Outbound, Payload, room_actions};
 
 room_actions! {
     /// What the Fudge Room publishes.
@@ -37,10 +38,57 @@ fn depth(value: &Value) -> usize {
     }
 }
 
-/// The payload of `coordination.property_sync.requested`, and the body of
-/// the synchronous APIs.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct SyncRequest {
+/// The JSON type of a property's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueType {
+    Null,
+    Boolean,
+    Number,
+    String,
+    Array,
+    Object,
+}
+
+impl ValueType {
+    pub fn of(value: &Value) -> Self {
+        match value {
+            Value::Null => ValueType::Null,
+            Value::Bool(_) => ValueType::Boolean,
+            Value::Number(_) => ValueType::Number,
+            Value::String(_) => ValueType::String,
+            Value::Array(_) => ValueType::Array,
+            Value::Object(_) => ValueType::Object,
+        }
+    }
+}
+
+/// A property's value with the type its producer declares for it: what
+/// major 2 of `property_sync.requested` and `property_sync.completed`
+/// carry, so a consumer need not guess the type from the JSON, and the
+/// conch refuses a value that is not what its producer said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TypedValue {
+    #[serde(rename = "type")]
+    pub kind: ValueType,
+    #[serde(default)]
+    pub value: Value,
+}
+
+impl TypedValue {
+    /// A value whose type is read from its JSON (a major 1 value).
+    pub fn inferred(value: Value) -> Self {
+        TypedValue {
+            kind: ValueType::of(&value),
+            value,
+        }
+    }
+}
+
+/// `coordination.property_sync.requested`, major 1 (its value untyped), and
+/// the body of the synchronous APIs, which keep this shape.
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+pub struct SyncRequestV1 {
     pub document_id: String,
     pub property: String,
     #[serde(default)]
@@ -52,6 +100,127 @@ pub struct SyncRequest {
     #[serde(default)]
     pub request_id: Option<String>,
 }
+
+/// `coordination.property_sync.requested`, major 2: the value carries its
+/// type. What the conch's rules work on; a major 1 request is upcast to it
+/// (its value's type read from its JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SyncRequest {
+    pub document_id: String,
+    pub property: String,
+    pub value: TypedValue,
+    pub base_revision: u64,
+    pub author_id: String,
+    pub updated_at: DateTime<Utc>,
+    /// Only for the APIs: an idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+impl From<SyncRequestV1> for SyncRequest {
+    fn from(v1: SyncRequestV1) -> Self {
+        SyncRequest {
+            document_id: v1.document_id,
+            property: v1.property,
+            value: TypedValue::inferred(v1.value),
+            base_revision: v1.base_revision,
+            author_id: v1.author_id,
+            updated_at: v1.updated_at,
+            request_id: v1.request_id,
+        }
+    }
+}
+
+impl Payload for SyncRequest {
+    const MAJOR: u64 = 2;
+    fn older() -> Vec<Older> {
+        vec![Older::upcast::<SyncRequestV1, SyncRequest>(1)]
+    }
+}
+
+/// `coordination.property_sync.completed`, major 2: the applied value with
+/// its type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SyncCompleted {
+    pub document_id: String,
+    pub property: String,
+    pub value: TypedValue,
+    pub revision: u64,
+    pub author_id: String,
+}
+
+/// `coordination.property_sync.completed`, major 1: the bare value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SyncCompletedV1 {
+    pub document_id: String,
+    pub property: String,
+    #[serde(default)]
+    pub value: Value,
+    pub revision: u64,
+    pub author_id: String,
+}
+
+impl From<SyncCompletedV1> for SyncCompleted {
+    fn from(v1: SyncCompletedV1) -> Self {
+        SyncCompleted {
+            document_id: v1.document_id,
+            property: v1.property,
+            value: TypedValue::inferred(v1.value),
+            revision: v1.revision,
+            author_id: v1.author_id,
+        }
+    }
+}
+
+impl From<SyncCompleted> for SyncCompletedV1 {
+    fn from(v2: SyncCompleted) -> Self {
+        SyncCompletedV1 {
+            document_id: v2.document_id,
+            property: v2.property,
+            value: v2.value.value,
+            revision: v2.revision,
+            author_id: v2.author_id,
+        }
+    }
+}
+
+impl Payload for SyncCompleted {
+    const MAJOR: u64 = 2;
+    fn older() -> Vec<Older> {
+        vec![
+            Older::upcast::<SyncCompletedV1, SyncCompleted>(1)
+                .with_downcast::<SyncCompleted, SyncCompletedV1>(),
+        ]
+    }
+}
+
+/// `coordination.conflict.detected`: a write whose base revision was not
+/// the property's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConflictDetected {
+    pub document_id: String,
+    pub property: String,
+    pub base_revision: u64,
+    pub current_revision: u64,
+    pub current_value: Value,
+    pub incoming_value: Value,
+    pub incoming_author_id: String,
+}
+
+impl Payload for ConflictDetected {}
+
+/// `coordination.conflict.resolved`: what the property's policy kept.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConflictResolved {
+    pub document_id: String,
+    pub property: String,
+    pub policy: Policy,
+    pub winner: Winner,
+    pub value: Value,
+    pub revision: u64,
+}
+
+impl Payload for ConflictResolved {}
 
 impl SyncRequest {
     /// The first bad field, if any (see [`SyncRequest::violations`]).
@@ -81,17 +250,28 @@ impl SyncRequest {
                 errors.push(FieldError { field, message });
             }
         }
-        if depth(&self.value) > MAX_VALUE_DEPTH {
+        if depth(&self.value.value) > MAX_VALUE_DEPTH {
             errors.push(FieldError {
                 field: "value",
                 message: format!("must not nest deeper than {MAX_VALUE_DEPTH} levels"),
+            });
+        }
+        let actual = ValueType::of(&self.value.value);
+        if actual != self.value.kind {
+            errors.push(FieldError {
+                field: "value.type",
+                message: format!(
+                    "says {} but the value is {}",
+                    json!(self.value.kind),
+                    json!(actual)
+                ),
             });
         }
         errors
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Policy {
     /// The later `updated_at` wins; `author_id` breaks ties. The default.
@@ -113,7 +293,7 @@ impl Policy {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Winner {
     Current,
@@ -207,7 +387,7 @@ fn decide(
     if request.base_revision == current_revision {
         let revision = current_revision + 1;
         let update = PropertyState {
-            value: request.value.clone(),
+            value: request.value.value.clone(),
             revision,
             author_id: request.author_id.clone(),
             updated_at: request.updated_at,
@@ -221,13 +401,13 @@ fn decide(
             outputs: vec![Outbound::new(
                 Output::Completed,
                 doc,
-                json!({
-                    "document_id": doc,
-                    "property": request.property,
-                    "value": request.value,
-                    "revision": revision,
-                    "author_id": request.author_id,
-                }),
+                SyncCompleted {
+                    document_id: doc.clone(),
+                    property: request.property.clone(),
+                    value: request.value.clone(),
+                    revision,
+                    author_id: request.author_id.clone(),
+                },
             )],
         };
         return (receipt, Some(update));
@@ -236,15 +416,15 @@ fn decide(
     let detected = Outbound::new(
         Output::ConflictDetected,
         doc,
-        json!({
-            "document_id": doc,
-            "property": request.property,
-            "base_revision": request.base_revision,
-            "current_revision": current_revision,
-            "current_value": current.map_or(Value::Null, |c| c.value.clone()),
-            "incoming_value": request.value,
-            "incoming_author_id": request.author_id,
-        }),
+        ConflictDetected {
+            document_id: doc.clone(),
+            property: request.property.clone(),
+            base_revision: request.base_revision,
+            current_revision,
+            current_value: current.map_or(Value::Null, |c| c.value.clone()),
+            incoming_value: request.value.value.clone(),
+            incoming_author_id: request.author_id.clone(),
+        },
     );
     let (winner, value) = resolve(current, request, policy);
     let changed = current.is_none_or(|c| c.value != value);
@@ -264,14 +444,14 @@ fn decide(
     let resolved = Outbound::new(
         Output::ConflictResolved,
         doc,
-        json!({
-            "document_id": doc,
-            "property": request.property,
-            "policy": policy.name(),
-            "winner": winner,
-            "value": value,
-            "revision": revision,
-        }),
+        ConflictResolved {
+            document_id: doc.clone(),
+            property: request.property.clone(),
+            policy,
+            winner,
+            value: value.clone(),
+            revision,
+        },
     );
     let receipt = Receipt {
         cause: cause.to_string(),
@@ -291,12 +471,12 @@ fn resolve(
 ) -> (Winner, Value) {
     let Some(current) = current else {
         // Nothing stored (or deleted): the incoming value has nothing to lose to.
-        return (Winner::Incoming, request.value.clone());
+        return (Winner::Incoming, request.value.value.clone());
     };
     match policy {
         Policy::FirstWriterWins => (Winner::Current, current.value.clone()),
         Policy::LastWriterWins => last_writer(current, request),
-        Policy::Union => match (&current.value, &request.value) {
+        Policy::Union => match (&current.value, &request.value.value) {
             (Value::Array(stored), Value::Array(incoming)) => {
                 let mut merged = stored.clone();
                 for item in incoming {
@@ -315,7 +495,7 @@ fn last_writer(current: &PropertyState, request: &SyncRequest) -> (Winner, Value
     let incoming_key = (request.updated_at, request.author_id.as_str());
     let current_key = (current.updated_at, current.author_id.as_str());
     if incoming_key > current_key {
-        (Winner::Incoming, request.value.clone())
+        (Winner::Incoming, request.value.value.clone())
     } else {
         (Winner::Current, current.value.clone())
     }
@@ -340,7 +520,7 @@ mod tests {
         SyncRequest {
             document_id: "doc".into(),
             property: "title".into(),
-            value,
+            value: TypedValue::inferred(value),
             base_revision: base,
             author_id: author.into(),
             updated_at: at.parse().expect("time"),
@@ -358,7 +538,9 @@ mod tests {
             let body = format!(
                 r#"{{"document_id":"d","property":"p","value":{text},"base_revision":0,"author_id":"a","updated_at":"2026-01-01T00:00:00Z"}}"#
             );
-            serde_json::from_str(&body).expect("parses")
+            serde_json::from_str::<SyncRequestV1>(&body)
+                .expect("parses")
+                .into()
         };
         assert!(nested(deepest).validate().is_ok());
         assert_eq!(
@@ -366,10 +548,11 @@ mod tests {
             "value"
         );
         // Numbers: what is stored reads back as the same number.
-        let big: SyncRequest = serde_json::from_str(
+        let big: SyncRequest = serde_json::from_str::<SyncRequestV1>(
             r#"{"document_id":"d","property":"p","value":[22222222222222575150, 0.1, 1e308],"base_revision":0,"author_id":"a","updated_at":"2026-01-01T00:00:00Z"}"#,
         )
-        .expect("parses");
+        .expect("parses")
+        .into();
         for request in [nested(deepest), big] {
             let mut record = DocumentRecord::default();
             record.apply("e1", &request, Policy::Union, 8);
@@ -519,5 +702,82 @@ mod tests {
         let mut bad = request(0, json!(1), "ann", "2026-01-01T00:00:00Z");
         bad.property = " ".into();
         assert_eq!(bad.validate().expect_err("empty").field, "property");
+    }
+
+    mod upcasting {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                (-1.0e9f64..1.0e9).prop_map(Value::from),
+                "[a-z]{0,8}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn policy() -> impl Strategy<Value = Policy> {
+            prop_oneof![
+                Just(Policy::LastWriterWins),
+                Just(Policy::FirstWriterWins),
+                Just(Policy::Union),
+            ]
+        }
+
+        /// A request decoded as the room decodes it: its payload brought to
+        /// the current major by the contract's upcasters first.
+        fn as_handled(version: &str, payload: &Value) -> SyncRequest {
+            let contract = (crate::rooms::conch::SPEC.contracts)()
+                .into_iter()
+                .find(|c| c.action == "property_sync.requested")
+                .expect("the input's contract");
+            let bytes = serde_json::to_vec(payload).expect("json");
+            let current = contract
+                .to_current(version, &bytes)
+                .expect("a major the conch reads")
+                .unwrap_or(bytes);
+            serde_json::from_slice(&current).expect("the current shape")
+        }
+
+        proptest! {
+            /// Upcasting a major 1 request and handling it gives what
+            /// handling the same request written at major 2 gives: the same
+            /// receipt, outputs and record, whatever was stored before.
+            #[test]
+            fn a_v1_request_upcast_is_handled_as_its_v2_twin(
+                stored in json_value(),
+                value in json_value(),
+                base in 0u64..3,
+                policy in policy(),
+                later in any::<bool>(),
+            ) {
+                let at = if later { "2026-03-02T10:00:00Z" } else { "2026-02-28T10:00:00Z" };
+                let fields = |value: Value| json!({
+                    "document_id": "doc", "property": "p", "value": value,
+                    "base_revision": base, "author_id": "bob", "updated_at": at,
+                });
+                let v1 = fields(value.clone());
+                let v2 = fields(json!({"type": ValueType::of(&value), "value": value}));
+                let mut record = DocumentRecord::default();
+                let first = request(0, stored, "ann", "2026-03-01T10:00:00Z");
+                record.apply("seed", &first, policy, 8);
+                let mut via_v1 = record.clone();
+                let mut via_v2 = record;
+                let from_v1 = via_v1.apply("e", &as_handled("1.0.0", &v1), policy, 8);
+                let from_v2 = via_v2.apply("e", &as_handled("2.0.0", &v2), policy, 8);
+                prop_assert_eq!(from_v1, from_v2);
+                prop_assert_eq!(via_v1, via_v2);
+            }
+        }
     }
 }

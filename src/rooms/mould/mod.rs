@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::object_store::{self, ObjectMetadata};
 use async_trait::async_trait;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
@@ -27,7 +28,9 @@ use render::{Format, Limits, RenderError, Renderer};
 
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::id_too_long;
-use crate::cocoa_butter::kit::{Action, RoomSettings, reason, room_actions};
+use crate::cocoa_butter::kit::{
+    Action, EventContract, Payload, RoomSettings, reason, room_actions,
+};
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, ObjectBucket, Outbound, Room, RoomContext, RoomError,
     RoomSpec,
@@ -38,6 +41,22 @@ pub const SPEC: RoomSpec = RoomSpec {
     check: |settings| Loaded::load(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Mould::new(ctx)?)),
     defaults: || serde_json::to_value(MouldSettings::default()).unwrap_or_default(),
+    contracts: || {
+        vec![
+            EventContract::input::<HydrationRequest>(
+                Input::Requested,
+                "render a document's template with its data into an artifact",
+            ),
+            EventContract::output::<HydrationCompleted>(
+                Output::Completed,
+                "the artifact was rendered and stored",
+            ),
+            EventContract::output::<HydrationFailed>(
+                Output::Failed,
+                "the template could not be rendered",
+            ),
+        ]
+    },
 };
 
 room_actions! {
@@ -144,17 +163,40 @@ impl Loaded {
 }
 
 /// The payload of `hydration.requested`, and the body of `Hydrate`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct HydrationRequest {
     pub document_id: String,
+    /// The template source (minijinja).
     pub source: String,
     #[serde(default)]
     pub data: Value,
+    /// `html` or `markdown`.
     pub format: String,
 }
 
+impl Payload for HydrationRequest {}
+
+/// `hydration.completed`: the rendered artifact and where it is stored.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct HydrationCompleted {
+    pub document_id: String,
+    pub format: Format,
+    pub artifact: ArtifactRef,
+}
+
+impl Payload for HydrationCompleted {}
+
+/// `hydration.failed`: the template could not be rendered (never retried).
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct HydrationFailed {
+    pub document_id: String,
+    pub error: RenderError,
+}
+
+impl Payload for HydrationFailed {}
+
 /// Where an artifact is.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct ArtifactRef {
     pub bucket: String,
     pub key: String,
@@ -404,16 +446,19 @@ impl Mould {
             Ok(hydrated) => Ok(vec![Outbound::new(
                 Output::Completed,
                 &document_id,
-                json!({
-                    "document_id": hydrated.document_id,
-                    "format": hydrated.format,
-                    "artifact": hydrated.artifact,
-                }),
+                HydrationCompleted {
+                    document_id: hydrated.document_id,
+                    format: hydrated.format,
+                    artifact: hydrated.artifact,
+                },
             )]),
             Err(HydrateError::Render(error)) => Ok(vec![Outbound::new(
                 Output::Failed,
                 &document_id,
-                json!({ "document_id": document_id, "error": error }),
+                HydrationFailed {
+                    document_id: document_id.clone(),
+                    error,
+                },
             )]),
             Err(err @ HydrateError::Invalid { .. }) => Err(HandleError::permanent(
                 reason::PAYLOAD_INVALID,

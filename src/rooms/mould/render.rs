@@ -28,7 +28,7 @@ pub struct Rendered {
 
 /// Why a document could not be rendered: the author's error, reported in
 /// `hydration.failed`, never retried.
-#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema, thiserror::Error)]
 #[error("{kind}: {message}")]
 pub struct RenderError {
     /// `syntax_error`, `undefined_variable`, `unknown_smartblock`,
@@ -50,7 +50,7 @@ impl RenderError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Html,

@@ -10,7 +10,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use tonic::{Request, Status};
 
-use super::gate::{Rejection, SmartblockCreated};
+use super::gate::{Rejection, SmartblockAccepted, SmartblockCreated};
 use super::{SlopReport, SlopRequest, Winnower};
 use crate::cocoa_butter::kit::api::struct_from_pb;
 use crate::cocoa_butter::kit::{ApiError, GrpcService, HandleError, JsonBody};
@@ -37,7 +37,7 @@ async fn winnow_http(
 
 /// The outcome of the gate without recording anything.
 struct Validation {
-    accepted: Option<Value>,
+    accepted: Option<SmartblockAccepted>,
     rejection: Option<Rejection>,
     duplicate: bool,
 }
@@ -60,11 +60,10 @@ async fn validate(
     }
 }
 
-fn targets(accepted: &Option<Value>) -> Vec<String> {
+fn targets(accepted: &Option<SmartblockAccepted>) -> Vec<String> {
     accepted
         .as_ref()
-        .and_then(|a| a.get("federation_targets"))
-        .and_then(|t| serde_json::from_value(t.clone()).ok())
+        .map(|a| a.federation_targets.clone())
         .unwrap_or_default()
 }
 

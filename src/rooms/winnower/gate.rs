@@ -4,8 +4,11 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
+
+use crate::cocoa_butter::kit::{Payload, snake_case_aliases};
 
 use crate::cocoa_butter::kit::{HandleError, Reason, reason};
 
@@ -31,8 +34,10 @@ pub struct Command {
 }
 
 /// What the editor sends (seed 004), in camelCase; the snake_case
-/// spellings of the same fields are accepted too.
-#[derive(Debug, Clone, Deserialize)]
+/// spellings of the same fields are accepted too (and the catalogue's
+/// schema says so: `snake_case_aliases`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[schemars(transform = snake_case_aliases)]
 pub struct SmartblockCreated {
     #[serde(rename = "type", default)]
     pub kind: String,
@@ -53,6 +58,24 @@ pub struct SmartblockCreated {
     #[serde(rename = "blockType", alias = "block_type", default)]
     pub block_type: String,
 }
+
+impl Payload for SmartblockCreated {}
+
+/// `refinement.smartblock_accepted`: a block that passed the gate, with the
+/// federation targets its command has in the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SmartblockAccepted {
+    pub block_id: String,
+    pub document_id: String,
+    pub command_slug: String,
+    /// The command catalog's version the block was written against.
+    pub schema_version: u32,
+    pub federation_targets: Vec<String>,
+    pub author_id: String,
+    pub block_type: String,
+}
+
+impl Payload for SmartblockAccepted {}
 
 /// A gate step said no. Permanent: the same block can never pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,7 +147,7 @@ impl Gate {
 
     /// Steps 2 (required fields), 3, 4 and 6 in order. On success, the
     /// `smartblock_accepted` payload with targets from the manifest.
-    pub fn check(&self, block: &SmartblockCreated) -> Result<Value, Rejection> {
+    pub fn check(&self, block: &SmartblockCreated) -> Result<SmartblockAccepted, Rejection> {
         for (field, value) in [
             ("blockId", &block.block_id),
             ("commandSlug", &block.command_slug),
@@ -171,15 +194,15 @@ impl Gate {
                 ),
             });
         }
-        Ok(json!({
-            "block_id": block.block_id,
-            "document_id": block.document_id,
-            "command_slug": block.command_slug,
-            "schema_version": block.schema_version,
-            "federation_targets": command.federation_targets,
-            "author_id": block.author_id,
-            "block_type": block.block_type,
-        }))
+        Ok(SmartblockAccepted {
+            block_id: block.block_id.clone(),
+            document_id: block.document_id.clone(),
+            command_slug: block.command_slug.clone(),
+            schema_version: block.schema_version,
+            federation_targets: command.federation_targets.clone(),
+            author_id: block.author_id.clone(),
+            block_type: block.block_type.clone(),
+        })
     }
 }
 
@@ -187,6 +210,7 @@ impl Gate {
 mod tests {
     use super::*;
     use crate::cocoa_butter::kit::keys::MAX_ID_BYTES;
+    use serde_json::json;
 
     fn gate() -> Gate {
         let manifest: Manifest =
@@ -221,7 +245,7 @@ mod tests {
     #[test]
     fn resolves_targets_from_the_manifest() {
         let accepted = gate().check(&block("invention", 1)).expect("accepted");
-        assert_eq!(accepted["federation_targets"], json!(["traceo"]));
+        assert_eq!(accepted.federation_targets, vec!["traceo".to_string()]);
     }
 
     #[test]

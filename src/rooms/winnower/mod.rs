@@ -23,8 +23,8 @@ use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 pub use api::pb;
 use gate::{Gate, Manifest, Rejection, SmartblockCreated};
@@ -32,7 +32,7 @@ use slop::{RulesFile, SlopRules};
 
 use crate::cocoa_butter::kit::keys::kv_key;
 use crate::cocoa_butter::kit::{
-    Action, FieldError, Reason, RoomSettings, Written, reason, room_actions,
+    Action, EventContract, FieldError, Payload, Reason, RoomSettings, Written, reason, room_actions,
 };
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
@@ -44,6 +44,30 @@ pub const SPEC: RoomSpec = RoomSpec {
     check: |settings| Loaded::load(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Winnower::new(ctx)?)),
     defaults: || serde_json::to_value(WinnowerSettings::default()).unwrap_or_default(),
+    contracts: || {
+        vec![
+            EventContract::input::<SmartblockCreated>(
+                Input::SmartblockCreated,
+                "an editor created a smartblock; the gate checks it against the federation manifest",
+            ),
+            EventContract::input::<SlopRequest>(
+                Input::Requested,
+                "score a document's content for slop",
+            ),
+            EventContract::output::<gate::SmartblockAccepted>(
+                Output::SmartblockAccepted,
+                "the smartblock passed the gate, with its federation targets",
+            ),
+            EventContract::output::<SlopDetected>(
+                Output::SlopDetected,
+                "the content scored at or above the threshold",
+            ),
+            EventContract::output::<SlopPassed>(
+                Output::Passed,
+                "the content scored below the threshold",
+            ),
+        ]
+    },
 };
 
 /// Documents up to this size are scored on the async worker (~70 µs).
@@ -157,7 +181,7 @@ impl Loaded {
 }
 
 /// The payload of `refinement.requested`, and the body of `Winnow`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct SlopRequest {
     pub document_id: String,
     #[serde(default)]
@@ -167,6 +191,40 @@ pub struct SlopRequest {
     #[serde(default)]
     pub content_type: String,
 }
+
+impl Payload for SlopRequest {}
+
+/// `refinement.slop_detected`: the content scored at or above the
+/// threshold, with what was found.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct SlopDetected {
+    pub document_id: String,
+    pub score: f64,
+    pub threshold: f64,
+    pub findings: Vec<SlopFinding>,
+}
+
+impl Payload for SlopDetected {}
+
+/// One finding of a slop rule.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct SlopFinding {
+    pub rule: String,
+    pub message: String,
+    /// Byte offsets into the content: `[start, end)`.
+    pub start: usize,
+    pub end: usize,
+    pub excerpt: String,
+}
+
+/// `refinement.passed`: the content scored below the threshold.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct SlopPassed {
+    pub document_id: String,
+    pub score: f64,
+}
+
+impl Payload for SlopPassed {}
 
 /// A slop verdict.
 #[derive(Debug, Clone, Serialize)]
@@ -354,6 +412,7 @@ impl Winnower {
             .gate
             .check(&block)
             .map_err(Rejection::into_handle_error)?;
+        let accepted = serde_json::to_value(&accepted).map_err(HandleError::transient)?;
         match self
             .accept(&event.envelope.event_id, accepted.clone(), &block.block_id)
             .await?
@@ -384,24 +443,31 @@ impl Winnower {
             Outbound::new(
                 Output::SlopDetected,
                 &report.document_id,
-                json!({
-                    "document_id": report.document_id,
-                    "score": report.score,
-                    "threshold": report.threshold,
-                    "findings": report.findings.iter().map(|f| json!({
-                        "rule": f.rule,
-                        "message": f.message,
-                        "start": f.start,
-                        "end": f.end,
-                        "excerpt": f.excerpt,
-                    })).collect::<Vec<_>>(),
-                }),
+                SlopDetected {
+                    document_id: report.document_id.clone(),
+                    score: report.score,
+                    threshold: report.threshold,
+                    findings: report
+                        .findings
+                        .iter()
+                        .map(|f| SlopFinding {
+                            rule: f.rule.clone(),
+                            message: f.message.clone(),
+                            start: f.start,
+                            end: f.end,
+                            excerpt: f.excerpt.clone(),
+                        })
+                        .collect(),
+                },
             )
         } else {
             Outbound::new(
                 Output::Passed,
                 &report.document_id,
-                json!({ "document_id": report.document_id, "score": report.score }),
+                SlopPassed {
+                    document_id: report.document_id.clone(),
+                    score: report.score,
+                },
             )
         };
         Ok(vec![output])

@@ -19,8 +19,8 @@ use async_nats::jetstream::kv;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::try_join_all;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 pub use api::pb;
 use extract::{RepoLink, extract, github_slug, tag_key};
@@ -29,7 +29,7 @@ use crate::cocoa_butter::kit::Kv;
 use crate::cocoa_butter::kit::content_hash;
 use crate::cocoa_butter::kit::keys::{id_from_kv_key, id_too_long, kv_key};
 use crate::cocoa_butter::kit::{
-    Action, FieldError, Reason, RoomSettings, Written, reason, room_actions,
+    Action, EventContract, FieldError, Payload, Reason, RoomSettings, Written, reason, room_actions,
 };
 use crate::cocoa_butter::kit::{
     GrpcService, HandleError, InboundEvent, KvBucket, Outbound, Room, RoomContext, RoomError,
@@ -41,6 +41,34 @@ pub const SPEC: RoomSpec = RoomSpec {
     check: |settings| Loaded::load(settings).map(|_| ()),
     build: |ctx| Ok(Arc::new(Wrapper::new(ctx)?)),
     defaults: || serde_json::to_value(WrapperSettings::default()).unwrap_or_default(),
+    contracts: || {
+        vec![
+            EventContract::input::<ResolveRequest>(
+                Input::Requested,
+                "resolve a document's tags and verify its cross-repository links",
+            ),
+            EventContract::input::<IndexedDocument>(
+                Input::DocumentIndexed,
+                "a document of a repository, its anchors and tags, for the link index",
+            ),
+            EventContract::input::<TagRecord>(
+                Input::TagRegistered,
+                "a canonical tag and the other names it goes by",
+            ),
+            EventContract::output::<TagResolved>(
+                Output::TagResolved,
+                "one tag of the document, resolved to its canonical id or not",
+            ),
+            EventContract::output::<LinkVerified>(
+                Output::LinkVerified,
+                "one cross-repository link, checked against the index",
+            ),
+            EventContract::output::<ResolutionCompleted>(
+                Output::Completed,
+                "every tag and link of the document was handled: the counts",
+            ),
+        ]
+    },
 };
 
 room_actions! {
@@ -91,7 +119,7 @@ struct TagsFile {
 }
 
 /// A tag: its canonical id and the other names it goes by.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TagRecord {
     pub tag: String,
@@ -99,8 +127,10 @@ pub struct TagRecord {
     pub aliases: Vec<String>,
 }
 
+impl Payload for TagRecord {}
+
 /// `resolution.document_indexed` and `PUT /v1/index/{repo}/{path}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct IndexedDocument {
     pub repo: String,
     pub path: String,
@@ -110,6 +140,8 @@ pub struct IndexedDocument {
     pub tags: Vec<String>,
 }
 
+impl Payload for IndexedDocument {}
+
 /// What the documents bucket keeps per repo.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct RepoRecord {
@@ -117,7 +149,7 @@ struct RepoRecord {
 }
 
 /// `resolution.requested` and `Resolve`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 pub struct ResolveRequest {
     pub document_id: String,
     pub repo: String,
@@ -125,7 +157,42 @@ pub struct ResolveRequest {
     pub content: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+impl Payload for ResolveRequest {}
+
+/// `resolution.tag_resolved`: one tag of the document, resolved or not.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct TagResolved {
+    pub document_id: String,
+    #[serde(flatten)]
+    pub resolution: TagResolution,
+}
+
+impl Payload for TagResolved {}
+
+/// `resolution.cross_repo_link_verified`: one cross-repository link of the
+/// document, checked against the index.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct LinkVerified {
+    pub document_id: String,
+    #[serde(flatten)]
+    pub verification: LinkVerification,
+}
+
+impl Payload for LinkVerified {}
+
+/// `resolution.completed`: the document's counts, after its tags and links.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ResolutionCompleted {
+    pub document_id: String,
+    pub tags: usize,
+    pub links: usize,
+    pub unresolved: usize,
+    pub broken: usize,
+}
+
+impl Payload for ResolutionCompleted {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct TagResolution {
     pub tag: String,
     pub canonical: Option<String>,
@@ -133,7 +200,7 @@ pub struct TagResolution {
     pub suggestion: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct LinkVerification {
     pub link: String,
     pub repo: String,
@@ -540,29 +607,42 @@ impl FieldErrorOr {
 fn outputs(request: &ResolveRequest, resolution: &Resolution) -> Vec<Outbound> {
     let doc = &resolution.document_id;
     let content = content_hash(request.content.as_bytes());
-    let keyed = |action: Output, payload: serde_json::Value| {
-        let key = format!("{doc}\n{content}\n{payload}");
-        Outbound::new(action, doc, payload).with_idempotency_key(key)
+    let keyed = |output: Outbound| {
+        let key = format!("{doc}\n{content}\n{}", output.payload);
+        output.with_idempotency_key(key)
     };
     let mut out = Vec::with_capacity(resolution.tags.len() + resolution.links.len() + 1);
     for tag in &resolution.tags {
-        out.push(keyed(
+        out.push(keyed(Outbound::new(
             Output::TagResolved,
-            json!({"document_id": doc, "tag": tag.tag, "canonical": tag.canonical, "status": tag.status, "suggestion": tag.suggestion}),
-        ));
+            doc,
+            TagResolved {
+                document_id: doc.clone(),
+                resolution: tag.clone(),
+            },
+        )));
     }
     for link in &resolution.links {
-        out.push(keyed(
+        out.push(keyed(Outbound::new(
             Output::LinkVerified,
-            json!({"document_id": doc, "link": link.link, "repo": link.repo, "path": link.path,
-                   "anchor": link.anchor, "status": link.status, "suggestion": link.suggestion}),
-        ));
+            doc,
+            LinkVerified {
+                document_id: doc.clone(),
+                verification: link.clone(),
+            },
+        )));
     }
-    out.push(keyed(
+    out.push(keyed(Outbound::new(
         Output::Completed,
-        json!({"document_id": doc, "tags": resolution.tags.len(), "links": resolution.links.len(),
-               "unresolved": resolution.unresolved, "broken": resolution.broken}),
-    ));
+        doc,
+        ResolutionCompleted {
+            document_id: doc.clone(),
+            tags: resolution.tags.len(),
+            links: resolution.links.len(),
+            unresolved: resolution.unresolved,
+            broken: resolution.broken,
+        },
+    )));
     out
 }
 
