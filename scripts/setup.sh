@@ -2,7 +2,8 @@
 # Installs what choco-factory needs besides the Rust toolchain: a nats-server
 # with JetStream (required), hadolint for the Dockerfile, and promtool, to check the alerting rules under
 # config/prometheus (optional: without it that test only parses them), and
-# the virtual environments of scripts/deploy-check.sh under .tools/.
+# the virtual environments of scripts/deploy-check.sh and the AsyncAPI parser
+# under .tools/.
 # Prints the path of the nats-server binary it will use; idempotent.
 set -euo pipefail
 
@@ -75,5 +76,20 @@ make_venv() {
 }
 make_venv "${TOOLS_DIR}/venv-kube" "kubernetes-validate==${KUBE_VALIDATE_VERSION}" "jsonschema==${JSONSCHEMA_VERSION}"
 make_venv "${TOOLS_DIR}/venv-checkov" "checkov==${CHECKOV_VERSION}"
+
+# The AsyncAPI project's own parser (npm), which tests/contracts.rs runs on
+# contracts/asyncapi.json, in .tools/node.
+ASYNCAPI_PARSER_VERSION="${ASYNCAPI_PARSER_VERSION:-3.6.6}"
+if [ "$(cat "${TOOLS_DIR}/node/.requirements" 2>/dev/null)" != "${ASYNCAPI_PARSER_VERSION}" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: installing @asyncapi/parser ${ASYNCAPI_PARSER_VERSION} from npm into ${TOOLS_DIR}/node" >&2
+    mkdir -p "${TOOLS_DIR}/node"
+    npm install --prefix "${TOOLS_DIR}/node" --no-audit --no-fund --silent \
+      "@asyncapi/parser@${ASYNCAPI_PARSER_VERSION}" >&2
+    echo "${ASYNCAPI_PARSER_VERSION}" >"${TOOLS_DIR}/node/.requirements"
+  else
+    echo "setup: npm is missing; tests/contracts.rs needs it for @asyncapi/parser" >&2
+  fi
+fi
 
 find_nats || { echo "setup: nats-server is still not available" >&2; exit 1; }

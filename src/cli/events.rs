@@ -33,8 +33,22 @@ pub(super) struct PublishArgs {
     /// The correlation id the event carries; without it, none is set.
     #[arg(long, value_name = "ID")]
     correlation: Option<String>,
+    /// The payload's schema version (`choco-factory events` lists each
+    /// event's majors): 1.0.0 unless the payload is of a later major.
+    #[arg(long, value_name = "VERSION", default_value = "1.0.0", value_parser = schema_version)]
+    schema_version: String,
     #[command(flatten)]
     format: JsonFlag,
+}
+
+/// `MAJOR.MINOR.PATCH`, checked by clap (a usage error otherwise).
+fn schema_version(text: &str) -> Result<String, String> {
+    let parts: Vec<&str> = text.split('.').collect();
+    if parts.len() == 3 && parts.iter().all(|p| p.parse::<u64>().is_ok()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not MAJOR.MINOR.PATCH, like 2.0.0"))
+    }
 }
 
 /// An event type as `--type` takes it: `<domain>.<action>`.
@@ -108,7 +122,7 @@ async fn publish_one(client: async_nats::Client, args: &PublishArgs) -> anyhow::
     serde_json::from_slice::<serde_json::Value>(&payload)
         .map_err(|err| Refused(format!("the payload is not JSON: {err}")))?;
     let (domain, action) = (&args.event_type.domain, &args.event_type.action);
-    let envelope = EventEnvelope::new(
+    let mut envelope = EventEnvelope::new(
         uuid::Uuid::now_v7(),
         args.event_type.to_string(),
         args.aggregate.clone(),
@@ -116,6 +130,7 @@ async fn publish_one(client: async_nats::Client, args: &PublishArgs) -> anyhow::
         payload,
         "choco-factory-cli".into(),
     );
+    envelope.schema_version = args.schema_version.clone();
     let subject = format!("choco.events.{domain}.{action}");
     let js = async_nats::jetstream::new(client);
     let message = async_nats::jetstream::message::PublishMessage::build()

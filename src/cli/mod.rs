@@ -26,6 +26,7 @@
 //! [`Refused`] carries status 2 through `anyhow`; everything else is 1.
 
 mod connect;
+mod contracts;
 mod dlq;
 mod docs;
 mod events;
@@ -123,6 +124,10 @@ enum Command {
     /// The rooms' streams and consumers: their state, or create what is missing.
     #[command(subcommand)]
     Streams(streams::StreamsCommand),
+    /// The catalogue of every event the rooms consume and publish; check
+    /// envelopes against it (`events check FILE`) or write it out
+    /// (`events write`).
+    Events(contracts::EventsArgs),
     /// Publish one event as a correct envelope.
     Publish(events::PublishArgs),
     /// Follow a subject and print each envelope, payload decoded, one JSON
@@ -164,6 +169,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dlq(command) => dlq::run(&plain(), command),
         Command::Room(command) => room::run(&plain(), command),
         Command::Streams(command) => streams::run(&plain(), command),
+        Command::Events(args) => contracts::run(&plain(), args),
         Command::Publish(args) => events::publish(&plain(), args),
         Command::Tail(args) => events::tail(&plain(), args),
         Command::Completions(args) => docs::completions(args),

@@ -37,7 +37,7 @@ pub mod lane;
 mod route;
 mod settle;
 
-pub use route::{Route, Routing, route, verify};
+pub use route::{Route, Routing, at_current_major, route, verify};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

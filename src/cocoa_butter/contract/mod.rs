@@ -20,11 +20,17 @@
 //! one, and one line in the type's [`Payload::older`]; then
 //! `choco-factory events write` regenerates `contracts/`.
 
+pub mod asyncapi;
+pub mod catalogue;
+pub mod example;
+pub mod wire;
+
 use schemars::{JsonSchema, Schema};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::cocoa_butter::api::{FieldError, decode_json};
 pub use crate::cocoa_butter::envelope::major_of;
 
 /// A payload type at its current major.
@@ -32,6 +38,12 @@ pub trait Payload: JsonSchema {
     /// The major of this shape: what the envelope's `schema_version` starts
     /// with.
     const MAJOR: u64 = 1;
+
+    /// The room's rules for the payload beyond its shape, each naming its
+    /// field; `events check` runs them as the room does.
+    fn violations(&self) -> Vec<FieldError> {
+        Vec::new()
+    }
 
     /// The older majors still accepted, oldest first, each with its schema
     /// and its step to the next major.
@@ -109,6 +121,10 @@ fn snake_case(name: &str) -> String {
     out
 }
 
+/// Decodes a payload's bytes as its type and applies the room's rules: the
+/// first problem, naming its field.
+pub type PayloadCheck = fn(&[u8]) -> Result<(), String>;
+
 /// A pure step between two majors of one payload, on its JSON.
 pub type Step = fn(Value) -> Result<Value, StepError>;
 
@@ -156,11 +172,13 @@ impl Older {
     }
 }
 
-/// The JSON Schema of `T` (draft 2020-12, what AsyncAPI 3 accepts).
+/// The JSON Schema of `T`: draft-07 (what AsyncAPI 3's schema format and
+/// most validators read), every subschema inlined so that it can be
+/// embedded in the AsyncAPI document without references to resolve.
 pub fn schema_of<T: JsonSchema>() -> Schema {
-    schemars::generate::SchemaSettings::draft2020_12()
-        .into_generator()
-        .into_root_schema_for::<T>()
+    let mut settings = schemars::generate::SchemaSettings::draft07();
+    settings.inline_subschemas = true;
+    settings.into_generator().into_root_schema_for::<T>()
 }
 
 /// A step through the types: the JSON read as `From`, converted, written.
@@ -191,10 +209,25 @@ pub struct EventContract {
     pub direction: Direction,
     /// What the event means, in one line.
     pub summary: &'static str,
+    /// What the envelope's `aggregate_id` is for this event.
+    pub aggregate: &'static str,
     pub current: u64,
     pub schema: fn() -> Schema,
     /// Oldest first.
     pub older: Vec<Older>,
+    /// An input's decoder and rules, on its current major's payload: what
+    /// the room's handler applies, for `events check`.
+    pub check: Option<PayloadCheck>,
+}
+
+/// Decodes `P` as a handler does and applies its rules: the first problem,
+/// naming its field.
+fn check_payload<P: Payload + DeserializeOwned>(payload: &[u8]) -> Result<(), String> {
+    let decoded: P = decode_json(payload).map_err(|err| err.to_string())?;
+    match decoded.violations().into_iter().next() {
+        Some(violation) => Err(violation.to_string()),
+        None => Ok(()),
+    }
 }
 
 /// Why an input's payload cannot be brought to its current major.
@@ -219,11 +252,14 @@ pub enum ContractError {
 
 impl EventContract {
     /// An input the room's handler decodes as `P`.
-    pub fn input<P: Payload>(
+    pub fn input<P: Payload + DeserializeOwned>(
         action: impl crate::cocoa_butter::envelope::Action,
         summary: &'static str,
     ) -> Self {
-        Self::of::<P>(action.as_str(), Direction::Input, summary)
+        EventContract {
+            check: Some(check_payload::<P>),
+            ..Self::of::<P>(action.as_str(), Direction::Input, summary)
+        }
     }
 
     /// An output the room builds as `P`.
@@ -239,10 +275,18 @@ impl EventContract {
             action,
             direction,
             summary,
+            aggregate: "the document (`document_id`)",
             current: P::MAJOR,
             schema: schema_of::<P>,
             older: P::older(),
+            check: None,
         }
+    }
+
+    /// What the envelope's `aggregate_id` names, when not the document.
+    pub fn about(mut self, aggregate: &'static str) -> Self {
+        self.aggregate = aggregate;
+        self
     }
 
     /// Every major, oldest first, with its schema.

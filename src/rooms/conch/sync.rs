@@ -133,6 +133,9 @@ impl From<SyncRequestV1> for SyncRequest {
 
 impl Payload for SyncRequest {
     const MAJOR: u64 = 2;
+    fn violations(&self) -> Vec<FieldError> {
+        SyncRequest::violations(self)
+    }
     fn older() -> Vec<Older> {
         vec![Older::upcast::<SyncRequestV1, SyncRequest>(1)]
     }

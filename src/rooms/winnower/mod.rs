@@ -49,7 +49,8 @@ pub const SPEC: RoomSpec = RoomSpec {
             EventContract::input::<SmartblockCreated>(
                 Input::SmartblockCreated,
                 "an editor created a smartblock; the gate checks it against the federation manifest",
-            ),
+            )
+            .about("the smartblock (`blockId`)"),
             EventContract::input::<SlopRequest>(
                 Input::Requested,
                 "score a document's content for slop",
@@ -57,7 +58,8 @@ pub const SPEC: RoomSpec = RoomSpec {
             EventContract::output::<gate::SmartblockAccepted>(
                 Output::SmartblockAccepted,
                 "the smartblock passed the gate, with its federation targets",
-            ),
+            )
+            .about("the smartblock (`block_id`)"),
             EventContract::output::<SlopDetected>(
                 Output::SlopDetected,
                 "the content scored at or above the threshold",

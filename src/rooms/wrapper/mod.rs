@@ -50,11 +50,13 @@ pub const SPEC: RoomSpec = RoomSpec {
             EventContract::input::<IndexedDocument>(
                 Input::DocumentIndexed,
                 "a document of a repository, its anchors and tags, for the link index",
-            ),
+            )
+            .about("the indexed document (`<repo>/<path>`)"),
             EventContract::input::<TagRecord>(
                 Input::TagRegistered,
                 "a canonical tag and the other names it goes by",
-            ),
+            )
+            .about("the tag (`tag`)"),
             EventContract::output::<TagResolved>(
                 Output::TagResolved,
                 "one tag of the document, resolved to its canonical id or not",
