@@ -279,45 +279,6 @@ macro_rules! room_actions {
     };
 }
 
-/// An event a room wants published on its prefix.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Outbound {
-    /// `conflict.detected`; the subject is the room's prefix plus this.
-    pub action: String,
-    pub aggregate_id: String,
-    pub payload: serde_json::Value,
-    /// Deduplicates by what the output says rather than by what caused it:
-    /// when set, the `Nats-Msg-Id` is derived from this key, so two inputs
-    /// producing the same output inside the duplicate window store it once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
-}
-
-impl Outbound {
-    /// The output `action` (one the room declares) about `aggregate_id`,
-    /// its payload the action's contract type (or JSON).
-    pub fn new(
-        action: impl OutputAction,
-        aggregate_id: &str,
-        payload: impl serde::Serialize,
-    ) -> Self {
-        Outbound {
-            action: action.as_str().to_string(),
-            aggregate_id: aggregate_id.to_string(),
-            // The payload types are plain structs of strings, numbers and
-            // JSON values, whose serializing cannot fail; a null would be
-            // refused by every consumer's schema rather than pass unseen.
-            payload: serde_json::to_value(payload).unwrap_or_default(),
-            idempotency_key: None,
-        }
-    }
-
-    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
-        self.idempotency_key = Some(key.into());
-        self
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::cocoa_butter::api::{FieldError, decode_json};
+use crate::cocoa_butter::envelope::OutputAction;
 pub use crate::cocoa_butter::envelope::major_of;
 
 /// A payload type at its current major.
@@ -411,6 +412,58 @@ impl Contracts {
             }
         }
         problems
+    }
+}
+
+/// An event a room wants published on its prefix.
+///
+/// It knows the major of its payload's shape: an output built by this
+/// binary has its type's [`Payload::MAJOR`]; one read back from before
+/// majors were recorded (a receipt the conch kept) is major 1, so
+/// republishing it labels it as what it is.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Outbound {
+    /// `conflict.detected`; the subject is the room's prefix plus this.
+    pub action: String,
+    pub aggregate_id: String,
+    pub payload: serde_json::Value,
+    /// Deduplicates by what the output says rather than by what caused it:
+    /// when set, the `Nats-Msg-Id` is derived from this key, so two inputs
+    /// producing the same output inside the duplicate window store it once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The major of `payload`'s shape.
+    #[serde(default = "first_major")]
+    pub major: u64,
+}
+
+fn first_major() -> u64 {
+    1
+}
+
+impl Outbound {
+    /// The output `action` (one the room declares) about `aggregate_id`,
+    /// its payload the action's contract type (or JSON).
+    pub fn new<P: Payload + Serialize>(
+        action: impl OutputAction,
+        aggregate_id: &str,
+        payload: P,
+    ) -> Self {
+        Outbound {
+            action: action.as_str().to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            // The payload types are plain structs of strings, numbers and
+            // JSON values, whose serializing cannot fail; a null would be
+            // refused by every consumer's schema rather than pass unseen.
+            payload: serde_json::to_value(payload).unwrap_or_default(),
+            idempotency_key: None,
+            major: P::MAJOR,
+        }
+    }
+
+    pub fn with_idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
     }
 }
 

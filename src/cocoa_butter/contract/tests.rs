@@ -130,3 +130,26 @@ fn every_major_has_its_schema() {
     let v1 = (contract().majors()[0].1)();
     assert_eq!(v1.get("required"), Some(&json!(["n"])));
 }
+
+#[test]
+fn an_output_knows_its_major_and_one_kept_from_before_majors_is_major_1() {
+    let built = Outbound::new(
+        Act::Counted,
+        "a",
+        V3 {
+            amount: V2 {
+                n: 1,
+                unit: "kg".into(),
+            },
+        },
+    );
+    assert_eq!(built.major, 3);
+    let kept: Outbound =
+        serde_json::from_value(serde_json::to_value(&built).expect("json")).expect("back");
+    assert_eq!(kept.major, 3, "a receipt keeps the major it was built at");
+    let older: Outbound = serde_json::from_value(
+        json!({"action": "counted", "aggregate_id": "a", "payload": {"n": 1}}),
+    )
+    .expect("an output kept before majors were recorded");
+    assert_eq!(older.major, 1);
+}

@@ -11,8 +11,8 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
 use crate::cocoa_butter::config::RoomSettings;
+use crate::cocoa_butter::contract::Outbound;
 use crate::cocoa_butter::contract::{self, Contracts};
-use crate::cocoa_butter::envelope::Outbound;
 use crate::cocoa_butter::envelope::{Cause, EventEnvelope};
 use crate::cocoa_butter::metrics::RoomMetrics;
 use crate::cocoa_butter::telemetry::{self, propagation};
@@ -103,20 +103,19 @@ impl OutputEncoder {
             reason,
             bus_fault: false,
         };
-        let contract = self.contracts.get(&output.action);
-        let previous = contract
-            .filter(|_| self.previous_major)
+        // At the major it was built at; during a migration window, an
+        // output of its action's current major goes back one.
+        let previous = self
+            .contracts
+            .get(&output.action)
+            .filter(|contract| self.previous_major && output.major == contract.current)
             .and_then(|contract| contract.to_previous(&output.payload))
             .transpose()
             .map_err(|err| refused(format!("writing it at its previous major: {err}")))?;
-        let (version, payload) = match (&previous, contract) {
-            (Some((major, value)), _) => (contract::version_of(*major), serde_json::to_vec(value)),
-            (None, Some(contract)) => (
-                contract::version_of(contract.current),
-                serde_json::to_vec(&output.payload),
-            ),
-            (None, None) => (
-                crate::cocoa_butter::envelope::SCHEMA_VERSION.to_string(),
+        let (version, payload) = match &previous {
+            Some((major, value)) => (contract::version_of(*major), serde_json::to_vec(value)),
+            None => (
+                contract::version_of(output.major),
                 serde_json::to_vec(&output.payload),
             ),
         };
