@@ -481,14 +481,16 @@ fn percentile(sorted_ms: &[f64], q: f64) -> f64 {
 
 fn input(case: &RoomCase, phase: &str, i: usize) -> EventEnvelope {
     let doc = format!("{phase}-doc-{i}");
-    EventEnvelope::new(
+    let mut envelope = EventEnvelope::new(
         uuid::Uuid::now_v7(),
         format!("{}.{}", case.domain, case.action),
         doc.clone(),
         format!("bench-{phase}-{i}"),
         serde_json::to_vec(&(case.payload)(&doc)).unwrap_or_default(),
         "bench".into(),
-    )
+    );
+    envelope.schema_version = case.schema_version.into();
+    envelope
 }
 
 /// Publishes `envelopes` at `rate` per second (acks awaited out of order).
@@ -967,14 +969,20 @@ async fn limit_run(
             }
         })
     };
-    consumed.await??;
-    let loop_cpu: f64 = threads
+    let consumed = consumed.await;
+    let loop_cpu: Result<f64, Error> = threads
         .lock()
-        .map_err(|_| "thread list poisoned")?
-        .iter()
-        .map(|tid| thread_cpu_s(*tid).unwrap_or(0.0))
-        .sum();
+        .map(|tids| {
+            tids.iter()
+                .map(|tid| thread_cpu_s(*tid).unwrap_or(0.0))
+                .sum()
+        })
+        .map_err(|_| "thread list poisoned".into());
+    // Before any early return: a runtime dropped inside this async context
+    // would panic instead of returning the loop's error.
     loop_runtime.shutdown_background();
+    consumed??;
+    let loop_cpu = loop_cpu?;
     feeder.await??;
     drained(js, &stream_name, &name).await?;
 

@@ -267,9 +267,16 @@ fn envelope_corpus(room: &RoomUnderTest, action: &str) -> Vec<Poison> {
             "content_hash_mismatch",
         ),
         (
-            "schema version 2",
+            "a schema version newer than the room reads",
             edited(&good, |o| {
-                o.insert("schema_version".into(), json!("2.0.0"));
+                o.insert("schema_version".into(), json!("99.0.0"));
+            }),
+            "unsupported_schema_version",
+        ),
+        (
+            "a schema version older than the room reads",
+            edited(&good, |o| {
+                o.insert("schema_version".into(), json!("0.9.0"));
             }),
             "unsupported_schema_version",
         ),

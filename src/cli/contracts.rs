@@ -38,6 +38,7 @@ enum EventsCommand {
     /// reads stdin. Exit 0 when all are valid, 1 naming each invalid one
     /// (its field and reason), 2 for a usage error.
     Check {
+        /// The envelopes: one, a JSON array, or one per line; `-` for stdin.
         #[arg(value_name = "FILE")]
         file: PathBuf,
         #[command(flatten)]
@@ -46,6 +47,7 @@ enum EventsCommand {
     /// Write the catalogue (`events.json`), each payload's JSON Schema per
     /// major (`schemas/`) and the AsyncAPI document into DIR.
     Write {
+        /// Where the files go (the repository's `contracts/` by default).
         #[arg(long, value_name = "DIR", default_value = "contracts")]
         dir: PathBuf,
         /// Also make the current protos the wire baseline

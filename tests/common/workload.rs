@@ -13,6 +13,9 @@ pub struct RoomCase {
     pub action: &'static str,
     /// The input payload for the document `doc` (the envelope's aggregate).
     pub payload: fn(&str) -> Value,
+    /// The payload's schema version: its current major, so the load
+    /// measures the rooms' work, not upcasting.
+    pub schema_version: &'static str,
     /// Outputs the room publishes for each such input.
     pub outputs: usize,
 }
@@ -27,6 +30,7 @@ pub const ROOMS: &[RoomCase] = &[
                 "content": format!("# Release notes {doc}\n\nThe conch now resolves conflicts per property, and editors see the winning value within a second.\n"),
                 "content_type": "text/markdown"})
         },
+        schema_version: "1.0.0",
         outputs: 1,
     },
     RoomCase {
@@ -34,9 +38,11 @@ pub const ROOMS: &[RoomCase] = &[
         domain: "coordination",
         action: "property_sync.requested",
         payload: |doc| {
-            json!({"document_id": doc, "property": "title", "value": format!("Golden ticket {doc}"),
+            json!({"document_id": doc, "property": "title",
+                "value": {"type": "string", "value": format!("Golden ticket {doc}")},
                 "base_revision": 0, "author_id": "ann", "updated_at": "2026-03-01T10:00:00Z"})
         },
+        schema_version: "2.0.0",
         outputs: 1,
     },
     RoomCase {
@@ -48,6 +54,7 @@ pub const ROOMS: &[RoomCase] = &[
                 "source": "# {{ title }}\n\nThe factory floor, section by section.\n\n/invention b1\n",
                 "data": {"title": format!("Document {doc}"), "blocks": {"b1": {"title": "Cocoa jet"}}}})
         },
+        schema_version: "1.0.0",
         outputs: 1,
     },
     RoomCase {
@@ -58,6 +65,7 @@ pub const ROOMS: &[RoomCase] = &[
             json!({"document_id": doc, "repo": "hq", "path": format!("notes/{doc}.md"),
                 "content": "Tagged #golden_ticket, see [setup](repo://vault/setup.md#install).\n"})
         },
+        schema_version: "1.0.0",
         outputs: 3,
     },
 ];
