@@ -25,6 +25,7 @@
 //!
 //! [`Refused`] carries status 2 through `anyhow`; everything else is 1.
 
+mod archive;
 mod connect;
 mod contracts;
 mod dlq;
@@ -124,6 +125,10 @@ enum Command {
     /// The rooms' streams and consumers: their state, or create what is missing.
     #[command(subcommand)]
     Streams(streams::StreamsCommand),
+    /// The archive of the archived domains' streams: list its segments or
+    /// verify it.
+    #[command(subcommand)]
+    Archive(archive::ArchiveCommand),
     /// The catalogue of every event the rooms consume and publish; check
     /// envelopes against it (`events check FILE`) or write it out
     /// (`events write`).
@@ -170,6 +175,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Room(command) => room::run(&plain(), command),
         Command::Streams(command) => streams::run(&plain(), command),
         Command::Events(args) => contracts::run(&plain(), args),
+        Command::Archive(command) => archive::run(&plain(), command),
         Command::Publish(args) => events::publish(&plain(), args),
         Command::Tail(args) => events::tail(&plain(), args),
         Command::Completions(args) => docs::completions(args),

@@ -7,6 +7,7 @@
 //! [`room::Room`] and never reach past this module's public items.
 
 pub mod api;
+pub mod archive;
 pub mod config;
 pub mod consumer;
 pub mod contract;

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::archive::config::{ArchiveConfig, ArchiveSettingError};
 use super::guard::config::SettingError;
 pub use super::guard::config::{AuthConfig, GRPC_MESSAGE_CEILING, LimitsConfig};
 use super::guard::jwt::Verifier;
@@ -81,6 +82,15 @@ impl ConfigError {
     }
 }
 
+impl From<ArchiveSettingError> for ConfigError {
+    fn from(err: ArchiveSettingError) -> Self {
+        ConfigError::Invalid {
+            key: format!("archive.{}", err.key),
+            message: err.reason,
+        }
+    }
+}
+
 impl From<SettingError> for ConfigError {
     fn from(err: SettingError) -> Self {
         ConfigError::Invalid {
@@ -124,6 +134,9 @@ pub struct FactoryConfig {
     /// TLS on every room's HTTP and gRPC listeners; off unless a
     /// certificate is configured. The metrics listener stays plain.
     pub tls: ListenerTlsConfig,
+    /// Every message of the listed domains' streams kept in object storage
+    /// past their retention; off unless domains are listed.
+    pub archive: ArchiveConfig,
     pub rooms: BTreeMap<String, RoomConfig>,
 }
 
@@ -140,6 +153,7 @@ impl Default for FactoryConfig {
             streams: StreamsConfig::default(),
             shutdown_grace: Duration::from_secs(20),
             tls: ListenerTlsConfig::default(),
+            archive: ArchiveConfig::default(),
             rooms: BTreeMap::new(),
         }
     }

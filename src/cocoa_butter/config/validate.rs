@@ -191,6 +191,8 @@ pub fn validate(
         rooms.push(resolve_room(&factory, name, room)?);
     }
     check_ports(&rooms)?;
+    let domains: Vec<&str> = rooms.iter().map(|room| room.domain.as_str()).collect();
+    factory.archive.validate(&domains)?;
     // JetStream refuses a duplicate window longer than the stream's age.
     for storage in rooms.iter().map(|room| &room.streams) {
         if !storage.max_age.is_zero() && storage.max_age < factory.nats.duplicate_window {

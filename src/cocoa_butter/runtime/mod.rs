@@ -17,6 +17,7 @@
 //! - `discovery.rs`: NATS service discovery; `systemd.rs`: READY, STATUS,
 //!   the watchdog.
 
+mod archiver;
 mod discovery;
 mod sampler;
 mod supervise;
@@ -189,6 +190,8 @@ pub async fn run(
         let state = start_room(&shared, spec, settings, listeners, home.as_ref())?;
         states.push((name, state));
     }
+    archiver::start_archivers(&config, &shared.js, &shared.consumers, &shared.intake)
+        .map_err(|err| RuntimeError::Refused(format!("archive.dir: {err}")))?;
     let Shared {
         intake,
         stop_servers,

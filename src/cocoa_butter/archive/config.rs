@@ -1,0 +1,126 @@
+//! The archive's own section, `[archive]`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[archive]`: which domains' streams are archived, where, and how
+/// segments close. Off while `domains` is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ArchiveConfig {
+    /// The domains whose stream `choco:events:<domain>` is archived
+    /// (`["coordination", "refinement"]`); none by default.
+    pub domains: Vec<String>,
+    /// The local directory the archive lives in (the embedded backend).
+    pub dir: PathBuf,
+    /// A segment closes at this many messages. It is also the archive
+    /// consumer's `max_ack_pending`, since nothing of a segment is acked
+    /// before it is written.
+    pub segment_max_events: usize,
+    /// ... or at this many bytes of uncompressed lines ...
+    pub segment_max_bytes: usize,
+    /// ... or this long after its first message, whichever comes first.
+    /// Below `ack_wait`, so a segment's messages are never redelivered
+    /// while it fills.
+    #[serde(with = "humantime_serde")]
+    pub segment_max_age: Duration,
+    /// The archive consumer's ack wait: how long a message delivered to an
+    /// archiver that died waits before another gets it.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        ArchiveConfig {
+            domains: Vec::new(),
+            dir: PathBuf::from("archive"),
+            segment_max_events: 1000,
+            segment_max_bytes: 8 * 1024 * 1024,
+            segment_max_age: Duration::from_secs(10),
+            ack_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// An `[archive]` setting that cannot be used, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("archive.{key}: {reason}")]
+// Converted into the configuration's own error, which names the key.
+pub struct ArchiveSettingError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+impl ArchiveConfig {
+    /// Whether anything is archived.
+    pub fn enabled(&self) -> bool {
+        !self.domains.is_empty()
+    }
+
+    /// Checks the settings against each other (and the domains against
+    /// those the rooms have: `known`).
+    pub fn validate(&self, known: &[&str]) -> Result<(), ArchiveSettingError> {
+        let refuse = |key, reason: String| Err(ArchiveSettingError { key, reason });
+        for domain in &self.domains {
+            if !known.contains(&domain.as_str()) {
+                return refuse(
+                    "domains",
+                    format!(
+                        "{domain:?} is the domain of no room (domains: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        if self.segment_max_events == 0 || self.segment_max_bytes == 0 {
+            return refuse(
+                "segment_max_events",
+                "segment_max_events and segment_max_bytes must be above zero".into(),
+            );
+        }
+        if self.segment_max_age.is_zero() || self.segment_max_age >= self.ack_wait {
+            return refuse(
+                "segment_max_age",
+                format!(
+                    "must be above zero and below archive.ack_wait ({}): a segment's messages \
+                     must not be redelivered while it fills",
+                    humantime::format_duration(self.ack_wait)
+                ),
+            );
+        }
+        if self.enabled() && self.dir.as_os_str().is_empty() {
+            return refuse("dir", "is required when domains are archived".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked_against_each_other() {
+        let known = ["coordination", "refinement"];
+        assert!(ArchiveConfig::default().validate(&known).is_ok());
+        let unknown = ArchiveConfig {
+            domains: vec!["chocolate".into()],
+            ..ArchiveConfig::default()
+        };
+        assert_eq!(
+            unknown.validate(&known).expect_err("unknown").key,
+            "domains"
+        );
+        let slow = ArchiveConfig {
+            segment_max_age: Duration::from_secs(30),
+            ..ArchiveConfig::default()
+        };
+        assert_eq!(
+            slow.validate(&known).expect_err("age").key,
+            "segment_max_age"
+        );
+    }
+}
