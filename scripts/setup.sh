@@ -76,6 +76,10 @@ make_venv() {
 }
 make_venv "${TOOLS_DIR}/venv-kube" "kubernetes-validate==${KUBE_VALIDATE_VERSION}" "jsonschema==${JSONSCHEMA_VERSION}"
 make_venv "${TOOLS_DIR}/venv-checkov" "checkov==${CHECKOV_VERSION}"
+# DuckDB, which tests/archive.rs queries the archive with in place (its
+# JSON reader is built into the wheel: nothing is downloaded at run time).
+DUCKDB_VERSION="${DUCKDB_VERSION:-1.5.6}"
+make_venv "${TOOLS_DIR}/venv-duckdb" "duckdb==${DUCKDB_VERSION}"
 
 # The AsyncAPI project's own parser (npm), which tests/contracts.rs runs on
 # contracts/asyncapi.json, in .tools/node.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use choco_factory::cocoa_butter::archive::segment::{Manifest, read_segment};
 use common::steady::{publish_until_stored, write};
 use common::*;
+use serde_json::json;
 
 fn archive_env(nats_url: &str, dir: &Path, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = conch_env(nats_url);
@@ -95,6 +96,35 @@ async fn assert_archive_equals_stream(
     assert_eq!(sequences, expected, "every sequence once, in order");
 }
 
+/// DuckDB (installed by scripts/setup.sh from PyPI) on the archive's
+/// segments in place: (events per type per day, the event types of one
+/// input's chain in stream order).
+fn duckdb(dir: &Path, event_id: &str) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/venv-duckdb/bin/python");
+    assert!(
+        python.exists(),
+        "DuckDB is not installed: run scripts/setup.sh (it installs it from PyPI)"
+    );
+    let segments = dir.join("coordination/*/*/*/*.ndjson.gz");
+    let script = format!(
+        r#"import duckdb, json
+segments = "{segments}"
+per_type = duckdb.sql(f"SELECT event_type, strftime(CAST(stored_at AS TIMESTAMP), '%Y-%m-%d') AS day, count(*) AS n FROM read_json_auto('{{segments}}') GROUP BY ALL ORDER BY ALL").fetchall()
+chain = duckdb.sql(f"SELECT event_type FROM read_json_auto('{{segments}}') WHERE event_id = '{event_id}' OR correlation_id = '{event_id}' ORDER BY seq").fetchall()
+print(json.dumps({{"per_type": [list(r) for r in per_type], "chain": [r[0] for r in chain]}}))"#,
+        segments = segments.display()
+    );
+    let output = std::process::Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .expect("python");
+    assert!(output.status.success(), "{output:?}");
+    let answer: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("one JSON document");
+    let list = |key: &str| answer[key].as_array().cloned().unwrap_or_default();
+    (list("per_type"), list("chain"))
+}
+
 fn verify(nats_url: &str, dir: &Path) -> (Option<i32>, String, String) {
     let output = std::process::Command::new(BIN)
         .args(["archive", "verify"])
@@ -144,6 +174,27 @@ async fn the_archive_equals_the_stream_and_verify_finds_what_was_changed() {
     let (code, out, err) = verify(&nats.url(), dir.path());
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("ok"), "{out}");
+
+    // DuckDB reads the archive in place: events per type per day, and the
+    // chain of one input (it and every event that carries its id as the
+    // correlation id).
+    let first_input = read_all(&js, COORDINATION, REQUESTED).await[0].envelope();
+    let (per_type, chain) = duckdb(dir.path(), &first_input.event_id);
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert_eq!(
+        per_type,
+        vec![
+            json!(["coordination.property_sync.completed", today, WRITES]),
+            json!(["coordination.property_sync.requested", today, WRITES]),
+        ]
+    );
+    assert_eq!(
+        chain,
+        vec![
+            json!("coordination.property_sync.requested"),
+            json!("coordination.property_sync.completed")
+        ]
+    );
 
     // A byte changed in one segment, another segment gone.
     let tampered = dir.path().join(&manifest.segments[1].key);
@@ -219,4 +270,74 @@ async fn a_kill_mid_segment_leaves_no_gap_and_no_duplicate() {
     assert_archive_equals_stream(&js, dir.path(), &manifest).await;
     let (code, out, err) = verify(&nats.url(), dir.path());
     assert_eq!(code, Some(0), "{out}{err}");
+}
+
+/// Storage that fails (the archive's date folder replaced by a file, so no
+/// segment can be created in it, whoever runs the test) holds the archiver:
+/// nothing more is acknowledged, the backlog waits in the stream; once the
+/// folder is back the archiver resumes by itself and the archive equals the
+/// stream.
+#[tokio::test]
+async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
+    const WRITES: usize = 400;
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = [
+        ("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "100"),
+        ("CHOCO_ARCHIVE__SEGMENT_MAX_AGE", "1s"),
+    ];
+    let factory = Factory::start_with(
+        archive_env(&nats.url(), dir.path(), &settings),
+        &["serve", "--rooms", "conch"],
+    )
+    .await;
+    factory.wait_ready().await;
+    for i in 0..WRITES / 2 {
+        let event = write("held", i);
+        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
+    }
+    let before = archived_to_the_end(&js, dir.path()).await;
+    // The folder every segment of today goes into, made unusable.
+    let day = dir
+        .path()
+        .join(&before.segments[0].key)
+        .parent()
+        .expect("the day's folder")
+        .to_path_buf();
+    let aside = day.with_extension("aside");
+    std::fs::rename(&day, &aside).expect("move the day aside");
+    std::fs::write(&day, b"not a folder").expect("a file in its place");
+
+    for i in WRITES / 2..WRITES {
+        let event = write("held", i);
+        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
+    }
+    exactly(&js, COORDINATION, COMPLETED, WRITES).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let consumer = js
+        .get_stream(COORDINATION)
+        .await
+        .expect("stream")
+        .consumer_info("choco-archive")
+        .await
+        .expect("the archive consumer")
+        .clone();
+    assert_eq!(
+        consumer.ack_floor.stream_sequence,
+        before.last(),
+        "nothing acknowledged while storage fails"
+    );
+    assert_eq!(manifest(dir.path()).last(), before.last());
+    assert!(
+        !factory
+            .logs_containing("cannot write the archive; holding")
+            .is_empty(),
+        "the hold is reported"
+    );
+
+    std::fs::remove_file(&day).expect("remove the file");
+    std::fs::rename(&aside, &day).expect("the day's folder back");
+    let after = archived_to_the_end(&js, dir.path()).await;
+    assert_archive_equals_stream(&js, dir.path(), &after).await;
 }
