@@ -341,3 +341,113 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
     let after = archived_to_the_end(&js, dir.path()).await;
     assert_archive_equals_stream(&js, dir.path(), &after).await;
 }
+
+fn archive_cli(
+    nats_url: &str,
+    dir: &Path,
+    args: &[&str],
+) -> (Option<i32>, serde_json::Value, String) {
+    let output = std::process::Command::new(BIN)
+        .arg("archive")
+        .args(args)
+        .args(["--json"])
+        .env("CHOCO_NATS__URL", nats_url)
+        .env("CHOCO_ARCHIVE__DOMAINS", r#"["coordination"]"#)
+        .env("CHOCO_ARCHIVE__DIR", dir)
+        .output()
+        .expect("run");
+    (
+        output.status.code(),
+        serde_json::from_slice(&output.stdout).unwrap_or_default(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `archive replay` republishes the archived inputs with their event ids,
+/// so inside the duplicate window it doubles nothing, and leaves outputs
+/// to the rooms; `archive restore` rebuilds the stream, inputs and outputs
+/// byte for byte in stream order, into a new stream no room consumes.
+#[tokio::test]
+async fn replay_doubles_nothing_and_restore_rebuilds_the_stream() {
+    const WRITES: usize = 200;
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let factory = Factory::start_with(
+        archive_env(
+            &nats.url(),
+            dir.path(),
+            &[("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "64")],
+        ),
+        &["serve", "--rooms", "conch"],
+    )
+    .await;
+    factory.wait_ready().await;
+    for i in 0..WRITES {
+        let event = write("replayed", i);
+        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
+    }
+    exactly(&js, COORDINATION, COMPLETED, WRITES).await;
+    archived_to_the_end(&js, dir.path()).await;
+
+    let url = nats.url();
+    let (code, report, err) = archive_cli(
+        &url,
+        dir.path(),
+        &["replay", "--domain", "coordination", "--dry-run"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(report["matched"], 2 * WRITES, "{report}");
+    assert_eq!(report["published"], WRITES, "{report}");
+    assert_eq!(report["outputs_skipped"], WRITES, "{report}");
+    let (code, report, err) =
+        archive_cli(&url, dir.path(), &["replay", "--domain", "coordination"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        report["duplicates"], WRITES,
+        "inside the duplicate window: {report}"
+    );
+    assert_eq!(report["published"], 0, "{report}");
+    let stored = read_all(&js, COORDINATION, "choco.events.coordination.>").await;
+    assert_eq!(stored.len(), 2 * WRITES, "nothing doubled");
+
+    let (code, report, err) = archive_cli(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "--domain",
+            "coordination",
+            "--into",
+            "choco:restored:coordination",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(report["published"], 2 * WRITES, "{report}");
+    let restored = read_all(
+        &js,
+        "choco:restored:coordination",
+        "choco.restored.coordination.>",
+    )
+    .await;
+    assert_eq!(restored.len(), stored.len());
+    for (copy, original) in restored.iter().zip(&stored) {
+        assert_eq!(copy.body, original.body, "byte for byte, in stream order");
+        assert_eq!(
+            copy.subject.replacen("choco.restored.", "choco.events.", 1),
+            original.subject
+        );
+    }
+    let (code, _, err) = archive_cli(
+        &url,
+        dir.path(),
+        &[
+            "restore",
+            "--domain",
+            "coordination",
+            "--into",
+            "choco:restored:coordination",
+        ],
+    );
+    assert_eq!(code, Some(2), "an existing stream is refused: {err}");
+}

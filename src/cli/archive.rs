@@ -8,12 +8,17 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::output::{emit, emit_json};
+use anyhow::Context as _;
+
+use super::connect::with_nats;
+use super::output::{emit, emit_json, progress};
 use super::{JsonFlag, Refused};
 use crate::cocoa_butter::EventEnvelope;
-use crate::cocoa_butter::archive::segment::{SegmentEntry, read_segment};
+use crate::cocoa_butter::archive::segment::{ArchivedEvent, SegmentEntry, read_segment};
 use crate::cocoa_butter::archive::{ArchiveStore, segment::Manifest};
 use crate::cocoa_butter::config::{ConfigSources, ValidatedConfig};
+use crate::cocoa_butter::contract::Direction;
+use crate::rooms::REGISTRY;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum ArchiveCommand {
@@ -25,6 +30,54 @@ pub(super) enum ArchiveCommand {
     /// sequences continuous (no gap, no overlap), every envelope's content
     /// hash. Exit 0 when all hold, 1 naming each problem.
     Verify(DomainArgs),
+    /// Publish archived INPUTS again to their subjects, each with its
+    /// original event id as `Nats-Msg-Id` (so a replay overlapping the
+    /// stream's duplicate window doubles nothing), for the rooms to handle
+    /// them again on purpose; outputs are the rooms' to make again.
+    Replay(ReplayArgs),
+    /// Rebuild a lost stream from the archive, inputs and outputs as they
+    /// were, into a new stream STREAM capturing `choco.restored.<domain>.>`,
+    /// which no room consumes until the operator switches
+    /// (docs/OPERATIONS.md, "Restoring from the archive").
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub(super) struct Window {
+    /// The archived domain (`coordination`).
+    #[arg(long, value_name = "DOMAIN")]
+    domain: String,
+    /// Only messages stored at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    from: Option<DateTime<Utc>>,
+    /// Only messages stored at or before this time.
+    #[arg(long, value_name = "TIME")]
+    to: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct ReplayArgs {
+    #[command(flatten)]
+    window: Window,
+    /// Only this subject (a NATS subject; `*` and `>` as NATS matches them).
+    #[arg(long, value_name = "SUBJECT")]
+    subject: Option<String>,
+    /// Say what would be published, publish nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    format: JsonFlag,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RestoreArgs {
+    #[command(flatten)]
+    window: Window,
+    /// The stream to rebuild into; created, and refused if it exists.
+    #[arg(long, value_name = "STREAM")]
+    into: String,
+    #[command(flatten)]
+    format: JsonFlag,
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +103,15 @@ pub(super) struct LsArgs {
 
 pub(super) fn run(sources: &ConfigSources, command: &ArchiveCommand) -> anyhow::Result<()> {
     let config = sources.load().map_err(Refused::new)?;
+    match command {
+        ArchiveCommand::Replay(args) => {
+            return with_nats(&config, |client| replay(&config, client, args));
+        }
+        ArchiveCommand::Restore(args) => {
+            return with_nats(&config, |client| restore(&config, client, args));
+        }
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -57,8 +119,229 @@ pub(super) fn run(sources: &ConfigSources, command: &ArchiveCommand) -> anyhow::
         match command {
             ArchiveCommand::Ls(args) => ls(&config, args).await,
             ArchiveCommand::Verify(args) => verify(&config, args).await,
+            ArchiveCommand::Replay(_) | ArchiveCommand::Restore(_) => Ok(()),
         }
     })
+}
+
+/// The archived events of `window`, in stream order.
+async fn events_in(
+    config: &ValidatedConfig,
+    window: &Window,
+) -> anyhow::Result<Vec<ArchivedEvent>> {
+    let (store, domains) = selected(config, Some(&window.domain))?;
+    let (domain, stream) = &domains[0];
+    let manifest = store.manifest(domain, stream).await?;
+    let mut events = Vec::new();
+    for segment in &manifest.segments {
+        if window
+            .from
+            .is_some_and(|from| segment.last_stored_at < from)
+            || window.to.is_some_and(|to| segment.first_stored_at > to)
+        {
+            continue;
+        }
+        let bytes = store
+            .get(&segment.key)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{}: missing (run `archive verify`)", segment.key))?;
+        events.extend(
+            read_segment(&bytes)?
+                .into_iter()
+                .filter(|e| window.from.is_none_or(|from| e.stored_at >= from))
+                .filter(|e| window.to.is_none_or(|to| e.stored_at <= to)),
+        );
+    }
+    Ok(events)
+}
+
+/// Whether `subject` is matched by the NATS `filter` (`*` one token, `>`
+/// the rest).
+fn subject_matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for wanted in filter.split('.') {
+        match (wanted, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (wanted, Some(token)) if wanted == token => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Republished {
+    domain: String,
+    /// Archived messages in the window (and subject).
+    matched: usize,
+    /// Stored anew by the stream.
+    published: usize,
+    /// Dropped by the stream's duplicate window (the same event id).
+    duplicates: usize,
+    /// Outputs left out: the rooms make them again.
+    outputs_skipped: usize,
+    dry_run: bool,
+}
+
+async fn republish(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    event: &ArchivedEvent,
+    report: &mut Republished,
+) -> anyhow::Result<()> {
+    // The headers as they were, but the server's own (`Nats-*`): the
+    // message id is set below, the rest the server sets again.
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in &event.headers {
+        if !name.starts_with("Nats-") {
+            headers.insert(name.as_str(), value.as_str());
+        }
+    }
+    let mut message = async_nats::jetstream::message::PublishMessage::build()
+        .payload(event.body_bytes()?.into())
+        .headers(headers);
+    if !event.event_id.is_empty() {
+        message = message.message_id(event.event_id.clone());
+    }
+    let ack = js
+        .send_publish(subject.clone(), message)
+        .await
+        .with_context(|| format!("publishing to {subject}"))?
+        .await
+        .with_context(|| format!("no stream stored {subject}"))?;
+    if ack.duplicate {
+        report.duplicates += 1;
+    } else {
+        report.published += 1;
+    }
+    Ok(())
+}
+
+fn summary(report: &Republished, what: &str, format: JsonFlag) -> anyhow::Result<()> {
+    if format.json {
+        return emit_json(report);
+    }
+    emit(&format!(
+        "{}: {} archived in the window; {} {what}, {} already in the stream (duplicate window){}{}\n",
+        report.domain,
+        report.matched,
+        report.published,
+        report.duplicates,
+        if report.outputs_skipped > 0 {
+            format!("; {} outputs left to the rooms", report.outputs_skipped)
+        } else {
+            String::new()
+        },
+        if report.dry_run {
+            " (dry run: nothing published)"
+        } else {
+            ""
+        }
+    ))
+}
+
+async fn replay(
+    config: &ValidatedConfig,
+    client: async_nats::Client,
+    args: &ReplayArgs,
+) -> anyhow::Result<()> {
+    let inputs: Vec<String> = config
+        .rooms
+        .iter()
+        .filter_map(|room| {
+            let spec = REGISTRY.iter().find(|spec| spec.name == room.name)?;
+            Some(
+                (spec.contracts)()
+                    .into_iter()
+                    .filter(|c| c.direction == Direction::Input)
+                    .map(|c| format!("{}{}", room.subject_base, c.action))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .flatten()
+        .collect();
+    let events: Vec<ArchivedEvent> = events_in(config, &args.window)
+        .await?
+        .into_iter()
+        .filter(|e| {
+            args.subject
+                .as_deref()
+                .is_none_or(|filter| subject_matches(filter, &e.subject))
+        })
+        .collect();
+    let mut report = Republished {
+        domain: args.window.domain.clone(),
+        matched: events.len(),
+        dry_run: args.dry_run,
+        ..Default::default()
+    };
+    let js = async_nats::jetstream::new(client);
+    let bar = progress(events.len(), "replaying");
+    for event in &events {
+        bar.inc(1);
+        if !inputs.contains(&event.subject) {
+            report.outputs_skipped += 1;
+            continue;
+        }
+        if args.dry_run {
+            report.published += 1;
+            continue;
+        }
+        republish(&js, event.subject.clone(), event, &mut report).await?;
+    }
+    bar.finish_and_clear();
+    summary(&report, "replayed", args.format)
+}
+
+async fn restore(
+    config: &ValidatedConfig,
+    client: async_nats::Client,
+    args: &RestoreArgs,
+) -> anyhow::Result<()> {
+    let domain = &args.window.domain;
+    let events = events_in(config, &args.window).await?;
+    let js = async_nats::jetstream::new(client);
+    if js.get_stream(&args.into).await.is_ok() {
+        return Err(Refused::new(format!(
+            "stream {} exists: restore builds a new stream",
+            args.into
+        ))
+        .into());
+    }
+    let from = format!("choco.events.{domain}.");
+    let to = format!("choco.restored.{domain}.");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: args.into.clone(),
+        subjects: vec![format!("{to}>")],
+        description: Some(format!(
+            "choco-factory archive restore of {domain}: no room consumes it"
+        )),
+        duplicate_window: config.factory.nats.duplicate_window,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating the stream {}", args.into))?;
+    let mut report = Republished {
+        domain: domain.clone(),
+        matched: events.len(),
+        ..Default::default()
+    };
+    let bar = progress(events.len(), "restoring");
+    for event in &events {
+        bar.inc(1);
+        let subject = match event.subject.strip_prefix(&from) {
+            Some(rest) => format!("{to}{rest}"),
+            None => format!("{to}{}", event.subject),
+        };
+        republish(&js, subject, event, &mut report).await?;
+    }
+    bar.finish_and_clear();
+    summary(
+        &report,
+        &format!("restored into {}", args.into),
+        args.format,
+    )
 }
 
 /// The archive and the domains asked for, with their streams.
