@@ -336,10 +336,29 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
         "the hold is reported"
     );
 
+    let series = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.starts_with(name) && line.contains(r#"domain="coordination""#))
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let during = factory.scrape().await;
+    assert_eq!(series(&during, "choco_archive_holding"), 1.0, "{during}");
+    assert!(series(&during, "choco_archive_lag_messages") >= WRITES as f64 / 2.0);
+    assert!(
+        series(
+            &during,
+            r#"choco_archive_segments_total{domain="coordination",outcome="failed"}"#
+        ) >= 1.0
+    );
+
     std::fs::remove_file(&day).expect("remove the file");
     std::fs::rename(&aside, &day).expect("the day's folder back");
     let after = archived_to_the_end(&js, dir.path()).await;
     assert_archive_equals_stream(&js, dir.path(), &after).await;
+    let text = factory.scrape().await;
+    assert_eq!(series(&text, "choco_archive_holding"), 0.0, "{text}");
+    assert_eq!(series(&text, "choco_archive_sequence"), after.last() as f64);
 }
 
 fn archive_cli(

@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use choco_factory::cocoa_butter::metrics::{
-    ConnectionMetrics, GrpcLabels, HttpLabels, Outcome, ProcessMetrics, RoomMetrics, StoreLabels,
+    ArchiveMetrics, ConnectionMetrics, GrpcLabels, HttpLabels, Outcome, ProcessMetrics,
+    RoomMetrics, StoreLabels,
 };
 use serde::Deserialize;
 
@@ -19,7 +20,9 @@ const DASHBOARD: &str = "config/grafana/choco-factory-rooms.json";
 /// Every series name the runtime can expose. A family shows only once it
 /// has a series, so every kind of observation is made once.
 fn exported_series() -> BTreeSet<String> {
-    let process = ProcessMetrics::new(&ConnectionMetrics::default());
+    let archive = ArchiveMetrics::default();
+    archive.init("coordination");
+    let process = ProcessMetrics::new(&ConnectionMetrics::default(), &archive);
     let metrics = RoomMetrics::new("conch", Some(&process));
     metrics.received("x.y");
     metrics.finished("x.y", Outcome::Ok, 0.001);

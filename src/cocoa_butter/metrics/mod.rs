@@ -160,6 +160,53 @@ pub struct ConnectionMetrics {
     pub reconnects: Counter,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DomainLabels {
+    pub domain: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SegmentLabels {
+    pub domain: String,
+    /// `written` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// The archivers' state (`runtime/archiver.rs`), per archived domain, which
+/// [`ProcessMetrics`] shows: the archive is the process's, not a room's.
+#[derive(Clone, Default)]
+pub struct ArchiveMetrics {
+    /// Messages of the stream not archived yet (stream last sequence minus
+    /// the last archived one, as the archive consumer sees it).
+    pub lag: Family<DomainLabels, Gauge<i64, AtomicI64>>,
+    /// The last sequence archived.
+    pub archived: Family<DomainLabels, Gauge<i64, AtomicI64>>,
+    /// 1 while the archiver holds because storage fails.
+    pub holding: Family<DomainLabels, Gauge<i64, AtomicI64>>,
+    pub segments: Family<SegmentLabels, Counter>,
+    /// Compressed bytes written.
+    pub bytes: Family<DomainLabels, Counter>,
+}
+
+impl ArchiveMetrics {
+    /// Every series of `domain`, at 0.
+    pub fn init(&self, domain: &str) {
+        let labels = DomainLabels {
+            domain: domain.to_string(),
+        };
+        let _ = self.lag.get_or_create(&labels);
+        let _ = self.archived.get_or_create(&labels);
+        let _ = self.holding.get_or_create(&labels);
+        let _ = self.bytes.get_or_create(&labels);
+        for outcome in ["written", "failed"] {
+            let _ = self.segments.get_or_create(&SegmentLabels {
+                domain: domain.to_string(),
+                outcome,
+            });
+        }
+    }
+}
+
 /// The commit the binary was built from (`BUILD_GIT_SHA` at build time).
 pub const GIT_SHA: &str = env!("BUILD_GIT_SHA");
 
@@ -175,8 +222,33 @@ pub struct ProcessMetrics {
 }
 
 impl ProcessMetrics {
-    pub fn new(connection: &ConnectionMetrics) -> Self {
+    pub fn new(connection: &ConnectionMetrics, archive: &ArchiveMetrics) -> Self {
         let mut registry = Registry::default();
+        registry.register(
+            "choco_archive_lag_messages",
+            "Messages of an archived stream not archived yet",
+            archive.lag.clone(),
+        );
+        registry.register(
+            "choco_archive_sequence",
+            "The last stream sequence archived",
+            archive.archived.clone(),
+        );
+        registry.register(
+            "choco_archive_holding",
+            "1 while the archiver holds because its storage fails (nothing acked)",
+            archive.holding.clone(),
+        );
+        registry.register(
+            "choco_archive_segments",
+            "Segment writes, by outcome (written, failed)",
+            archive.segments.clone(),
+        );
+        registry.register(
+            "choco_archive_written_bytes",
+            "Compressed bytes of segments written",
+            archive.bytes.clone(),
+        );
         registry.register(
             "choco_nats_connected",
             "1 while the process's NATS connection is up",

@@ -15,6 +15,7 @@ use crate::cocoa_butter::archive::segment::{ArchivedEvent, Manifest, SegmentBuil
 use crate::cocoa_butter::archive::{
     ARCHIVE_BUCKET, ARCHIVE_CONSUMER, ArchiveConfig, ArchiveError, ArchiveStore,
 };
+use crate::cocoa_butter::metrics::{ArchiveMetrics, DomainLabels, SegmentLabels};
 use crate::cocoa_butter::nats::pull::Puller;
 use crate::cocoa_butter::nats::{KvBucket, PINNED_GROUP};
 use crate::cocoa_butter::streams::BucketStorage;
@@ -55,6 +56,7 @@ pub struct Archiver {
     pub buckets: BucketStorage,
     /// `[consumer]`: the pulls' heartbeat and expiry follow the rooms'.
     pub consumer: crate::cocoa_butter::config::ConsumerConfig,
+    pub metrics: ArchiveMetrics,
 }
 
 /// A segment being filled, with the messages to ack once it is written.
@@ -109,6 +111,7 @@ impl Archiver {
         .await
         .map_err(ArchiveError::bus)?;
         tracing::info!(archived_to = manifest.last(), "archiving");
+        self.sample_lag().await;
 
         let mut filling: Option<Filling> = None;
         // The next sequence to archive. Messages can arrive out of order:
@@ -303,6 +306,8 @@ impl Archiver {
                 Ok(()) => break,
                 Err(err) => {
                     failures += 1;
+                    self.segment_counter("failed").inc();
+                    self.gauge(&self.metrics.holding).set(1);
                     // One line per doubling of the failures: a storage
                     // outage does not flood the log.
                     if failures.is_power_of_two() {
@@ -315,6 +320,7 @@ impl Archiver {
                     }
                 }
             }
+            self.sample_lag().await;
             if last_keepalive.elapsed() >= self.config.ack_wait / 3 {
                 for message in &segment.messages {
                     let _ = message.ack_with(AckKind::Progress).await;
@@ -332,8 +338,62 @@ impl Archiver {
         }
         *manifest = updated;
         self.clear_range(ranges).await?;
+        self.segment_counter("written").inc();
+        self.metrics
+            .bytes
+            .get_or_create(&self.labels())
+            .inc_by(entry.bytes as u64);
+        self.gauge(&self.metrics.holding).set(0);
+        self.gauge(&self.metrics.archived)
+            .set(i64::try_from(entry.last).unwrap_or(i64::MAX));
+        self.sample_lag().await;
         tracing::debug!(segment = %entry.key, events = entry.events, "segment archived");
         Ok(true)
+    }
+}
+
+impl Archiver {
+    /// The lag as the server counts it: the archive consumer's messages not
+    /// yet delivered plus those delivered and not acked (a segment is acked
+    /// once written). Left as it was when the server does not answer.
+    async fn sample_lag(&self) {
+        let Ok(stream) = self.js.get_stream(&self.stream).await else {
+            return;
+        };
+        if let Ok(info) = stream.consumer_info(ARCHIVE_CONSUMER).await {
+            let lag = info.num_pending.saturating_add(info.num_ack_pending as u64);
+            self.gauge(&self.metrics.lag)
+                .set(i64::try_from(lag).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn labels(&self) -> DomainLabels {
+        DomainLabels {
+            domain: self.domain.clone(),
+        }
+    }
+
+    fn gauge(
+        &self,
+        family: &prometheus_client::metrics::family::Family<
+            DomainLabels,
+            prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64>,
+        >,
+    ) -> prometheus_client::metrics::gauge::Gauge<i64, std::sync::atomic::AtomicI64> {
+        family.get_or_create(&self.labels()).clone()
+    }
+
+    fn segment_counter(
+        &self,
+        outcome: &'static str,
+    ) -> prometheus_client::metrics::counter::Counter {
+        self.metrics
+            .segments
+            .get_or_create(&SegmentLabels {
+                domain: self.domain.clone(),
+                outcome,
+            })
+            .clone()
     }
 }
 
@@ -385,6 +445,7 @@ pub fn start_archivers(
     js: &jetstream::Context,
     tasks: &tokio_util::task::TaskTracker,
     intake: &CancellationToken,
+    metrics: &ArchiveMetrics,
 ) -> Result<(), ArchiveError> {
     let archive = &config.factory.archive;
     if !archive.enabled() {
@@ -404,7 +465,9 @@ pub fn start_archivers(
             config: archive.clone(),
             buckets: config.bucket_storage.clone(),
             consumer: config.factory.consumer.clone(),
+            metrics: metrics.clone(),
         };
+        metrics.init(domain);
         let span = tracing::info_span!("archiver", domain = %domain);
         tasks.spawn(tracing::Instrument::instrument(
             supervise_archiver(archiver, intake.clone()),

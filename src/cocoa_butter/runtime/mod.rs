@@ -40,7 +40,7 @@ use super::consumer::Engine;
 use super::contract::Contracts;
 use super::dlq::reason;
 use super::guard::{GuardLayer, Policy};
-use super::metrics::{ConnectionMetrics, ProcessMetrics, RoomMetrics};
+use super::metrics::{ArchiveMetrics, ConnectionMetrics, ProcessMetrics, RoomMetrics};
 use super::nats::{self, BusError, Publisher};
 use super::room::{RoomContext, RoomSpec};
 use super::serve::hygiene;
@@ -183,15 +183,22 @@ pub async fn run(
     let mut states: Vec<(String, Arc<RoomState>)> = Vec::new();
     // The process's own families get one home: the first room's port
     // (rooms come in name order).
-    let mut process_metrics = Some(ProcessMetrics::new(&connection_metrics));
+    let archive_metrics = ArchiveMetrics::default();
+    let mut process_metrics = Some(ProcessMetrics::new(&connection_metrics, &archive_metrics));
     for (spec, settings, listeners) in bound {
         let home = process_metrics.take();
         let name = settings.name.clone();
         let state = start_room(&shared, spec, settings, listeners, home.as_ref())?;
         states.push((name, state));
     }
-    archiver::start_archivers(&config, &shared.js, &shared.consumers, &shared.intake)
-        .map_err(|err| RuntimeError::Refused(format!("archive.dir: {err}")))?;
+    archiver::start_archivers(
+        &config,
+        &shared.js,
+        &shared.consumers,
+        &shared.intake,
+        &archive_metrics,
+    )
+    .map_err(|err| RuntimeError::Refused(format!("archive.dir: {err}")))?;
     let Shared {
         intake,
         stop_servers,
