@@ -56,7 +56,12 @@ async fn the_production_config_runs_on_a_three_node_cluster() {
         &config,
         shipped
             .replace(hosts, &cluster.urls())
-            .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\""),
+            .replace("bind = \"0.0.0.0\"", "bind = \"127.0.0.1\"")
+            // A host's path, like its addresses.
+            .replace(
+                "/var/lib/choco-factory/archive",
+                &dir.path().join("archive").display().to_string(),
+            ),
     )
     .expect("write config");
     let mut env: Vec<(String, String)> = ["WINNOWER", "CONCH", "MOULD", "WRAPPER"]
