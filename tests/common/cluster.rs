@@ -35,6 +35,7 @@ impl Cluster {
     /// Three servers in one cluster, each with JetStream, ready once an R3
     /// stream can be placed.
     pub async fn start() -> Cluster {
+        choco_factory::cocoa_butter::tls::install_default_provider();
         Self::start_with(false, true).await
     }
 

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod proxy;
+pub mod seaweed;
 pub mod steady;
 pub mod workload;
 
@@ -40,6 +41,7 @@ impl Nats {
 
     /// With `sync_always`, a SIGKILL of the server loses nothing it acked.
     pub async fn start_durable(port: u16, sync_always: bool) -> Nats {
+        tls_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
         let server = ManagedNats::start_with(binary, dir.path(), port, sync_always)
@@ -60,6 +62,13 @@ impl Nats {
 }
 
 /// A free TCP port on loopback (bound and released).
+/// *ring* as the process's rustls provider, as the binary has it: the
+/// tests' HTTP client (reqwest, whose TLS the archive's S3 client enables
+/// without a provider of its own) takes it. Every harness start calls it.
+pub fn tls_provider() {
+    choco_factory::cocoa_butter::tls::install_default_provider();
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -256,6 +265,7 @@ impl Factory {
         label: &str,
         pre_bound: PreBound,
     ) -> Factory {
+        tls_provider();
         let (program, before) = match wrapper.split_first() {
             Some((program, rest)) => (*program, rest.iter().copied().chain([BIN]).collect()),
             None => (BIN, Vec::new()),

@@ -13,8 +13,13 @@ pub struct ArchiveConfig {
     /// The domains whose stream `choco:events:<domain>` is archived
     /// (`["coordination", "refinement"]`); none by default.
     pub domains: Vec<String>,
+    /// Where segments go: `local` (the directory `dir`, the default) or
+    /// `s3` (the bucket of `[archive.s3]`).
+    pub backend: Backend,
     /// The local directory the archive lives in (the embedded backend).
     pub dir: PathBuf,
+    /// S3-compatible storage, with `backend = "s3"`.
+    pub s3: S3Config,
     /// A segment closes at this many messages. It is also the archive
     /// consumer's `max_ack_pending`, since nothing of a segment is acked
     /// before it is written.
@@ -32,10 +37,54 @@ pub struct ArchiveConfig {
     pub ack_wait: Duration,
 }
 
+/// Where the archive's objects are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Local,
+    S3,
+}
+
+/// `[archive.s3]`: an S3 bucket, on AWS or any S3-compatible server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// The server (`http://seaweedfs:8333`, `https://minio.internal`);
+    /// unset: AWS's endpoint for `region`.
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: String,
+    /// Path-style requests (`<endpoint>/<bucket>/<key>`), as most
+    /// S3-compatible servers want; AWS takes virtual-hosted ones.
+    pub path_style: bool,
+    /// Files holding the access key id and the secret access key (a
+    /// mounted secret). Without them the standard AWS variables
+    /// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+    /// ...) are used.
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: None,
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            path_style: false,
+            access_key_id_file: None,
+            secret_access_key_file: None,
+        }
+    }
+}
+
 impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
             domains: Vec::new(),
+            backend: Backend::Local,
+            s3: S3Config::default(),
             dir: PathBuf::from("archive"),
             segment_max_events: 1000,
             segment_max_bytes: 8 * 1024 * 1024,
@@ -91,8 +140,27 @@ impl ArchiveConfig {
                 ),
             );
         }
-        if self.enabled() && self.dir.as_os_str().is_empty() {
+        if self.enabled() && self.backend == Backend::Local && self.dir.as_os_str().is_empty() {
             return refuse("dir", "is required when domains are archived".into());
+        }
+        if self.backend == Backend::S3 {
+            if self.s3.bucket.trim().is_empty() {
+                return refuse("s3.bucket", "is required with backend = \"s3\"".into());
+            }
+            if let Some(endpoint) = &self.s3.endpoint
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return refuse(
+                    "s3.endpoint",
+                    format!("{endpoint:?} is not an http:// or https:// URL"),
+                );
+            }
+            if self.s3.access_key_id_file.is_some() != self.s3.secret_access_key_file.is_some() {
+                return refuse(
+                    "s3.access_key_id_file",
+                    "set both access_key_id_file and secret_access_key_file, or neither".into(),
+                );
+            }
         }
         Ok(())
     }

@@ -11,6 +11,9 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
+use object_store::aws::AmazonS3Builder;
+
+use super::config::{ArchiveConfig, Backend, S3Config};
 use super::segment::{Manifest, manifest_key};
 
 /// A failure's source, whatever its type.
@@ -55,6 +58,45 @@ impl std::fmt::Debug for ArchiveStore {
 }
 
 impl ArchiveStore {
+    /// The archive `config` names: its local directory, or its S3 bucket.
+    pub fn open(config: &ArchiveConfig) -> Result<Self, ArchiveError> {
+        match config.backend {
+            Backend::Local => Self::local(&config.dir),
+            Backend::S3 => Self::s3(&config.s3),
+        }
+    }
+
+    /// The archive in an S3 bucket (AWS or S3-compatible).
+    pub fn s3(s3: &S3Config) -> Result<Self, ArchiveError> {
+        // reqwest's rustls takes the process's crypto provider: ring.
+        crate::cocoa_butter::tls::install_default_provider();
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&s3.bucket)
+            .with_region(&s3.region)
+            .with_virtual_hosted_style_request(!s3.path_style);
+        if let Some(endpoint) = &s3.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"));
+        }
+        if let (Some(id), Some(secret)) = (&s3.access_key_id_file, &s3.secret_access_key_file) {
+            let read = |path: &Path| {
+                std::fs::read_to_string(path)
+                    .map(|text| text.trim().to_string())
+                    .map_err(|err| ArchiveError::Corrupt {
+                        key: path.display().to_string(),
+                        reason: format!("cannot read the S3 credential: {err}"),
+                    })
+            };
+            builder = builder
+                .with_access_key_id(read(id)?)
+                .with_secret_access_key(read(secret)?);
+        }
+        Ok(ArchiveStore {
+            inner: Arc::new(builder.build()?),
+        })
+    }
+
     /// The archive in a local directory, created when missing.
     pub fn local(dir: &Path) -> Result<Self, ArchiveError> {
         std::fs::create_dir_all(dir).map_err(ArchiveError::io)?;

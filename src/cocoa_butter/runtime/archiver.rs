@@ -451,7 +451,7 @@ pub fn start_archivers(
     if !archive.enabled() {
         return Ok(());
     }
-    let store = ArchiveStore::local(&archive.dir)?;
+    let store = ArchiveStore::open(archive)?;
     for domain in &archive.domains {
         // Validation refused a domain no room has.
         let Some(room) = config.rooms.iter().find(|room| &room.domain == domain) else {
@@ -474,6 +474,6 @@ pub fn start_archivers(
             span,
         ));
     }
-    tracing::info!(domains = %archive.domains.join(", "), dir = %archive.dir.display(), "archive on");
+    tracing::info!(domains = %archive.domains.join(", "), store = ?store, "archive on");
     Ok(())
 }
