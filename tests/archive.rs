@@ -558,3 +558,70 @@ async fn the_archive_in_s3_compatible_storage_equals_the_stream() {
         .expect("run");
     assert!(output.status.success(), "{output:?}");
 }
+
+/// Two replicas of the factory archive the same stream: one archiver
+/// receives (the pinned one), the other stands by. SIGKILL the one that
+/// archives: the standby takes over within the pin's timeout, and the
+/// archive still equals the stream.
+#[tokio::test]
+async fn a_standby_archiver_takes_over_when_the_archiving_one_dies() {
+    const WRITES: usize = 400;
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let settings = [
+        ("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "50"),
+        ("CHOCO_ARCHIVE__SEGMENT_MAX_AGE", "1s"),
+        ("CHOCO_ARCHIVE__ACK_WAIT", "3s"),
+    ];
+    let start = || {
+        Factory::start_with(
+            archive_env(&nats.url(), dir.path(), &settings),
+            &["serve", "--rooms", "conch"],
+        )
+    };
+    let mut first = start().await;
+    let mut second = start().await;
+    first.wait_ready().await;
+    second.wait_ready().await;
+    let written = |text: &str| -> f64 {
+        text.lines()
+            .filter(|line| {
+                line.starts_with("choco_archive_segments_total")
+                    && line.contains(r#"outcome="written""#)
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    for i in 0..WRITES / 2 {
+        let event = write("standby", i);
+        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
+    }
+    archived_to_the_end(&js, dir.path()).await;
+    let (by_first, by_second) = (
+        written(&first.scrape().await),
+        written(&second.scrape().await),
+    );
+    assert!(
+        (by_first > 0.0) != (by_second > 0.0),
+        "exactly one archiver wrote: {by_first} and {by_second}"
+    );
+    let (archiving, standby) = if by_first > 0.0 {
+        (&mut first, &mut second)
+    } else {
+        (&mut second, &mut first)
+    };
+    archiving.signal(nix::sys::signal::Signal::SIGKILL);
+    archiving.wait_exit(Duration::from_secs(10)).await;
+    for i in WRITES / 2..WRITES {
+        let event = write("standby", i);
+        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
+    }
+    exactly(&js, COORDINATION, COMPLETED, WRITES).await;
+    let manifest = archived_to_the_end(&js, dir.path()).await;
+    assert!(
+        written(&standby.scrape().await) > 0.0,
+        "the standby took over"
+    );
+    assert_archive_equals_stream(&js, dir.path(), &manifest).await;
+}

@@ -87,18 +87,7 @@ impl Archiver {
             .get_or_create_consumer(ARCHIVE_CONSUMER, consumer_config(&self.config))
             .await
             .map_err(ArchiveError::bus)?;
-        let mut manifest = self.store.manifest(&self.domain, &self.stream).await?;
-        let mut open = self.open_range(&ranges).await?;
-        if let Some(range) = open
-            && manifest
-                .segments
-                .iter()
-                .any(|s| s.first == range.first && s.last == range.last)
-        {
-            // Written and listed, and the process died before it said so.
-            self.clear_range(&ranges).await?;
-            open = None;
-        }
+        let (mut manifest, mut open) = self.where_the_archive_is(&ranges).await?;
         let batch = self.config.segment_max_events.clamp(1, 256);
         let mut messages = Puller::new(
             &self.js,
@@ -142,6 +131,13 @@ impl Archiver {
             if let Some(message) = message {
                 let info = message.info().map_err(ArchiveError::bus)?;
                 let seq = info.stream_sequence;
+                if filling.is_none() && waiting.is_empty() && seq != next {
+                    // Not the message expected, with nothing in hand: another
+                    // archiver had the pin (this one stood by) and wrote
+                    // meanwhile. The storage says where the archive is.
+                    (manifest, open) = self.where_the_archive_is(&ranges).await?;
+                    next = manifest.last() + 1;
+                }
                 if seq <= manifest.last() {
                     // Archived already (the process died before the ack).
                     let _ = message.ack().await;
@@ -238,6 +234,27 @@ impl Archiver {
             return Ok(first);
         }
         Ok(next)
+    }
+
+    /// The manifest as stored, and the range of a segment being written
+    /// when the last archiver stopped (none when that segment was written
+    /// and listed, and the archiver died before it said so).
+    async fn where_the_archive_is(
+        &self,
+        ranges: &KvBucket,
+    ) -> Result<(Manifest, Option<OpenRange>), ArchiveError> {
+        let manifest = self.store.manifest(&self.domain, &self.stream).await?;
+        let open = self.open_range(ranges).await?;
+        if let Some(range) = open
+            && manifest
+                .segments
+                .iter()
+                .any(|s| s.first == range.first && s.last == range.last)
+        {
+            self.clear_range(ranges).await?;
+            return Ok((manifest, None));
+        }
+        Ok((manifest, open))
     }
 
     async fn open_range(&self, ranges: &KvBucket) -> Result<Option<OpenRange>, ArchiveError> {
