@@ -342,6 +342,16 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
             .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
     };
+    let (status, body) = factory.metrics_get("/archive/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let readiness: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(readiness["ready"], false);
+    assert!(
+        readiness["domains"]["coordination"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("cannot write the archive")),
+        "{body}"
+    );
     let during = factory.scrape().await;
     assert_eq!(series(&during, "choco_archive_holding"), 1.0, "{during}");
     assert!(series(&during, "choco_archive_lag_messages") >= WRITES as f64 / 2.0);
@@ -358,6 +368,8 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
     assert_archive_equals_stream(&js, dir.path(), &after).await;
     let text = factory.scrape().await;
     assert_eq!(series(&text, "choco_archive_holding"), 0.0, "{text}");
+    let (status, body) = factory.metrics_get("/archive/readyz").await;
+    assert_eq!(status, 200, "ready again by itself: {body}");
     assert_eq!(series(&text, "choco_archive_sequence"), after.last() as f64);
 }
 

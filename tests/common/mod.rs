@@ -358,6 +358,15 @@ impl Factory {
     }
 
     /// The room's `/metrics` (Prometheus text) from its metrics port.
+    /// `path` on the metrics port: (status, body).
+    pub async fn metrics_get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("http://{}{path}", self.metrics))
+            .await
+            .expect("metrics port");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("text"))
+    }
+
     pub async fn scrape(&self) -> String {
         reqwest::get(format!("http://{}/metrics", self.metrics))
             .await

@@ -186,11 +186,32 @@ pub struct ArchiveMetrics {
     pub segments: Family<SegmentLabels, Counter>,
     /// Compressed bytes written.
     pub bytes: Family<DomainLabels, Counter>,
+    /// Why each archiver is not ready (none when it is): what the
+    /// archive's `/archive/readyz` answers from.
+    not_ready: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Option<String>>>>,
 }
 
 impl ArchiveMetrics {
+    /// Says whether the archiver of `domain` is ready, and if not why.
+    pub fn set_not_ready(&self, domain: &str, reason: Option<String>) {
+        // Only a panic while holding the lock poisons it; the map stays usable.
+        let mut map = self.not_ready.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(domain.to_string(), reason);
+    }
+
+    /// Every archiver's readiness: `(all ready, domain → why not)`.
+    pub fn readiness(&self) -> (bool, std::collections::BTreeMap<String, Option<String>>) {
+        let map = self
+            .not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (map.values().all(Option::is_none), map)
+    }
+
     /// Every series of `domain`, at 0.
     pub fn init(&self, domain: &str) {
+        self.set_not_ready(domain, Some("starting".into()));
         let labels = DomainLabels {
             domain: domain.to_string(),
         };

@@ -100,6 +100,7 @@ impl Archiver {
         .await
         .map_err(ArchiveError::bus)?;
         tracing::info!(archived_to = manifest.last(), "archiving");
+        self.metrics.set_not_ready(&self.domain, None);
         self.sample_lag().await;
 
         let mut filling: Option<Filling> = None;
@@ -325,6 +326,10 @@ impl Archiver {
                     failures += 1;
                     self.segment_counter("failed").inc();
                     self.gauge(&self.metrics.holding).set(1);
+                    self.metrics.set_not_ready(
+                        &self.domain,
+                        Some(format!("cannot write the archive: {err}")),
+                    );
                     // One line per doubling of the failures: a storage
                     // outage does not flood the log.
                     if failures.is_power_of_two() {
@@ -361,6 +366,7 @@ impl Archiver {
             .get_or_create(&self.labels())
             .inc_by(entry.bytes as u64);
         self.gauge(&self.metrics.holding).set(0);
+        self.metrics.set_not_ready(&self.domain, None);
         self.gauge(&self.metrics.archived)
             .set(i64::try_from(entry.last).unwrap_or(i64::MAX));
         self.sample_lag().await;
@@ -445,6 +451,9 @@ pub async fn supervise_archiver(archiver: Archiver, intake: CancellationToken) {
         match archiver.run(&intake).await {
             Ok(()) => return,
             Err(err) => {
+                archiver
+                    .metrics
+                    .set_not_ready(&archiver.domain, Some(format!("stopped: {err}")));
                 tracing::warn!(error = %err, retry_in = ?delay, "the archiver stopped; starting it again");
             }
         }

@@ -188,7 +188,9 @@ pub async fn run(
     for (spec, settings, listeners) in bound {
         let home = process_metrics.take();
         let name = settings.name.clone();
-        let state = start_room(&shared, spec, settings, listeners, home.as_ref())?;
+        // The archive's readiness is the process's too: on the home port.
+        let archive = home.as_ref().map(|_| &archive_metrics);
+        let state = start_room(&shared, spec, settings, listeners, home.as_ref(), archive)?;
         states.push((name, state));
     }
     archiver::start_archivers(
@@ -299,6 +301,7 @@ fn start_room(
     settings: RoomSettings,
     listeners: Listeners,
     home: Option<&ProcessMetrics>,
+    archive: Option<&ArchiveMetrics>,
 ) -> Result<Arc<RoomState>, RuntimeError> {
     let span = room_span(&settings.label);
     let metrics = RoomMetrics::new(&settings.name, home);
@@ -423,6 +426,7 @@ fn start_room(
         .instrument(span.clone()),
     );
     let server_metrics = metrics.clone();
+    let archive_home = archive.cloned();
     let metrics_state = state.clone();
     shared.servers.spawn(
         keep_serving(
@@ -436,6 +440,7 @@ fn start_room(
                     l,
                     server_metrics.clone(),
                     metrics_state.clone(),
+                    archive_home.clone(),
                     metrics_conn.clone(),
                     s,
                 )

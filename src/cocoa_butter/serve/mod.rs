@@ -256,6 +256,29 @@ async fn readyz(State(http): State<HttpState>) -> Response {
 
 /// `/readyz` of both the HTTP and the metrics port: 200 when ready, 503
 /// with the reason otherwise.
+fn archive_readiness(archive: &metrics::ArchiveMetrics) -> Response {
+    let (ready, domains) = archive.readiness();
+    let domains: serde_json::Map<String, serde_json::Value> = domains
+        .into_iter()
+        .map(|(domain, reason)| {
+            (
+                domain,
+                serde_json::json!({"ready": reason.is_none(), "reason": reason}),
+            )
+        })
+        .collect();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"ready": ready, "domains": domains})),
+    )
+        .into_response()
+}
+
 fn readiness(state: &RoomState) -> Response {
     let nats = state.nats_connected();
     let consumer = state.consumer_bound();
@@ -360,14 +383,19 @@ pub async fn serve_http(
 /// probes that sit next to the process (`choco-factory health`, the
 /// container's health check, Kubernetes' probes) need neither the API's TLS
 /// nor its tokens.
+///
+/// On the process's home port (`archive` given) also `/archive/readyz`:
+/// 200 while every archiver runs and writes, 503 naming each that does not
+/// (starting, stopped, its storage failing).
 pub async fn serve_metrics(
     listener: TcpListener,
     metrics: RoomMetrics,
     state: Arc<RoomState>,
+    archive: Option<metrics::ArchiveMetrics>,
     conn: ConnectionSettings,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/metrics", get(metrics_route))
         .with_state((metrics, state.clone()))
         .route("/healthz", get(healthz))
@@ -378,6 +406,15 @@ pub async fn serve_metrics(
                 async move { readiness(&state) }
             }),
         );
+    if let Some(archive) = archive {
+        router = router.route(
+            "/archive/readyz",
+            get(move || {
+                let archive = archive.clone();
+                async move { archive_readiness(&archive) }
+            }),
+        );
+    }
     // Plain: scrapers sit next to the process, and a Prometheus that
     // scrapes over TLS would need its own certificate set-up per target.
     let conn = ConnectionSettings { tls: None, ..conn };
