@@ -93,9 +93,12 @@ fn source(file: &str) -> String {
 
 #[test]
 fn the_core_spec_describes_the_core_routes() {
-    // /metrics is served on the metrics port, not the room's HTTP port;
-    // the operator routes are merged in from admin.rs.
-    let mut code = routes_in_source(&source("cocoa_butter/serve/mod.rs"), &["/metrics"]);
+    // /metrics and /archive/readyz are served on the metrics port, not the
+    // room's HTTP port; the operator routes are merged in from admin.rs.
+    let mut code = routes_in_source(
+        &source("cocoa_butter/serve/mod.rs"),
+        &["/metrics", "/archive/readyz"],
+    );
     code.extend(routes_in_source(
         &source("cocoa_butter/serve/admin.rs"),
         &[],
