@@ -125,12 +125,21 @@ print(json.dumps({{"per_type": [list(r) for r in per_type], "chain": [r[0] for r
     (list("per_type"), list("chain"))
 }
 
-fn verify(nats_url: &str, dir: &Path) -> (Option<i32>, String, String) {
+/// `choco-factory archive ARGS` on the coordination archive in `dir` (or
+/// wherever `env` puts it): (status, stdout, stderr).
+fn archive_command(
+    nats_url: &str,
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> (Option<i32>, String, String) {
     let output = std::process::Command::new(BIN)
-        .args(["archive", "verify"])
+        .arg("archive")
+        .args(args)
         .env("CHOCO_NATS__URL", nats_url)
         .env("CHOCO_ARCHIVE__DOMAINS", r#"["coordination"]"#)
         .env("CHOCO_ARCHIVE__DIR", dir)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .expect("run");
     (
@@ -138,6 +147,34 @@ fn verify(nats_url: &str, dir: &Path) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+fn verify(nats_url: &str, dir: &Path) -> (Option<i32>, String, String) {
+    archive_command(nats_url, dir, &["verify"], &[])
+}
+
+/// The conch serving with the coordination stream archived into `dir`,
+/// ready.
+async fn archiving(nats: &Nats, dir: &Path, extra: &[(&str, &str)]) -> Factory {
+    let factory = Factory::start_with(
+        archive_env(&nats.url(), dir, extra),
+        &["serve", "--rooms", "conch"],
+    )
+    .await;
+    factory.wait_ready().await;
+    factory
+}
+
+/// Writes `range` of the load `prefix`, each once stored.
+async fn publish_writes(
+    js: &async_nats::jetstream::Context,
+    prefix: &str,
+    range: std::ops::Range<usize>,
+) {
+    for i in range {
+        let event = write(prefix, i);
+        publish_until_stored(js, REQUESTED, &event.event_id, event.encode()).await;
+    }
 }
 
 /// Several thousand messages (the conch's inputs and its outputs) across
@@ -149,20 +186,13 @@ async fn the_archive_equals_the_stream_and_verify_finds_what_was_changed() {
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let factory = Factory::start_with(
-        archive_env(
-            &nats.url(),
-            dir.path(),
-            &[("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "400")],
-        ),
-        &["serve", "--rooms", "conch"],
+    let _factory = archiving(
+        &nats,
+        dir.path(),
+        &[("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "400")],
     )
     .await;
-    factory.wait_ready().await;
-    for i in 0..WRITES {
-        let event = write("archived", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    publish_writes(&js, "archived", 0..WRITES).await;
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
     let manifest = archived_to_the_end(&js, dir.path()).await;
     assert!(
@@ -230,12 +260,7 @@ async fn a_kill_mid_segment_leaves_no_gap_and_no_duplicate() {
         ("CHOCO_ARCHIVE__SEGMENT_MAX_AGE", "2s"),
         ("CHOCO_ARCHIVE__ACK_WAIT", "3s"),
     ];
-    let mut factory = Factory::start_with(
-        archive_env(&nats.url(), dir.path(), &settings),
-        &["serve", "--rooms", "conch"],
-    )
-    .await;
-    factory.wait_ready().await;
+    let mut factory = archiving(&nats, dir.path(), &settings).await;
     let load = {
         let js = js.clone();
         tokio::spawn(async move {
@@ -254,12 +279,7 @@ async fn a_kill_mid_segment_leaves_no_gap_and_no_duplicate() {
     factory.signal(nix::sys::signal::Signal::SIGKILL);
     factory.wait_exit(Duration::from_secs(10)).await;
     let before = manifest(dir.path());
-    let factory = Factory::start_with(
-        archive_env(&nats.url(), dir.path(), &settings),
-        &["serve", "--rooms", "conch"],
-    )
-    .await;
-    factory.wait_ready().await;
+    let _factory = archiving(&nats, dir.path(), &settings).await;
     load.await.expect("publisher");
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
     let manifest = archived_to_the_end(&js, dir.path()).await;
@@ -287,16 +307,8 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
         ("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "100"),
         ("CHOCO_ARCHIVE__SEGMENT_MAX_AGE", "1s"),
     ];
-    let factory = Factory::start_with(
-        archive_env(&nats.url(), dir.path(), &settings),
-        &["serve", "--rooms", "conch"],
-    )
-    .await;
-    factory.wait_ready().await;
-    for i in 0..WRITES / 2 {
-        let event = write("held", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    let factory = archiving(&nats, dir.path(), &settings).await;
+    publish_writes(&js, "held", 0..WRITES / 2).await;
     let before = archived_to_the_end(&js, dir.path()).await;
     // The folder every segment of today goes into, made unusable.
     let day = dir
@@ -309,10 +321,7 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
     std::fs::rename(&day, &aside).expect("move the day aside");
     std::fs::write(&day, b"not a folder").expect("a file in its place");
 
-    for i in WRITES / 2..WRITES {
-        let event = write("held", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    publish_writes(&js, "held", WRITES / 2..WRITES).await;
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let consumer = js
@@ -378,19 +387,12 @@ fn archive_cli(
     dir: &Path,
     args: &[&str],
 ) -> (Option<i32>, serde_json::Value, String) {
-    let output = std::process::Command::new(BIN)
-        .arg("archive")
-        .args(args)
-        .args(["--json"])
-        .env("CHOCO_NATS__URL", nats_url)
-        .env("CHOCO_ARCHIVE__DOMAINS", r#"["coordination"]"#)
-        .env("CHOCO_ARCHIVE__DIR", dir)
-        .output()
-        .expect("run");
+    let args: Vec<&str> = args.iter().copied().chain(["--json"]).collect();
+    let (code, stdout, stderr) = archive_command(nats_url, dir, &args, &[]);
     (
-        output.status.code(),
-        serde_json::from_slice(&output.stdout).unwrap_or_default(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
+        code,
+        serde_json::from_str(&stdout).unwrap_or_default(),
+        stderr,
     )
 }
 
@@ -404,20 +406,13 @@ async fn replay_doubles_nothing_and_restore_rebuilds_the_stream() {
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let factory = Factory::start_with(
-        archive_env(
-            &nats.url(),
-            dir.path(),
-            &[("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "64")],
-        ),
-        &["serve", "--rooms", "conch"],
+    let _factory = archiving(
+        &nats,
+        dir.path(),
+        &[("CHOCO_ARCHIVE__SEGMENT_MAX_EVENTS", "64")],
     )
     .await;
-    factory.wait_ready().await;
-    for i in 0..WRITES {
-        let event = write("replayed", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    publish_writes(&js, "replayed", 0..WRITES).await;
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
     archived_to_the_end(&js, dir.path()).await;
 
@@ -520,10 +515,7 @@ async fn the_archive_in_s3_compatible_storage_equals_the_stream() {
     env.extend(s3_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let factory = Factory::start_with(env, &["serve", "--rooms", "conch"]).await;
     factory.wait_ready().await;
-    for i in 0..WRITES {
-        let event = write("s3", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    publish_writes(&js, "s3", 0..WRITES).await;
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
 
     let store = ArchiveStore::s3(&S3Config {
@@ -561,14 +553,8 @@ async fn the_archive_in_s3_compatible_storage_equals_the_stream() {
     for (event, message) in archived.iter().zip(&stored) {
         assert_eq!(event.body_bytes().expect("base64"), message.body.to_vec());
     }
-    let output = std::process::Command::new(BIN)
-        .args(["archive", "verify"])
-        .env("CHOCO_NATS__URL", nats.url())
-        .env("CHOCO_ARCHIVE__DOMAINS", r#"["coordination"]"#)
-        .envs(s3_env.iter().map(|(k, v)| (k.to_string(), v.clone())))
-        .output()
-        .expect("run");
-    assert!(output.status.success(), "{output:?}");
+    let (code, out, err) = archive_command(&nats.url(), Path::new("unused"), &["verify"], &s3_env);
+    assert_eq!(code, Some(0), "{out}{err}");
 }
 
 /// Two replicas of the factory archive the same stream: one archiver
@@ -586,16 +572,8 @@ async fn a_standby_archiver_takes_over_when_the_archiving_one_dies() {
         ("CHOCO_ARCHIVE__SEGMENT_MAX_AGE", "1s"),
         ("CHOCO_ARCHIVE__ACK_WAIT", "3s"),
     ];
-    let start = || {
-        Factory::start_with(
-            archive_env(&nats.url(), dir.path(), &settings),
-            &["serve", "--rooms", "conch"],
-        )
-    };
-    let mut first = start().await;
-    let mut second = start().await;
-    first.wait_ready().await;
-    second.wait_ready().await;
+    let mut first = archiving(&nats, dir.path(), &settings).await;
+    let mut second = archiving(&nats, dir.path(), &settings).await;
     let written = |text: &str| -> f64 {
         text.lines()
             .filter(|line| {
@@ -605,10 +583,7 @@ async fn a_standby_archiver_takes_over_when_the_archiving_one_dies() {
             .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
             .sum()
     };
-    for i in 0..WRITES / 2 {
-        let event = write("standby", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    publish_writes(&js, "standby", 0..WRITES / 2).await;
     archived_to_the_end(&js, dir.path()).await;
     let (by_first, by_second) = (
         written(&first.scrape().await),
@@ -625,10 +600,7 @@ async fn a_standby_archiver_takes_over_when_the_archiving_one_dies() {
     };
     archiving.signal(nix::sys::signal::Signal::SIGKILL);
     archiving.wait_exit(Duration::from_secs(10)).await;
-    for i in WRITES / 2..WRITES {
-        let event = write("standby", i);
-        publish_until_stored(&js, REQUESTED, &event.event_id, event.encode()).await;
-    }
+    publish_writes(&js, "standby", WRITES / 2..WRITES).await;
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
     let manifest = archived_to_the_end(&js, dir.path()).await;
     assert!(

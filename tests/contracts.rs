@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use choco_factory::cocoa_butter::EventEnvelope;
+use choco_factory::cocoa_butter::api::snake_case;
 use choco_factory::cocoa_butter::consumer::at_current_major;
 use choco_factory::cocoa_butter::contract::example::{Fill, example};
 use choco_factory::cocoa_butter::contract::wire::Wire;
@@ -156,18 +157,7 @@ fn snake_keys(value: &Value) -> Value {
     Value::Object(
         object
             .iter()
-            .map(|(key, value)| {
-                let mut snake = String::new();
-                for c in key.chars() {
-                    if c.is_ascii_uppercase() {
-                        snake.push('_');
-                        snake.push(c.to_ascii_lowercase());
-                    } else {
-                        snake.push(c);
-                    }
-                }
-                (snake, value.clone())
-            })
+            .map(|(key, value)| (snake_case(key), value.clone()))
             .collect(),
     )
 }

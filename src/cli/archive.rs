@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use anyhow::Context as _;
 
-use super::connect::with_nats;
+use super::connect::{publish_stored, with_nats};
 use super::output::{emit, emit_json, progress};
 use super::{JsonFlag, Refused};
 use crate::cocoa_butter::EventEnvelope;
@@ -18,7 +18,6 @@ use crate::cocoa_butter::archive::segment::{ArchivedEvent, SegmentEntry, read_se
 use crate::cocoa_butter::archive::{ArchiveStore, segment::Manifest};
 use crate::cocoa_butter::config::{ConfigSources, ValidatedConfig};
 use crate::cocoa_butter::contract::Direction;
-use crate::rooms::REGISTRY;
 
 #[derive(Debug, Subcommand)]
 pub(super) enum ArchiveCommand {
@@ -204,12 +203,7 @@ async fn republish(
     if !event.event_id.is_empty() {
         message = message.message_id(event.event_id.clone());
     }
-    let ack = js
-        .send_publish(subject.clone(), message)
-        .await
-        .with_context(|| format!("publishing to {subject}"))?
-        .await
-        .with_context(|| format!("no stream stored {subject}"))?;
+    let ack = publish_stored(js, subject, message).await?;
     if ack.duplicate {
         report.duplicates += 1;
     } else {
@@ -246,20 +240,11 @@ async fn replay(
     client: async_nats::Client,
     args: &ReplayArgs,
 ) -> anyhow::Result<()> {
-    let inputs: Vec<String> = config
-        .rooms
-        .iter()
-        .filter_map(|room| {
-            let spec = REGISTRY.iter().find(|spec| spec.name == room.name)?;
-            Some(
-                (spec.contracts)()
-                    .into_iter()
-                    .filter(|c| c.direction == Direction::Input)
-                    .map(|c| format!("{}{}", room.subject_base, c.action))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .flatten()
+    let inputs: Vec<String> = super::contracts::catalogue(config)
+        .events
+        .into_iter()
+        .filter(|event| event.direction == Direction::Input)
+        .map(|event| event.subject)
         .collect();
     let events: Vec<ArchivedEvent> = events_in(config, &args.window)
         .await?

@@ -84,3 +84,16 @@ where
         result
     })
 }
+
+/// Publishes `message` to `subject` and waits until JetStream stored it.
+pub(super) async fn publish_stored(
+    js: &async_nats::jetstream::Context,
+    subject: String,
+    message: async_nats::jetstream::message::PublishMessage,
+) -> anyhow::Result<async_nats::jetstream::publish::PublishAck> {
+    js.send_publish(subject.clone(), message)
+        .await
+        .with_context(|| format!("publishing to {subject}"))?
+        .await
+        .with_context(|| format!("no stream stored {subject}"))
+}

@@ -59,6 +59,13 @@ enum EventsCommand {
     },
 }
 
+/// The catalogue of the rooms this binary has, as `config` sets them.
+pub(super) fn catalogue(config: &ValidatedConfig) -> Catalogue {
+    let rooms = rooms(config);
+    let refs: Vec<(&RoomSettings, &Contracts)> = rooms.iter().map(|(r, c)| (*r, c)).collect();
+    Catalogue::of(&refs)
+}
+
 /// The rooms this binary has, with their settings and contracts.
 fn rooms(config: &ValidatedConfig) -> Vec<(&RoomSettings, Contracts)> {
     config
@@ -74,8 +81,7 @@ fn rooms(config: &ValidatedConfig) -> Vec<(&RoomSettings, Contracts)> {
 pub(super) fn run(sources: &ConfigSources, args: &EventsArgs) -> anyhow::Result<()> {
     let config = sources.load().map_err(Refused::new)?;
     let rooms = rooms(&config);
-    let refs: Vec<(&RoomSettings, &Contracts)> = rooms.iter().map(|(r, c)| (*r, c)).collect();
-    let catalogue = Catalogue::of(&refs);
+    let catalogue = catalogue(&config);
     match &args.command {
         None => list(&catalogue, args.format),
         Some(EventsCommand::List(format)) => list(&catalogue, *format),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
-use super::connect::{load_bus_only, with_nats};
+use super::connect::{load_bus_only, publish_stored, with_nats};
 use super::output::{emit, emit_json};
 use super::{JsonFlag, Refused};
 use crate::cocoa_butter::config::ConfigSources;
@@ -136,12 +136,7 @@ async fn publish_one(client: async_nats::Client, args: &PublishArgs) -> anyhow::
     let message = async_nats::jetstream::message::PublishMessage::build()
         .payload(envelope.encode().into())
         .message_id(envelope.event_id.clone());
-    let ack = js
-        .send_publish(subject.clone(), message)
-        .await
-        .with_context(|| format!("publishing to {subject}"))?
-        .await
-        .with_context(|| format!("no stream stored {subject}"))?;
+    let ack = publish_stored(&js, subject.clone(), message).await?;
     if args.format.json {
         return emit_json(&serde_json::json!({
             "event_id": envelope.event_id,

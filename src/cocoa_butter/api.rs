@@ -239,6 +239,21 @@ pub fn struct_from_pb(value: prost_types::Struct) -> Value {
     )
 }
 
+/// `blockId` → `block_id`: the snake_case spelling of a camelCase name
+/// (a gRPC field, a serde alias of a camelCase field).
+pub fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,8 +51,6 @@ pub struct Catalogue {
     pub events: Vec<CatalogueEvent>,
     /// File (relative to `contracts/`) → the payload's JSON Schema.
     pub schemas: BTreeMap<String, Value>,
-    /// The rooms' label and domain, for the AsyncAPI document.
-    pub rooms: Vec<(String, String, String)>,
 }
 
 impl Catalogue {
@@ -73,14 +71,7 @@ impl Catalogue {
                 events.push(event);
             }
         }
-        Catalogue {
-            events,
-            schemas,
-            rooms: rooms
-                .iter()
-                .map(|(room, _)| (room.name.clone(), room.label.clone(), room.domain.clone()))
-                .collect(),
-        }
+        Catalogue { events, schemas }
     }
 
     /// The event of type `event_type`.

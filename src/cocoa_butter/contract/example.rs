@@ -8,6 +8,8 @@
 
 use serde_json::{Map, Value, json};
 
+use crate::cocoa_butter::api::snake_case;
+
 /// Which properties of an object an example fills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
@@ -109,27 +111,14 @@ fn object(schema: &Map<String, Value>, fill: Fill) -> Value {
         // Of two spellings of one field (an alias), only one may be given.
         let alias_of_given = fill == Fill::Every
             && !required.contains(&name.as_str())
-            && properties
-                .keys()
-                .any(|other| other != name && snake_of(other) == *name && out.contains_key(other));
+            && properties.keys().any(|other| {
+                other != name && snake_case(other) == *name && out.contains_key(other)
+            });
         if wanted && !alias_of_given {
             out.insert(name.clone(), example(property, fill));
         }
     }
     Value::Object(out)
-}
-
-fn snake_of(name: &str) -> String {
-    let mut out = String::new();
-    for c in name.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('_');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::cocoa_butter::api::{FieldError, decode_json};
+use crate::cocoa_butter::api::{FieldError, decode_json, snake_case};
 use crate::cocoa_butter::envelope::OutputAction;
 pub use crate::cocoa_butter::envelope::major_of;
 
@@ -106,20 +106,6 @@ pub fn snake_case_aliases(schema: &mut Schema) {
     if !alternatives.is_empty() {
         object.insert("allOf".into(), Value::from(alternatives));
     }
-}
-
-/// `blockId` → `block_id`.
-fn snake_case(name: &str) -> String {
-    let mut out = String::with_capacity(name.len() + 4);
-    for c in name.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('_');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Decodes a payload's bytes as its type and applies the room's rules: the

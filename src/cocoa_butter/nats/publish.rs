@@ -106,9 +106,10 @@ impl OutputEncoder {
         // At the major it was built at; during a migration window, an
         // output of its action's current major goes back one.
         let previous = self
-            .contracts
-            .get(&output.action)
-            .filter(|contract| self.previous_major && output.major == contract.current)
+            .previous_major
+            .then(|| self.contracts.get(&output.action))
+            .flatten()
+            .filter(|contract| output.major == contract.current)
             .and_then(|contract| contract.to_previous(&output.payload))
             .transpose()
             .map_err(|err| refused(format!("writing it at its previous major: {err}")))?;

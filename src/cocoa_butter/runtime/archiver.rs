@@ -101,7 +101,7 @@ impl Archiver {
         .map_err(ArchiveError::bus)?;
         tracing::info!(archived_to = manifest.last(), "archiving");
         self.metrics.set_not_ready(&self.domain, None);
-        self.sample_lag().await;
+        self.sample_lag(&stream).await;
 
         let mut filling: Option<Filling> = None;
         // The next sequence to archive. Messages can arrive out of order:
@@ -123,7 +123,7 @@ impl Archiver {
                 _ = intake.cancelled() => return Ok(()),
                 _ = sleep_until(age_limit) => None,
                 _ = sleep_until(gap_check) => {
-                    next = self.past_removed(next).await?;
+                    next = self.past_removed(&stream, next).await?;
                     gap_since = Some(Instant::now());
                     None
                 }
@@ -185,7 +185,10 @@ impl Archiver {
                     }
                 };
                 if full && let Some(segment) = filling.take() {
-                    if !self.close(segment, &ranges, &mut manifest, intake).await? {
+                    if !self
+                        .close(&stream, segment, &ranges, &mut manifest, intake)
+                        .await?
+                    {
                         return Ok(());
                     }
                     open = None;
@@ -203,7 +206,10 @@ impl Archiver {
                 && aged
                 && let Some(segment) = filling.take()
             {
-                if !self.close(segment, &ranges, &mut manifest, intake).await? {
+                if !self
+                    .close(&stream, segment, &ranges, &mut manifest, intake)
+                    .await?
+                {
                     return Ok(());
                 }
                 open = None;
@@ -214,14 +220,13 @@ impl Archiver {
     /// `next` if the stream still has it, else the stream's first sequence:
     /// messages the stream's limits removed before they were archived are
     /// skipped (a gap `archive verify` names) rather than waited for.
-    async fn past_removed(&self, next: u64) -> Result<u64, ArchiveError> {
-        let mut stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(ArchiveError::bus)?;
+    async fn past_removed(
+        &self,
+        stream: &jetstream::stream::Stream,
+        next: u64,
+    ) -> Result<u64, ArchiveError> {
         let first = stream
-            .info()
+            .get_info()
             .await
             .map_err(ArchiveError::bus)?
             .state
@@ -291,6 +296,7 @@ impl Archiver {
     /// `false` when the runtime stopped meanwhile.
     async fn close(
         &self,
+        stream: &jetstream::stream::Stream,
         segment: Filling,
         ranges: &KvBucket,
         manifest: &mut Manifest,
@@ -342,7 +348,7 @@ impl Archiver {
                     }
                 }
             }
-            self.sample_lag().await;
+            self.sample_lag(stream).await;
             if last_keepalive.elapsed() >= self.config.ack_wait / 3 {
                 for message in &segment.messages {
                     let _ = message.ack_with(AckKind::Progress).await;
@@ -369,7 +375,7 @@ impl Archiver {
         self.metrics.set_not_ready(&self.domain, None);
         self.gauge(&self.metrics.archived)
             .set(i64::try_from(entry.last).unwrap_or(i64::MAX));
-        self.sample_lag().await;
+        self.sample_lag(stream).await;
         tracing::debug!(segment = %entry.key, events = entry.events, "segment archived");
         Ok(true)
     }
@@ -379,10 +385,7 @@ impl Archiver {
     /// The lag as the server counts it: the archive consumer's messages not
     /// yet delivered plus those delivered and not acked (a segment is acked
     /// once written). Left as it was when the server does not answer.
-    async fn sample_lag(&self) {
-        let Ok(stream) = self.js.get_stream(&self.stream).await else {
-            return;
-        };
+    async fn sample_lag(&self, stream: &jetstream::stream::Stream) {
         if let Ok(info) = stream.consumer_info(ARCHIVE_CONSUMER).await {
             let lag = info.num_pending.saturating_add(info.num_ack_pending as u64);
             self.gauge(&self.metrics.lag)

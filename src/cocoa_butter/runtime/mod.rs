@@ -200,7 +200,7 @@ pub async fn run(
         &shared.intake,
         &archive_metrics,
     )
-    .map_err(|err| RuntimeError::Refused(format!("archive.dir: {err}")))?;
+    .map_err(|err| RuntimeError::Refused(format!("archive: {err}")))?;
     let Shared {
         intake,
         stop_servers,

@@ -12,7 +12,7 @@ use tonic::{Request, Status};
 
 use super::gate::{Rejection, SmartblockAccepted, SmartblockCreated};
 use super::{SlopReport, SlopRequest, Winnower};
-use crate::cocoa_butter::kit::api::struct_from_pb;
+use crate::cocoa_butter::kit::api::{self, struct_from_pb};
 use crate::cocoa_butter::kit::{ApiError, GrpcService, HandleError, JsonBody};
 
 pub mod pb {
@@ -183,7 +183,9 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
         let validation = validate(&self.winnower, &block).await?;
         let reply = match (validation.rejection, validation.duplicate) {
             (Some(rejection), _) if rejection.reason == "payload_invalid" => {
-                return Err(ApiError::field(to_snake(rejection.field), rejection.message).into());
+                return Err(
+                    ApiError::field(api::snake_case(rejection.field), rejection.message).into(),
+                );
             }
             (Some(rejection), _) => pb::Validation {
                 accepted: false,
@@ -210,18 +212,4 @@ impl pb::winnower_server::Winnower for WinnowerGrpc {
         };
         Ok(tonic::Response::new(reply))
     }
-}
-
-/// gRPC fields are snake_case: `blockId` → `block_id`.
-fn to_snake(field: &str) -> String {
-    let mut out = String::with_capacity(field.len() + 4);
-    for c in field.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('_');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
