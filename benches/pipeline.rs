@@ -32,7 +32,7 @@
 //! the subject layout costs from what the runtime's own code costs.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,6 +51,11 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 #[path = "../tests/common/workload.rs"]
 mod workload;
 use workload::{ROOMS, RoomCase, median};
+
+// Ports and CPU times, shared with the archive bench.
+#[path = "common/measure.rs"]
+mod measure;
+use measure::{free_port, process_cpu_s, thread_cpu_s};
 
 // The tests' three-node cluster (and the proxy it can route through), for
 // `--cluster`; it takes `free_port` from here.
@@ -483,17 +488,11 @@ fn percentile(sorted_ms: &[f64], q: f64) -> f64 {
 }
 
 fn input(case: &RoomCase, phase: &str, i: usize) -> EventEnvelope {
-    let doc = format!("{phase}-doc-{i}");
-    let mut envelope = EventEnvelope::new(
-        uuid::Uuid::now_v7(),
-        format!("{}.{}", case.domain, case.action),
-        doc.clone(),
+    case.input(
+        &format!("{phase}-doc-{i}"),
         format!("bench-{phase}-{i}"),
-        serde_json::to_vec(&(case.payload)(&doc)).unwrap_or_default(),
-        "bench".into(),
-    );
-    envelope.schema_version = case.schema_version.into();
-    envelope
+        "bench",
+    )
 }
 
 /// Publishes `envelopes` at `rate` per second (acks awaited out of order).
@@ -1217,21 +1216,6 @@ async fn connect(urls: &str) -> Result<async_nats::Client, Error> {
     Ok(async_nats::connect(servers).await?)
 }
 
-/// User + system CPU seconds of process `pid` so far (`/proc/<pid>/stat`).
-fn process_cpu_s(pid: u32) -> Result<f64, Error> {
-    stat_cpu_s(&format!("/proc/{pid}/stat"))
-}
-
-/// The same for one thread of this process.
-fn thread_cpu_s(tid: i32) -> Result<f64, Error> {
-    stat_cpu_s(&format!("/proc/self/task/{tid}/stat"))
-}
-
-fn stat_cpu_s(path: &str) -> Result<f64, Error> {
-    choco_factory::cocoa_butter::metrics::process::cpu_seconds(path)
-        .ok_or_else(|| format!("cannot read the CPU time in {path}").into())
-}
-
 type KvStores = BTreeMap<String, (kv::Store, Vec<u8>)>;
 type ObjectStores = BTreeMap<String, (object_store::ObjectStore, Vec<u8>)>;
 
@@ -1313,13 +1297,6 @@ struct Factory {
     ready_after: Duration,
 }
 
-/// A free port on loopback (0 if none could be found: the bind then fails).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map_or(0, |addr| addr.port())
-}
-
 impl Factory {
     async fn start(nats_url: &str, replicas: usize) -> Result<Factory, Error> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_choco-factory"));
@@ -1394,12 +1371,6 @@ impl Factory {
     }
 
     async fn stop(&mut self) {
-        if let Some(pid) = self.child.id() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await;
+        measure::stop(&mut self.child).await;
     }
 }

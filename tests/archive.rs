@@ -8,6 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use choco_factory::cocoa_butter::archive::ArchiveStore;
 use choco_factory::cocoa_butter::archive::segment::{Manifest, read_segment};
 use common::steady::{publish_until_stored, write};
 use common::*;
@@ -26,10 +27,13 @@ fn archive_env(nats_url: &str, dir: &Path, extra: &[(&str, &str)]) -> Vec<(Strin
     env
 }
 
-fn manifest(dir: &Path) -> Manifest {
-    std::fs::read(dir.join("coordination/manifest.json"))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+/// The coordination archive's manifest, from all its chunks (empty until
+/// there is one).
+async fn manifest(dir: &Path) -> Manifest {
+    let store = ArchiveStore::local(dir).expect("the archive directory");
+    store
+        .manifest("coordination", COORDINATION)
+        .await
         .unwrap_or_default()
 }
 
@@ -46,7 +50,7 @@ async fn archived_to_the_end(js: &async_nats::jetstream::Context, dir: &Path) ->
             .expect("info")
             .state
             .last_sequence;
-        let manifest = manifest(dir);
+        let manifest = manifest(dir).await;
         if last > 0 && manifest.last() == last {
             return manifest;
         }
@@ -273,12 +277,12 @@ async fn a_kill_mid_segment_leaves_no_gap_and_no_duplicate() {
     };
     // Killed once a segment or two are written and the next one fills.
     wait_until(Duration::from_secs(60), || async {
-        manifest(dir.path()).segments.len() >= 2
+        manifest(dir.path()).await.segments.len() >= 2
     })
     .await;
     factory.signal(nix::sys::signal::Signal::SIGKILL);
     factory.wait_exit(Duration::from_secs(10)).await;
-    let before = manifest(dir.path());
+    let before = manifest(dir.path()).await;
     let _factory = archiving(&nats, dir.path(), &settings).await;
     load.await.expect("publisher");
     exactly(&js, COORDINATION, COMPLETED, WRITES).await;
@@ -337,7 +341,7 @@ async fn storage_down_holds_the_backlog_in_the_stream_and_resumes() {
         before.last(),
         "nothing acknowledged while storage fails"
     );
-    assert_eq!(manifest(dir.path()).last(), before.last());
+    assert_eq!(manifest(dir.path()).await.last(), before.last());
     assert!(
         !factory
             .logs_containing("cannot write the archive; holding")

@@ -38,17 +38,8 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// Input `i` of a room; its correlation id, which the outputs carry, names it.
 fn input(case: &RoomCase, i: u64) -> EventEnvelope {
-    let doc = format!("soak-{}-{i}", case.name);
-    let mut envelope = EventEnvelope::new(
-        uuid::Uuid::now_v7(),
-        format!("{}.{}", case.domain, case.action),
-        doc.clone(),
-        format!("soak-{}-{i}", case.name),
-        serde_json::to_vec(&(case.payload)(&doc)).expect("json"),
-        "soak".to_string(),
-    );
-    envelope.schema_version = case.schema_version.into();
-    envelope
+    let name = format!("soak-{}-{i}", case.name);
+    case.input(&name, name.clone(), "soak")
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //! `benches/pipeline.rs` (through `#[path]`) and the soak test, so both push
 //! the same documents through the rooms and measure them the same way.
 
+use choco_factory::cocoa_butter::EventEnvelope;
 use serde_json::{Value, json};
 
 /// One room as a load drives it.
@@ -18,6 +19,23 @@ pub struct RoomCase {
     pub schema_version: &'static str,
     /// Outputs the room publishes for each such input.
     pub outputs: usize,
+}
+
+impl RoomCase {
+    /// The room's input for document `doc`, at its current major, with
+    /// `correlation_id` (which its outputs carry) and `source`.
+    pub fn input(&self, doc: &str, correlation_id: String, source: &str) -> EventEnvelope {
+        let mut envelope = EventEnvelope::new(
+            uuid::Uuid::now_v7(),
+            format!("{}.{}", self.domain, self.action),
+            doc.to_string(),
+            correlation_id,
+            serde_json::to_vec(&(self.payload)(doc)).unwrap_or_default(),
+            source.to_string(),
+        );
+        envelope.schema_version = self.schema_version.into();
+        envelope
+    }
 }
 
 pub const ROOMS: &[RoomCase] = &[

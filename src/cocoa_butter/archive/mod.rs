@@ -14,7 +14,7 @@
 //! pull (stream order) ─▶ segment (NDJSON lines, gzip) ─ closes on count, size or age ─▶
 //!   1. its range recorded in KV `choco_archive` (before anything is written)
 //!   2. the object `<domain>/<yyyy>/<mm>/<dd>/<first>-<last>.ndjson.gz` written
-//!   3. the domain's manifest updated
+//!   3. the manifest's last chunk rewritten (`<domain>/manifest/<first>.json`)
 //!   4. the segment's last message acked (ack policy "all": the whole segment)
 //!   5. the range record removed
 //! ```

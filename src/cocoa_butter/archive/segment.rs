@@ -106,9 +106,21 @@ pub fn segment_key(domain: &str, first_stored_at: DateTime<Utc>, first: u64, las
     )
 }
 
-/// The key of a domain's manifest.
-pub fn manifest_key(domain: &str) -> String {
-    format!("{domain}/manifest.json")
+/// Segments listed by one chunk of a domain's manifest. The manifest is
+/// kept in chunks because each segment written rewrites the chunk it goes
+/// into: one object for the whole archive would make every write cost as
+/// much as the archive's history (a segment every 10 s is 8,640 a day).
+pub const MANIFEST_CHUNK_SEGMENTS: usize = 100;
+
+/// Where a domain's manifest chunks are.
+pub fn manifest_prefix(domain: &str) -> String {
+    format!("{domain}/manifest/")
+}
+
+/// The key of the manifest chunk whose first segment starts at `first`
+/// (zero-padded, so keys sort in sequence order).
+pub fn manifest_chunk_key(domain: &str, first: u64) -> String {
+    format!("{}{first:020}.json", manifest_prefix(domain))
 }
 
 /// A segment being filled: its lines, compressed as they come.
@@ -205,6 +217,32 @@ impl Manifest {
             .position(|s| s.first > entry.first)
             .unwrap_or(self.segments.len());
         self.segments.insert(at, entry);
+    }
+
+    /// The chunk that lists `entry` once it is written, `self` being the
+    /// domain's last chunk: a copy of `self` with it, or a new chunk when
+    /// `self` is full.
+    pub fn with_segment(&self, entry: SegmentEntry) -> Manifest {
+        let replaces = self
+            .segments
+            .iter()
+            .any(|s| s.first == entry.first && s.last == entry.last);
+        let mut chunk = if self.segments.len() >= MANIFEST_CHUNK_SEGMENTS && !replaces {
+            Manifest {
+                domain: self.domain.clone(),
+                stream: self.stream.clone(),
+                segments: Vec::new(),
+            }
+        } else {
+            self.clone()
+        };
+        chunk.record(entry);
+        chunk
+    }
+
+    /// The key of this chunk of the manifest (that of its first segment).
+    pub fn chunk_key(&self) -> String {
+        manifest_chunk_key(&self.domain, self.segments.first().map_or(0, |s| s.first))
     }
 
     /// The last sequence archived, 0 when none.

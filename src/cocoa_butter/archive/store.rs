@@ -14,7 +14,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use object_store::aws::AmazonS3Builder;
 
 use super::config::{ArchiveConfig, Backend, S3Config};
-use super::segment::{Manifest, manifest_key};
+use super::segment::{Manifest, manifest_prefix};
 
 /// A failure's source, whatever its type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -134,25 +134,118 @@ impl ArchiveStore {
         Ok(keys)
     }
 
-    /// The domain's manifest, empty when it has none yet.
+    /// The domain's whole manifest, from all its chunks; empty when it has
+    /// none yet.
     pub async fn manifest(&self, domain: &str, stream: &str) -> Result<Manifest, ArchiveError> {
-        let key = manifest_key(domain);
-        match self.get(&key).await? {
-            Some(bytes) => serde_json::from_slice(&bytes).map_err(|err| ArchiveError::Corrupt {
-                key,
-                reason: err.to_string(),
-            }),
-            None => Ok(Manifest {
-                domain: domain.to_string(),
-                stream: stream.to_string(),
-                segments: Vec::new(),
-            }),
+        let mut manifest = empty_manifest(domain, stream);
+        for key in self.keys(&manifest_prefix(domain)).await? {
+            manifest
+                .segments
+                .extend(self.manifest_chunk(&key).await?.segments);
+        }
+        Ok(manifest)
+    }
+
+    /// The domain's last manifest chunk: the one the archiver extends, and
+    /// the last sequence archived. Empty when it has none yet.
+    pub async fn last_manifest_chunk(
+        &self,
+        domain: &str,
+        stream: &str,
+    ) -> Result<Manifest, ArchiveError> {
+        match self.keys(&manifest_prefix(domain)).await?.last() {
+            Some(key) => self.manifest_chunk(key).await,
+            None => Ok(empty_manifest(domain, stream)),
         }
     }
 
-    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<(), ArchiveError> {
-        let mut text = serde_json::to_vec_pretty(manifest).map_err(ArchiveError::io)?;
+    async fn manifest_chunk(&self, key: &str) -> Result<Manifest, ArchiveError> {
+        let corrupt = |reason: String| ArchiveError::Corrupt {
+            key: key.to_string(),
+            reason,
+        };
+        let bytes = self
+            .get(key)
+            .await?
+            .ok_or_else(|| corrupt("listed, then gone".into()))?;
+        serde_json::from_slice(&bytes).map_err(|err| corrupt(err.to_string()))
+    }
+
+    /// Writes one chunk of a manifest (see [`Manifest::with_segment`]).
+    pub async fn put_manifest_chunk(&self, chunk: &Manifest) -> Result<(), ArchiveError> {
+        let mut text = serde_json::to_vec_pretty(chunk).map_err(ArchiveError::io)?;
         text.push(b'\n');
-        self.put(&manifest_key(&manifest.domain), text).await
+        self.put(&chunk.chunk_key(), text).await
+    }
+}
+
+fn empty_manifest(domain: &str, stream: &str) -> Manifest {
+    Manifest {
+        domain: domain.to_string(),
+        stream: stream.to_string(),
+        segments: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cocoa_butter::archive::segment::{MANIFEST_CHUNK_SEGMENTS, SegmentEntry};
+
+    fn entry(n: u64) -> SegmentEntry {
+        let at = "2026-03-01T10:00:00Z".parse().expect("time");
+        SegmentEntry {
+            key: format!("coordination/2026/03/01/{n}.ndjson.gz"),
+            first: n * 10 + 1,
+            last: n * 10 + 10,
+            events: 10,
+            bytes: 100,
+            sha256: String::new(),
+            first_stored_at: at,
+            last_stored_at: at,
+        }
+    }
+
+    /// Written as the archiver writes it, the manifest is chunks of at most
+    /// `MANIFEST_CHUNK_SEGMENTS`, and reads back whole and in order.
+    #[tokio::test]
+    async fn the_manifest_is_written_in_bounded_chunks_and_read_back_whole() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = ArchiveStore::local(dir.path()).expect("store");
+        let segments = 2 * MANIFEST_CHUNK_SEGMENTS as u64 + 50;
+        let mut last = store
+            .last_manifest_chunk("coordination", "s")
+            .await
+            .expect("none yet");
+        for n in 0..segments {
+            last = last.with_segment(entry(n));
+            store.put_manifest_chunk(&last).await.expect("written");
+            if n == segments - 1 {
+                // The same range written again (after a restart) replaces
+                // its entry rather than opening a chunk.
+                last = last.with_segment(entry(n));
+                store.put_manifest_chunk(&last).await.expect("written");
+            }
+        }
+        let chunks = store
+            .keys(&manifest_prefix("coordination"))
+            .await
+            .expect("keys");
+        assert_eq!(chunks.len(), 3, "{chunks:?}");
+        for key in &chunks {
+            let chunk = store.manifest_chunk(key).await.expect("chunk");
+            assert!(chunk.segments.len() <= MANIFEST_CHUNK_SEGMENTS);
+            assert_eq!(key, &chunk.chunk_key());
+        }
+        let whole = store.manifest("coordination", "s").await.expect("whole");
+        assert_eq!(whole.segments.len() as u64, segments);
+        assert!(whole.discontinuities().is_empty());
+        assert_eq!(whole.last(), segments * 10);
+        let tail = store
+            .last_manifest_chunk("coordination", "s")
+            .await
+            .expect("tail");
+        assert_eq!(tail.segments.len(), 50);
+        assert_eq!(tail.last(), whole.last());
     }
 }

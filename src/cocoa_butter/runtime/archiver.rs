@@ -87,7 +87,7 @@ impl Archiver {
             .get_or_create_consumer(ARCHIVE_CONSUMER, consumer_config(&self.config))
             .await
             .map_err(ArchiveError::bus)?;
-        let (mut manifest, mut open) = self.where_the_archive_is(&ranges).await?;
+        let (mut last_chunk, mut open) = self.where_the_archive_is(&ranges).await?;
         let batch = self.config.segment_max_events.clamp(1, 256);
         let mut messages = Puller::new(
             &self.js,
@@ -99,7 +99,7 @@ impl Archiver {
         )
         .await
         .map_err(ArchiveError::bus)?;
-        tracing::info!(archived_to = manifest.last(), "archiving");
+        tracing::info!(archived_to = last_chunk.last(), "archiving");
         self.metrics.set_not_ready(&self.domain, None);
         self.sample_lag(&stream).await;
 
@@ -110,7 +110,7 @@ impl Archiver {
         // acking a segment's last message acks everything before it ("all"),
         // a segment must never be closed over a sequence not yet in the
         // archive: later ones wait here until the missing ones come.
-        let mut next = manifest.last() + 1;
+        let mut next = last_chunk.last() + 1;
         let mut waiting: BTreeMap<u64, (ArchivedEvent, jetstream::Message)> = BTreeMap::new();
         let mut gap_since: Option<Instant> = None;
         loop {
@@ -136,10 +136,10 @@ impl Archiver {
                     // Not the message expected, with nothing in hand: another
                     // archiver had the pin (this one stood by) and wrote
                     // meanwhile. The storage says where the archive is.
-                    (manifest, open) = self.where_the_archive_is(&ranges).await?;
-                    next = manifest.last() + 1;
+                    (last_chunk, open) = self.where_the_archive_is(&ranges).await?;
+                    next = last_chunk.last() + 1;
                 }
-                if seq <= manifest.last() {
+                if seq <= last_chunk.last() {
                     // Archived already (the process died before the ack).
                     let _ = message.ack().await;
                     continue;
@@ -186,7 +186,7 @@ impl Archiver {
                 };
                 if full && let Some(segment) = filling.take() {
                     if !self
-                        .close(&stream, segment, &ranges, &mut manifest, intake)
+                        .close(&stream, segment, &ranges, &mut last_chunk, intake)
                         .await?
                     {
                         return Ok(());
@@ -207,7 +207,7 @@ impl Archiver {
                 && let Some(segment) = filling.take()
             {
                 if !self
-                    .close(&stream, segment, &ranges, &mut manifest, intake)
+                    .close(&stream, segment, &ranges, &mut last_chunk, intake)
                     .await?
                 {
                     return Ok(());
@@ -242,25 +242,28 @@ impl Archiver {
         Ok(next)
     }
 
-    /// The manifest as stored, and the range of a segment being written
+    /// The manifest's last chunk as stored, and the range of a segment being written
     /// when the last archiver stopped (none when that segment was written
     /// and listed, and the archiver died before it said so).
     async fn where_the_archive_is(
         &self,
         ranges: &KvBucket,
     ) -> Result<(Manifest, Option<OpenRange>), ArchiveError> {
-        let manifest = self.store.manifest(&self.domain, &self.stream).await?;
+        let last_chunk = self
+            .store
+            .last_manifest_chunk(&self.domain, &self.stream)
+            .await?;
         let open = self.open_range(ranges).await?;
         if let Some(range) = open
-            && manifest
+            && last_chunk
                 .segments
                 .iter()
                 .any(|s| s.first == range.first && s.last == range.last)
         {
             self.clear_range(ranges).await?;
-            return Ok((manifest, None));
+            return Ok((last_chunk, None));
         }
-        Ok((manifest, open))
+        Ok((last_chunk, open))
     }
 
     async fn open_range(&self, ranges: &KvBucket) -> Result<Option<OpenRange>, ArchiveError> {
@@ -299,7 +302,7 @@ impl Archiver {
         stream: &jetstream::stream::Stream,
         segment: Filling,
         ranges: &KvBucket,
-        manifest: &mut Manifest,
+        last_chunk: &mut Manifest,
         intake: &CancellationToken,
     ) -> Result<bool, ArchiveError> {
         let range = OpenRange {
@@ -316,15 +319,16 @@ impl Archiver {
             .builder
             .finish(&self.domain)
             .map_err(ArchiveError::io)?;
-        let mut updated = manifest.clone();
-        updated.record(entry.clone());
+        // Only the manifest's last chunk is held and rewritten: a write
+        // costs the same on the first day as after years of archive.
+        let updated = last_chunk.with_segment(entry.clone());
         let mut delay = Duration::from_millis(200);
         let mut last_keepalive = Instant::now();
         let mut failures: u32 = 0;
         loop {
             let written = async {
                 self.store.put(&entry.key, bytes.clone()).await?;
-                self.store.put_manifest(&updated).await
+                self.store.put_manifest_chunk(&updated).await
             };
             match written.await {
                 Ok(()) => break,
@@ -364,7 +368,7 @@ impl Archiver {
         if let Some(last) = segment.messages.last() {
             last.double_ack().await.map_err(ArchiveError::bus)?;
         }
-        *manifest = updated;
+        *last_chunk = updated;
         self.clear_range(ranges).await?;
         self.segment_counter("written").inc();
         self.metrics

@@ -16,6 +16,8 @@
 //! - `sampler.rs`: lag, replication and dead-letter samples;
 //! - `discovery.rs`: NATS service discovery; `systemd.rs`: READY, STATUS,
 //!   the watchdog.
+//! - `archiver.rs`: the archive's consumer of each archived stream, writing
+//!   segments to storage (off unless `[archive]` lists domains).
 
 mod archiver;
 mod discovery;
@@ -23,6 +25,7 @@ mod sampler;
 mod supervise;
 mod systemd;
 
+pub use archiver::consumer_config as archive_consumer_config;
 use discovery::*;
 use sampler::*;
 use supervise::*;
