@@ -12,7 +12,8 @@
 //! N` (default 2000), `--json PATH` (default target/bench/pipeline.json),
 //! `--only ROOM`. Set `BENCH_KEEP_METRICS=1` to print each room's metrics
 //! after its runs (what the profile of a slow room starts from), and
-//! `BENCH_FACTORY_LOG=PATH` to keep the binary's log lines.
+//! `BENCH_FACTORY_LOG=PATH` to keep the binary's log lines,
+//! `BENCH_FACTORY_WRAPPER` to run it under a profiler (see `Factory::start`).
 //!
 //! How the limit is made the same work: the room's own metrics count, per
 //! event, the key-value and object-store operations it made and the
@@ -1150,16 +1151,14 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
     let mut echoed = 0;
     while handled < setup.events || echoed < expected_echoes {
         let message = messages.next().await?;
-        let permit = in_flight.clone().acquire_owned().await?;
         if message.subject.as_str() == out_subject {
+            // Acked in place, as the rooms do: a task per echo would cost a
+            // spawn and a wake-up for one publish.
             echoed += 1;
-            tasks.spawn(async move {
-                let _permit = permit;
-                message.ack().await?;
-                Ok::<_, Error>(())
-            });
+            message.ack().await?;
             continue;
         }
+        let permit = in_flight.clone().acquire_owned().await?;
         let (js, work, kv_stores, object_stores, output, room_work, payloads) = (
             js.clone(),
             setup.work.clone(),
@@ -1299,7 +1298,19 @@ struct Factory {
 
 impl Factory {
     async fn start(nats_url: &str, replicas: usize) -> Result<Factory, Error> {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_choco-factory"));
+        // BENCH_FACTORY_WRAPPER runs the binary under a profiler, e.g.
+        // "valgrind --tool=callgrind --callgrind-out-file=target/cg.out"
+        // (with few events: the binary runs some 50 times slower).
+        let wrapper = std::env::var("BENCH_FACTORY_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(env!("CARGO_BIN_EXE_choco-factory"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_choco-factory")),
+        };
         command
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
             .args(["serve"])
@@ -1343,7 +1354,7 @@ impl Factory {
                 if ready {
                     break;
                 }
-                if started.elapsed() > Duration::from_secs(30) {
+                if started.elapsed() > Duration::from_secs(120) {
                     return Err("the rooms did not become ready".into());
                 }
                 tokio::time::sleep(Duration::from_millis(2)).await;

@@ -54,6 +54,9 @@ const COMPLETED: &str = "choco.events.probing.work.completed";
 const DLQ_SUBJECT: &str = "choco.dlq.probe.probing.work.requested";
 const MAX_DELIVER: i64 = 3;
 const HANDLER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a `slow` input's handler takes: under the keepalive test's
+/// ack wait, so only waiting in its lane can outlast that.
+const SLOW: Duration = Duration::from_secs(1);
 
 /// Handler calls currently hanging (dropped = cancelled by the runtime).
 static HANGING: AtomicUsize = AtomicUsize::new(0);
@@ -136,6 +139,7 @@ impl Room for Probe {
             "panic" => panic!("poisoned input {}", work.n),
             "hang" => hang().await,
             "hang_once" if event.delivered == 1 => hang().await,
+            "slow" => tokio::time::sleep(SLOW).await,
             "stray" => {
                 return Ok(vec![Outbound::new(
                     Undeclared::WorkStrayed,
@@ -173,10 +177,14 @@ impl Room for Probe {
 /// The probe room on free ports, with a short handler deadline and fast
 /// retries, validated the way the binary validates its configuration.
 fn config(nats_url: &str, http_port: u16) -> ValidatedConfig {
+    config_with(nats_url, http_port, Duration::from_secs(10))
+}
+
+fn config_with(nats_url: &str, http_port: u16, ack_wait: Duration) -> ValidatedConfig {
     let mut factory = FactoryConfig::default();
     factory.nats.url = ServerUrls::one(nats_url);
     factory.consumer = ConsumerConfig {
-        ack_wait: Duration::from_secs(10),
+        ack_wait,
         heartbeat: Duration::from_secs(1),
         max_deliver: MAX_DELIVER,
         retry_base: Duration::from_millis(100),
@@ -413,6 +421,71 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
     watcher.await.expect("watcher");
     assert_eq!(not_ready.load(Ordering::SeqCst), 0, "the room stayed ready");
     assert!(ready(&readyz).await);
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(20), runtime)
+        .await
+        .expect("the runtime stops")
+        .expect("joined")
+        .expect("a clean stop");
+}
+
+/// Inputs queued in their aggregate's lane behind slow ones wait longer
+/// than `ack_wait` in all, each handler call staying under it: the lane
+/// keeps the waiting ones alive (in-progress acks), so the server never
+/// redelivers them and each is handled once, on its first delivery.
+#[tokio::test]
+async fn inputs_waiting_in_their_lane_past_ack_wait_are_not_redelivered() {
+    let nats = Nats::start().await;
+    let (_client, js) = nats.client().await;
+    let http_port = free_port();
+    let shutdown = CancellationToken::new();
+    let runtime = tokio::spawn(runtime::run(
+        config_with(&nats.url(), http_port, Duration::from_secs(3)),
+        REGISTRY,
+        shutdown.clone(),
+    ));
+    let readyz = format!("http://127.0.0.1:{http_port}/readyz");
+    wait_until(Duration::from_secs(20), || ready(&readyz)).await;
+
+    // Six slow inputs and a quick one, all of one aggregate: the last ones
+    // wait some 6 s in the lane, twice the ack wait.
+    let inputs: Vec<(u64, &str)> = (5000..5006)
+        .map(|n| (n, "slow"))
+        .chain([(5006, "ok")])
+        .collect();
+    for (n, mode) in &inputs {
+        let event = envelope(
+            "probing.work.requested",
+            "slow-lane",
+            &json!({ "n": n, "mode": mode }),
+        );
+        publish(&js, REQUESTED, &event).await;
+    }
+    let outputs = wait_for(
+        &js,
+        STREAM,
+        COMPLETED,
+        inputs.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    // Anything redelivered would be handled again after the others.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let outputs_after = read_all(&js, STREAM, COMPLETED).await;
+    assert_eq!(outputs_after.len(), outputs.len(), "no input handled twice");
+    for output in &outputs_after {
+        assert_eq!(
+            output.payload()["delivered"],
+            1,
+            "handled on its first delivery: {}",
+            output.payload()
+        );
+    }
+    let calls = CALLS.lock().expect("calls").clone();
+    for (n, _) in &inputs {
+        assert_eq!(calls.get(n), Some(&1), "input {n}: one handler call");
+    }
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), runtime)

@@ -14,9 +14,12 @@ use crate::cocoa_butter::metrics::Outcome;
 use crate::cocoa_butter::room::InboundEvent;
 use crate::cocoa_butter::telemetry::{self, propagation};
 
-use super::{Engine, Job, LaneMap, Route, Routing, Slot, route, secs};
+use super::{Delivery, Engine, Job, LaneMap, Route, Routing, Slot, route, secs};
 
 impl Engine {
+    /// Sends an input to its lane (or a refused message to be dead-lettered);
+    /// returns one of the room's own outputs, seen back on its prefix, for
+    /// the caller to acknowledge.
     pub(super) fn dispatch(
         self: &Arc<Self>,
         message: jetstream::Message,
@@ -24,14 +27,14 @@ impl Engine {
         lanes: &LaneMap,
         tasks: &TaskTracker,
         intake: &CancellationToken,
-    ) {
+    ) -> Option<OwnOutput> {
         let started = Instant::now();
         let (sequence, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(err) => {
                 // Not a JetStream delivery: nothing to ack or dead-letter.
                 tracing::warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
-                return;
+                return None;
             }
         };
         let subject = message.subject.to_string();
@@ -51,15 +54,15 @@ impl Engine {
         };
         let verdict = match route(&routing, &action, &event_type, &message.payload) {
             Route::OwnOutput => {
-                let engine = self.clone();
-                tasks.spawn(async move {
-                    let _slot = slot;
-                    if let Err(err) = message.ack().await {
-                        tracing::warn!(error = %err, "ack of an own output failed; it will be redelivered and skipped again");
-                    }
-                    engine.metrics.finished(&event_type, Outcome::Skipped, secs(started));
-                }.in_current_span());
-                return;
+                // Acked by the pull loop itself: a task of its own per
+                // output (one in two messages for most rooms) cost a spawn,
+                // a wake-up and a hand-off for one publish.
+                return Some(OwnOutput {
+                    message,
+                    event_type,
+                    started,
+                    _slot: slot,
+                });
             }
             Route::Input(envelope) => Ok(envelope),
             Route::Refused(err) => Err(err),
@@ -96,7 +99,7 @@ impl Engine {
                     }
                     .instrument(span),
                 );
-                return;
+                return None;
             }
         };
 
@@ -104,7 +107,7 @@ impl Engine {
         span.record("correlation_id", envelope.correlation());
         span.record("aggregate_id", envelope.aggregate_id.as_str());
         let aggregate = envelope.aggregate_id.clone();
-        let job = Job {
+        let job: Job = Box::new(Delivery {
             event: InboundEvent {
                 envelope,
                 action,
@@ -118,7 +121,7 @@ impl Engine {
             span,
             incoming,
             _slot: slot,
-        };
+        });
         let Ok(mut lanes_guard) = lanes.lock() else {
             // Only a panic while holding the lock poisons it; the message is
             // left unacknowledged and comes back after ack_wait.
@@ -126,11 +129,11 @@ impl Engine {
                 sequence,
                 "lane table poisoned; leaving the message for redelivery"
             );
-            return;
+            return None;
         };
         let job = match lanes_guard.get(&aggregate) {
             Some(lane) => match lane.send(job) {
-                Ok(()) => return,
+                Ok(()) => return None,
                 Err(mpsc::error::SendError(job)) => job,
             },
             None => job,
@@ -144,5 +147,23 @@ impl Engine {
             self.clone()
                 .lane(aggregate, receiver, lanes.clone(), intake.clone()),
         );
+        None
     }
+
+    /// Acknowledges one of the room's own outputs: nothing to do with it.
+    pub(super) async fn ack_own_output(&self, own: OwnOutput) {
+        if let Err(err) = own.message.ack().await {
+            tracing::warn!(error = %err, "ack of an own output failed; it will be redelivered and skipped again");
+        }
+        self.metrics
+            .finished(&own.event_type, Outcome::Skipped, secs(own.started));
+    }
+}
+
+/// One of the room's own outputs, come back on its prefix.
+pub(super) struct OwnOutput {
+    message: jetstream::Message,
+    event_type: String,
+    started: Instant,
+    _slot: Slot,
 }

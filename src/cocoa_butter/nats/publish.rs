@@ -239,7 +239,7 @@ impl Publisher {
                     return Err(PublishError::from_kind(subject, &err));
                 }
             };
-            let metrics = self.metrics.clone();
+            let metrics = &self.metrics;
             acks.push(
                 async move {
                     let acked = ack.await;
