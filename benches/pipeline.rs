@@ -1136,7 +1136,9 @@ async fn bare_loop(setup: BareLoop) -> Result<(), Error> {
         defaults.heartbeat,
         None,
     )
-    .await?;
+    .await?
+    // The batch follows the backlog as the rooms' does.
+    .with_max_batch(defaults.max_in_flight / 2);
     let in_flight = Arc::new(Semaphore::new(defaults.max_in_flight));
     let mut tasks = tokio::task::JoinSet::new();
     let mut handled = 0;

@@ -162,7 +162,10 @@ impl Engine {
             pinned_ttl.is_some().then_some(nats::PINNED_GROUP),
         )
         .await
-        .map_err(ConsumerError::Open)?;
+        .map_err(ConsumerError::Open)?
+        // Up to half the in-flight bound while a backlog lasts: the rest
+        // of the slots stay for the messages already pulled.
+        .with_max_batch(cfg.max_in_flight / 2);
 
         let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
         let lanes: LaneMap = Arc::default();

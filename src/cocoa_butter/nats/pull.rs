@@ -72,7 +72,14 @@ pub struct Puller {
     subject: Subject,
     inbox: Subject,
     subscriber: async_nats::Subscriber,
+    /// The batch each pull asks for now: between `min_batch` (the
+    /// configured one) and `max_batch`, see [`Puller::adapt_batch`].
     batch: usize,
+    min_batch: usize,
+    max_batch: usize,
+    /// A message came since the last pull (a first pull, or one after a
+    /// reconnect, has none: it starts at the configured batch).
+    delivered_since_pull: bool,
     expires: Duration,
     heartbeat: Duration,
     /// The priority group of a pinned consumer, and the pin the server gave.
@@ -121,6 +128,9 @@ impl Puller {
             inbox,
             subscriber,
             batch: batch.max(1),
+            min_batch: batch.max(1),
+            max_batch: batch.max(1),
+            delivered_since_pull: false,
             expires,
             heartbeat,
             group: group.map(str::to_string),
@@ -133,6 +143,33 @@ impl Puller {
         };
         puller.request = puller.build_request();
         Ok(puller)
+    }
+
+    /// Lets the batch grow up to `max_batch` while the consumer has a
+    /// backlog (see [`Puller::adapt_batch`]).
+    pub fn with_max_batch(mut self, max_batch: usize) -> Self {
+        self.max_batch = max_batch.max(self.min_batch);
+        self
+    }
+
+    /// A batch that follows the backlog. Pulls used up by messages mean
+    /// more wait on the server: the next pull asks for twice as many, up to
+    /// `max_batch` (fewer pull requests per message, for the server and for
+    /// us). Pulls that ran out (expired) with no message since the last one
+    /// mean the backlog is gone: back to the configured batch. Latency is
+    /// the same either way: a pull delivers each message as soon as it is
+    /// stored.
+    fn adapt_batch(&mut self) {
+        let batch = if self.owed == 0 && !self.delivered_since_pull {
+            self.min_batch
+        } else {
+            (self.batch * 2).min(self.max_batch)
+        };
+        self.delivered_since_pull = false;
+        if batch != self.batch {
+            self.batch = batch;
+            self.request = self.build_request();
+        }
     }
 
     /// The pin the server gave (or `None` when it went to another replica):
@@ -183,6 +220,7 @@ impl Puller {
                 if let Some(after) = self.pull_after.take() {
                     tokio::time::sleep_until(after).await;
                 }
+                self.adapt_batch();
                 self.pull().await?;
             }
             let silence = if self.heartbeat.is_zero() {
@@ -190,17 +228,25 @@ impl Puller {
             } else {
                 self.heartbeat.saturating_mul(2)
             };
-            let message = tokio::select! {
-                message = self.subscriber.next() => message,
-                _ = tokio::time::sleep_until(self.last_heard + silence) => {
-                    // Neither a message nor a heartbeat for two heartbeats:
-                    // the server holds no pull of ours (a restart, a new
-                    // leader). Pull again in place.
-                    tracing::debug!(owed = self.owed, "no heartbeat: pulling again");
-                    self.owed = 0;
-                    self.last_heard = Instant::now();
-                    continue;
-                }
+            // A message already received is taken without arming the
+            // silence timer: under load that is almost every message, and a
+            // timer registered and cancelled for each was a cost the profile
+            // showed.
+            let ready = self.subscriber.next().now_or_never();
+            let message = match ready {
+                Some(message) => message,
+                None => tokio::select! {
+                    message = self.subscriber.next() => message,
+                    _ = tokio::time::sleep_until(self.last_heard + silence) => {
+                        // Neither a message nor a heartbeat for two
+                        // heartbeats: the server holds no pull of ours (a
+                        // restart, a new leader). Pull again in place.
+                        tracing::debug!(owed = self.owed, "no heartbeat: pulling again");
+                        self.owed = 0;
+                        self.last_heard = Instant::now();
+                        continue;
+                    }
+                },
             };
             let message = message.ok_or(PullError::Closed)?;
             self.last_heard = Instant::now();
@@ -243,6 +289,7 @@ impl Puller {
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.owed = self.owed.saturating_sub(1);
+                self.delivered_since_pull = true;
                 if self.group.is_some()
                     && let Some(id) = message
                         .headers
