@@ -337,8 +337,11 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
         info.delivered.stream_sequence,
         "handled = delivered - never started: {info:?}"
     );
+    // The pulls' batch grows with the backlog up to half the in-flight
+    // bound (128), and the next pull goes out at half of it: that is the
+    // most the client can hold unstarted, handed back (nak'd) at the stop.
     assert!(
-        info.num_ack_pending <= 15,
+        info.num_ack_pending <= 128 + 64,
         "at most the client's pull buffer: {info:?}"
     );
 

@@ -123,6 +123,10 @@ impl Drop for Slot {
     }
 }
 
+/// How long a stopping consumer waits for more of its pulls' messages to
+/// arrive, to hand them back (see `Puller::drain`).
+const HAND_BACK_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
 type LaneMap = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Job>>>>;
 
 /// Returns a message that was delivered but never started, so a replica
@@ -214,10 +218,11 @@ impl Engine {
                 self.ack_own_output(own).await;
             }
         };
-        // Stop pulling. Messages the client already buffered were delivered
-        // to us but never started: hand them back at once so a replica (or
-        // our restart) takes them now rather than after ack_wait.
-        while let Some(message) = messages.next_buffered() {
+        // Stop pulling. Messages the client already buffered, or that are
+        // still arriving for the pulls made, were delivered to us but never
+        // started: hand them back at once so a replica (or our restart)
+        // takes them now rather than after ack_wait.
+        for message in messages.drain(HAND_BACK_GRACE).await {
             hand_back(message).await;
         }
         drop(messages);

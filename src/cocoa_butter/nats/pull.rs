@@ -256,15 +256,31 @@ impl Puller {
         }
     }
 
-    /// A message already received and not yet taken, without waiting: for
-    /// handing back at a stop what the client holds.
-    pub fn next_buffered(&mut self) -> Option<jetstream::Message> {
-        while let Some(Some(message)) = self.subscriber.next().now_or_never() {
+    /// At a stop, for handing back: the messages already received, and
+    /// those still on their way for the pulls made, until `grace` passes
+    /// without one. A pull of a large batch keeps delivering after the
+    /// last message was taken; left unread, those would wait out
+    /// `ack_wait` before a replica (or a restart) got them. It waits only
+    /// when messages were arriving (some already received): an idle
+    /// consumer stops at once, and a message published after the
+    /// stop is not taken only to be handed back.
+    pub async fn drain(&mut self, grace: Duration) -> Vec<jetstream::Message> {
+        let mut drained = Vec::new();
+        while self.owed > 0 || drained.is_empty() {
+            let message = match self.subscriber.next().now_or_never() {
+                Some(message) => message,
+                None if drained.is_empty() => break,
+                None => match tokio::time::timeout(grace, self.subscriber.next()).await {
+                    Ok(message) => message,
+                    Err(_) => break,
+                },
+            };
+            let Some(message) = message else { break };
             if let Ok(Some(message)) = self.take(message) {
-                return Some(message);
+                drained.push(message);
             }
         }
-        None
+        drained
     }
 
     /// A delivery, or `None` for a status that only updates the count.
