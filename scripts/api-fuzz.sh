@@ -64,6 +64,9 @@ for room in WINNOWER CONCH MOULD WRAPPER; do
     room_env+=("CHOCO_ROOMS__${room}__${port}=0")
   done
 done
+# The log exists before the reader below starts: the background job's
+# redirection may not have run yet when it first opens the file.
+: >"${work}/factory.log"
 env -u RUST_LOG "${room_env[@]}" CHOCO_LOG__FORMAT=json \
   "${BIN}" dev --data-dir "${work}/nats" --nats-port "$(free_port)" \
   >"${work}/factory.log" 2>&1 &
