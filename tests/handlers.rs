@@ -176,11 +176,7 @@ impl Room for Probe {
 
 /// The probe room on free ports, with a short handler deadline and fast
 /// retries, validated the way the binary validates its configuration.
-fn config(nats_url: &str, http_port: u16) -> ValidatedConfig {
-    config_with(nats_url, http_port, Duration::from_secs(10))
-}
-
-fn config_with(nats_url: &str, http_port: u16, ack_wait: Duration) -> ValidatedConfig {
+fn config(nats_url: &str, http_port: u16, ack_wait: Duration) -> ValidatedConfig {
     let mut factory = FactoryConfig::default();
     factory.nats.url = ServerUrls::one(nats_url);
     factory.consumer = ConsumerConfig {
@@ -215,6 +211,42 @@ fn config_with(nats_url: &str, http_port: u16, ack_wait: Duration) -> ValidatedC
     validate(factory, None).expect("the probe room's configuration is valid")
 }
 
+/// The runtime serving the probe room in this process, ready.
+struct Probing {
+    readyz: String,
+    shutdown: CancellationToken,
+    runtime: tokio::task::JoinHandle<Result<(), runtime::RuntimeError>>,
+}
+
+impl Probing {
+    async fn start(nats_url: &str, ack_wait: Duration) -> Probing {
+        let http_port = free_port();
+        let shutdown = CancellationToken::new();
+        let runtime = tokio::spawn(runtime::run(
+            config(nats_url, http_port, ack_wait),
+            REGISTRY,
+            shutdown.clone(),
+        ));
+        let readyz = format!("http://127.0.0.1:{http_port}/readyz");
+        wait_until(Duration::from_secs(20), || ready(&readyz)).await;
+        Probing {
+            readyz,
+            shutdown,
+            runtime,
+        }
+    }
+
+    /// Stops it as a signal would, and expects a clean stop.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.runtime)
+            .await
+            .expect("the runtime stops")
+            .expect("joined")
+            .expect("a clean stop");
+    }
+}
+
 async fn ready(url: &str) -> bool {
     reqwest::get(url).await.is_ok_and(|r| r.status() == 200)
 }
@@ -239,15 +271,8 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
     quiet_expected_panics();
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
-    let http_port = free_port();
-    let readyz = format!("http://127.0.0.1:{http_port}/readyz");
-    let shutdown = CancellationToken::new();
-    let runtime = tokio::spawn(runtime::run(
-        config(&nats.url(), http_port),
-        REGISTRY,
-        shutdown.clone(),
-    ));
-    wait_until(Duration::from_secs(20), || ready(&readyz)).await;
+    let probe = Probing::start(&nats.url(), Duration::from_secs(10)).await;
+    let readyz = probe.readyz.clone();
 
     // Readiness, watched for the whole test.
     let not_ready = Arc::new(AtomicUsize::new(0));
@@ -422,12 +447,7 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
     assert_eq!(not_ready.load(Ordering::SeqCst), 0, "the room stayed ready");
     assert!(ready(&readyz).await);
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), runtime)
-        .await
-        .expect("the runtime stops")
-        .expect("joined")
-        .expect("a clean stop");
+    probe.stop().await;
 }
 
 /// Inputs queued in their aggregate's lane behind slow ones wait longer
@@ -438,15 +458,7 @@ async fn panicking_and_hanging_handlers_are_dead_lettered_while_the_room_serves_
 async fn inputs_waiting_in_their_lane_past_ack_wait_are_not_redelivered() {
     let nats = Nats::start().await;
     let (_client, js) = nats.client().await;
-    let http_port = free_port();
-    let shutdown = CancellationToken::new();
-    let runtime = tokio::spawn(runtime::run(
-        config_with(&nats.url(), http_port, Duration::from_secs(3)),
-        REGISTRY,
-        shutdown.clone(),
-    ));
-    let readyz = format!("http://127.0.0.1:{http_port}/readyz");
-    wait_until(Duration::from_secs(20), || ready(&readyz)).await;
+    let probe = Probing::start(&nats.url(), Duration::from_secs(3)).await;
 
     // Six slow inputs and a quick one, all of one aggregate: the last ones
     // wait some 6 s in the lane, twice the ack wait.
@@ -487,10 +499,5 @@ async fn inputs_waiting_in_their_lane_past_ack_wait_are_not_redelivered() {
         assert_eq!(calls.get(n), Some(&1), "input {n}: one handler call");
     }
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(20), runtime)
-        .await
-        .expect("the runtime stops")
-        .expect("joined")
-        .expect("a clean stop");
+    probe.stop().await;
 }
