@@ -326,16 +326,31 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     assert!(status.success(), "{status}");
 
     // Every message the room started was finished and acknowledged: each
-    // delivery is either acknowledged with its output published, or still
-    // pending because the client had it buffered and never started it (the
-    // server redelivers those after ack_wait).
+    // delivered input is either acknowledged with its output published, or
+    // still pending because the client had it buffered and never started it
+    // (handed back at the stop, or redelivered by the server after
+    // ack_wait). The room's consumer also receives its own outputs (they
+    // follow the inputs in the stream, from sequence total + 1), so the
+    // pending count may include outputs: from the ack floor and the last
+    // delivered sequence, the pending inputs lie between the pending
+    // messages beyond the outputs delivered and those not yet acked below
+    // the last input. Both bounds are the same number when the stop came
+    // before the first output or after the last input was acknowledged.
     let mut stream = js.get_stream(COORDINATION).await.expect("stream");
     let info = stream.consumer_info("choco-conch").await.expect("consumer");
     let outputs = read_all(&js, COORDINATION, COMPLETED).await.len() as u64;
-    assert_eq!(
-        outputs + info.num_ack_pending as u64,
-        info.delivered.stream_sequence,
-        "handled = delivered - never started: {info:?}"
+    let total_inputs = total as u64;
+    let delivered = info.delivered.stream_sequence;
+    let delivered_inputs = delivered.min(total_inputs);
+    let delivered_outputs = delivered - delivered_inputs;
+    let pending = info.num_ack_pending as u64;
+    let unacked_inputs = total_inputs.saturating_sub(info.ack_floor.stream_sequence);
+    let pending_inputs = pending.saturating_sub(delivered_outputs)..=pending.min(unacked_inputs);
+    assert!(
+        outputs <= delivered_inputs && pending_inputs.contains(&(delivered_inputs - outputs)),
+        "handled = delivered - never started: {outputs} outputs, \
+         {delivered_inputs} inputs delivered, pending inputs in \
+         {pending_inputs:?}: {info:?}"
     );
     // The pulls' batch grows with the backlog up to half the in-flight
     // bound (128), and the next pull goes out at half of it: that is the
