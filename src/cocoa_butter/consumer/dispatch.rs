@@ -29,20 +29,11 @@ impl Engine {
         intake: &CancellationToken,
     ) -> Option<OwnOutput> {
         let started = Instant::now();
-        let (sequence, delivered) = match message.info() {
-            Ok(info) => (info.stream_sequence, info.delivered),
-            Err(err) => {
-                // Not a JetStream delivery: nothing to ack or dead-letter.
-                tracing::warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
-                return None;
-            }
-        };
-        let subject = message.subject.to_string();
+        let subject = message.subject.as_str();
         let action = subject
             .strip_prefix(&self.settings.subject_base)
-            .unwrap_or(&subject)
-            .to_string();
-        let event_type = self.settings.event_type(&action);
+            .unwrap_or(subject);
+        let event_type = self.settings.event_type(action);
         self.metrics.received(self.metric_label(&event_type));
 
         let routing = Routing {
@@ -52,11 +43,12 @@ impl Engine {
             service: &self.settings.service,
             contracts: Some(&self.contracts),
         };
-        let verdict = match route(&routing, &action, &event_type, &message.payload) {
+        let verdict = match route(&routing, action, &event_type, &message.payload) {
             Route::OwnOutput => {
                 // Acked by the pull loop itself: a task of its own per
                 // output (one in two messages for most rooms) cost a spawn,
-                // a wake-up and a hand-off for one publish.
+                // a wake-up and a hand-off for one publish. Its metadata is
+                // not parsed: nothing of it is needed.
                 return Some(OwnOutput {
                     message,
                     event_type,
@@ -66,6 +58,15 @@ impl Engine {
             }
             Route::Input(envelope) => Ok(envelope),
             Route::Refused(err) => Err(err),
+        };
+        let (subject, action) = (subject.to_string(), action.to_string());
+        let (sequence, delivered) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.delivered),
+            Err(err) => {
+                // Not a JetStream delivery: nothing to ack or dead-letter.
+                tracing::warn!(error = %err, subject = %message.subject, "message without JetStream metadata ignored");
+                return None;
+            }
         };
 
         // The span of this delivery, in the messaging conventions; it

@@ -198,6 +198,10 @@ impl Engine {
             tokio::pin!(acquire);
             let permit = loop {
                 tokio::select! {
+                    // In this order: a free slot is taken before the
+                    // keepalive timer is ever polled, so the common case
+                    // registers no timer.
+                    biased;
                     _ = intake.cancelled() => break None,
                     permit = &mut acquire => break permit.ok(),
                     _ = tokio::time::sleep(keepalive) => {

@@ -261,10 +261,34 @@ impl Publisher {
 
 /// Header values are one line of printable text; keep a detail readable and short.
 pub(crate) fn header_safe(detail: &str) -> HeaderValue {
+    // Almost always already safe: then taken as it is, without a copy.
+    if detail.len() <= 512 && !detail.chars().any(char::is_control) {
+        return HeaderValue::from(detail);
+    }
     let cleaned: String = detail
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(512)
         .collect();
     HeaderValue::from(cleaned.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::header_safe;
+
+    /// A safe detail passes as it is; control characters become spaces,
+    /// and a long one is cut at 512 characters, whichever path it takes.
+    #[test]
+    fn header_values_are_one_short_printable_line() {
+        assert_eq!(header_safe("corr-1 ünïcode").as_str(), "corr-1 ünïcode");
+        assert_eq!(header_safe("a\r\nb\tc").as_str(), "a  b c");
+        let long = "é".repeat(600);
+        assert_eq!(header_safe(&long).as_str(), "é".repeat(512));
+        let long_with_newline = format!("{}\n", "x".repeat(300));
+        assert_eq!(
+            header_safe(&long_with_newline).as_str(),
+            format!("{} ", "x".repeat(300))
+        );
+    }
 }
