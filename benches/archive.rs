@@ -41,7 +41,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[path = "common/measure.rs"]
 mod measure;
-use measure::{free_port, process_cpu_s, thread_cpu_s};
+use measure::{free_ports, process_cpu_s, thread_cpu_s};
 
 #[path = "../tests/common/workload.rs"]
 #[allow(dead_code)]
@@ -437,15 +437,18 @@ struct Factory {
 
 impl Factory {
     async fn start(url: &str, dir: &Path) -> Result<Factory, Error> {
-        let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let [http, grpc, metrics] = free_ports(3)?[..] else {
+            return Err("three free ports".into());
+        };
+        let metrics = SocketAddr::from(([127, 0, 0, 1], metrics));
         let child = Command::new(env!("CARGO_BIN_EXE_choco-factory"))
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
             .args(["serve", "--rooms", "wrapper"])
             .env("CHOCO_NATS__URL", url)
             .env("CHOCO_ARCHIVE__DOMAINS", r#"["coordination"]"#)
             .env("CHOCO_ARCHIVE__DIR", dir)
-            .env("CHOCO_ROOMS__WRAPPER__HTTP_PORT", free_port().to_string())
-            .env("CHOCO_ROOMS__WRAPPER__GRPC_PORT", free_port().to_string())
+            .env("CHOCO_ROOMS__WRAPPER__HTTP_PORT", http.to_string())
+            .env("CHOCO_ROOMS__WRAPPER__GRPC_PORT", grpc.to_string())
             .env(
                 "CHOCO_ROOMS__WRAPPER__METRICS_PORT",
                 metrics.port().to_string(),

@@ -56,7 +56,7 @@ use workload::{ROOMS, RoomCase, median};
 // Ports and CPU times, shared with the archive bench.
 #[path = "common/measure.rs"]
 mod measure;
-use measure::{free_port, process_cpu_s, thread_cpu_s};
+use measure::{free_port, free_ports, process_cpu_s, thread_cpu_s};
 
 // The tests' three-node cluster (and the proxy it can route through), for
 // `--cluster`; it takes `free_port` from here.
@@ -1329,6 +1329,7 @@ impl Factory {
         };
         let mut http = BTreeMap::new();
         let mut metrics = BTreeMap::new();
+        let mut ports = free_ports(ROOMS.len() * 3)?.into_iter();
         for case in ROOMS {
             let upper = case.name.to_uppercase();
             for (key, map) in [
@@ -1336,7 +1337,7 @@ impl Factory {
                 ("GRPC_PORT", None),
                 ("METRICS_PORT", Some(&mut metrics)),
             ] {
-                let port = free_port();
+                let port = ports.next().ok_or("a free port for each listener")?;
                 command.env(format!("CHOCO_ROOMS__{upper}__{key}"), port.to_string());
                 if let Some(map) = map {
                     map.insert(case.name, SocketAddr::from(([127, 0, 0, 1], port)));
@@ -1344,10 +1345,15 @@ impl Factory {
             }
         }
         let started = Instant::now();
-        let child = command.spawn()?;
+        let mut child = command.spawn()?;
         let client = reqwest::Client::new();
         for addr in http.values() {
             loop {
+                // A binary that refused to start (its reason is on its
+                // stderr) is an error now, not after the wait below.
+                if let Some(status) = child.try_wait()? {
+                    return Err(format!("the binary exited before it was ready: {status}").into());
+                }
                 let ready = client
                     .get(format!("http://{addr}/readyz"))
                     .send()
