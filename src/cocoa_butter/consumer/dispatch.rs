@@ -59,7 +59,6 @@ impl Engine {
             Route::Input(envelope) => Ok(envelope),
             Route::Refused(err) => Err(err),
         };
-        let (subject, action) = (subject.to_string(), action.to_string());
         let (sequence, delivered) = match message.info() {
             Ok(info) => (info.stream_sequence, info.delivered),
             Err(err) => {
@@ -68,6 +67,7 @@ impl Engine {
                 return None;
             }
         };
+        let (subject, action) = (subject.to_string(), action.to_string());
 
         // The span of this delivery, in the messaging conventions; it
         // continues the trace of whoever published the message.

@@ -354,7 +354,6 @@ pub struct RoomMetrics {
 /// those). Undeclared types (`unknown`) go through the families.
 type KnownSeries = HashMap<String, EventSeries, foldhash::fast::RandomState>;
 
-#[derive(Clone)]
 struct EventSeries {
     received: Counter,
     /// `processed` and `duration`, by [`Outcome::index`], for the outcomes
@@ -630,16 +629,11 @@ impl RoomMetrics {
     /// (ok and error), and the `unknown` bucket of undeclared types. Their
     /// handles are kept for the messages to come (see [`KnownSeries`]).
     pub fn init_event_types(&self, inputs: &[String], outputs: &[String]) {
-        let unknown = "unknown".to_string();
-        for event_type in inputs
-            .iter()
-            .chain(outputs)
-            .chain(std::iter::once(&unknown))
-        {
-            let _ = self.received.get_or_create(&EventLabels {
-                event_type: event_type.clone(),
-            });
-        }
+        // Undeclared types count as `unknown`, through the family; the
+        // declared ones' series are made below, with their handles.
+        let _ = self.received.get_or_create(&EventLabels {
+            event_type: "unknown".to_string(),
+        });
         let mut known = KnownSeries::default();
         let declared = inputs
             .iter()
@@ -946,6 +940,10 @@ mod tests {
             &["coordination.in".to_string()],
             &["coordination.out".to_string()],
         );
+        for declared in ["coordination.in", "coordination.out"] {
+            assert!(metrics.known(declared).is_some(), "{declared} kept");
+        }
+        assert!(metrics.known("unknown").is_none());
         let before = metrics.encode();
         for expected in [
             r#"choco_publish_messages_total{room="conch",event_type="coordination.out",outcome="error"} 0"#,
