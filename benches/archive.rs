@@ -437,9 +437,7 @@ struct Factory {
 
 impl Factory {
     async fn start(url: &str, dir: &Path) -> Result<Factory, Error> {
-        let [http, grpc, metrics] = free_ports(3)?[..] else {
-            return Err("three free ports".into());
-        };
+        let [http, grpc, metrics] = free_ports()?;
         let metrics = SocketAddr::from(([127, 0, 0, 1], metrics));
         let child = Command::new(env!("CARGO_BIN_EXE_choco-factory"))
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))

@@ -176,7 +176,8 @@ impl Room for Probe {
 
 /// The probe room on free ports, with a short handler deadline and fast
 /// retries, validated the way the binary validates its configuration.
-fn config(nats_url: &str, http_port: u16, ack_wait: Duration) -> ValidatedConfig {
+fn config(nats_url: &str, ports: [u16; 3], ack_wait: Duration) -> ValidatedConfig {
+    let [http_port, grpc_port, metrics_port] = ports;
     let mut factory = FactoryConfig::default();
     factory.nats.url = ServerUrls::one(nats_url);
     factory.consumer = ConsumerConfig {
@@ -200,8 +201,8 @@ fn config(nats_url: &str, http_port: u16, ack_wait: Duration) -> ValidatedConfig
             stream: None,
             bind: None,
             http_port: Some(http_port),
-            grpc_port: Some(free_port()),
-            metrics_port: Some(free_port()),
+            grpc_port: Some(grpc_port),
+            metrics_port: Some(metrics_port),
             consumer: Default::default(),
             streams: Default::default(),
             publish_previous_major: false,
@@ -220,14 +221,14 @@ struct Probing {
 
 impl Probing {
     async fn start(nats_url: &str, ack_wait: Duration) -> Probing {
-        let http_port = free_port();
+        let ports = free_ports().expect("free ports for the probe room");
         let shutdown = CancellationToken::new();
         let runtime = tokio::spawn(runtime::run(
-            config(nats_url, http_port, ack_wait),
+            config(nats_url, ports, ack_wait),
             REGISTRY,
             shutdown.clone(),
         ));
-        let readyz = format!("http://127.0.0.1:{http_port}/readyz");
+        let readyz = format!("http://127.0.0.1:{}/readyz", ports[0]);
         wait_until(Duration::from_secs(20), || ready(&readyz)).await;
         Probing {
             readyz,

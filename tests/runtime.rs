@@ -609,7 +609,7 @@ async fn systemd_start_completes_with_a_paused_room() {
 #[tokio::test]
 async fn the_health_command_follows_readiness() {
     let mut nats = Nats::start().await;
-    let ports = [free_port(), free_port(), free_port()];
+    let ports: [u16; 3] = free_ports().expect("free ports");
     let mut env = conch_env(&nats.url());
     for (key, port) in ["HTTP_PORT", "GRPC_PORT", "METRICS_PORT"].iter().zip(ports) {
         env.retain(|(k, _)| k != &format!("CHOCO_ROOMS__CONCH__{key}"));

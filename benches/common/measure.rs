@@ -5,29 +5,20 @@ use std::net::TcpListener;
 
 use super::Error;
 
-/// `count` distinct free ports on loopback, all bound at once before any
-/// is released: one bind at a time may be handed the port the previous
-/// one just released, and a binary given the same port twice refuses to
-/// start (a smoke run failed so).
-pub fn free_ports(count: usize) -> Result<Vec<u16>, Error> {
-    let listeners = (0..count)
+/// `N` distinct free ports on loopback, all bound at once before any is
+/// released: one bind at a time may be handed the port the previous one
+/// just released, and a binary given the same port twice refuses to start
+/// (a smoke run failed so). The tests' `common::free_ports` has the same
+/// signature, for the cluster the pipeline bench borrows from them.
+pub fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
+    let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<Vec<_>, _>>()?;
-    let ports = listeners
-        .iter()
-        .map(|listener| listener.local_addr().map(|addr| addr.port()))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
     Ok(ports)
-}
-
-/// A free port on loopback (0 if none could be found: the bind then fails).
-/// For the tests' cluster the pipeline bench borrows; the archive bench
-/// takes its ports from [`free_ports`].
-#[allow(dead_code)]
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map_or(0, |addr| addr.port())
 }
 
 /// User + system CPU seconds of process `pid` so far (`/proc/<pid>/stat`).

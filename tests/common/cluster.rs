@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use choco_factory::cocoa_butter::nats_server::{self, ManagedNats};
 
-use super::free_port;
+use super::free_ports;
 use super::proxy::Proxy;
 
 pub const NODES: usize = 3;
@@ -62,8 +62,8 @@ impl Cluster {
         let turn = ONE_AT_A_TIME.lock().await;
         let dir = tempfile::tempdir().expect("temp dir");
         let binary = nats_server::find_binary().expect("nats-server (run scripts/setup.sh)");
-        let route_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
-        let client_ports: Vec<u16> = (0..NODES).map(|_| free_port()).collect();
+        let ports = free_ports::<{ 2 * NODES }>().expect("free ports for the cluster");
+        let (route_ports, client_ports) = ports.split_at(NODES);
         let route_to = |port: u16| format!("nats-route://127.0.0.1:{port}");
         let local = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
         // Proxies of n3's routes: n1 → n3, n2 → n3, n3 → n1, n3 → n2.

@@ -61,7 +61,6 @@ impl Nats {
     }
 }
 
-/// A free TCP port on loopback (bound and released).
 /// *ring* as the process's rustls provider, as the binary has it: the
 /// tests' HTTP client (reqwest, whose TLS the archive's S3 client enables
 /// without a provider of its own) takes it. Every harness start calls it.
@@ -69,11 +68,26 @@ pub fn tls_provider() {
     choco_factory::cocoa_butter::tls::install_default_provider();
 }
 
+/// A free TCP port on loopback (bound and released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    let [port] = free_ports().expect("a free port");
+    port
+}
+
+/// `N` distinct free ports on loopback, all bound at once before any is
+/// released: taken one bind at a time, the kernel may hand out the port
+/// the previous bind just released, and a process given one port twice
+/// fails to start (the pipeline bench's smoke run did). The benches'
+/// `measure::free_ports` has the same signature, for `cluster.rs`.
+pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
+    let listeners: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<_>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// The binary, running `serve` for the-conch on ephemeral ports.

@@ -7,7 +7,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use super::free_port;
+use super::free_ports;
 
 pub struct Seaweed {
     _child: tokio::process::Child,
@@ -48,7 +48,6 @@ impl Seaweed {
     pub async fn start(bucket: &str) -> Seaweed {
         choco_factory::cocoa_butter::tls::install_default_provider();
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = |_| free_port();
         let [
             master,
             master_grpc,
@@ -58,7 +57,7 @@ impl Seaweed {
             filer_grpc,
             s3,
             s3_grpc,
-        ]: [u16; 8] = std::array::from_fn(port);
+        ] = free_ports().expect("free ports for SeaweedFS");
         let child = tokio::process::Command::new(weed())
             .arg("server")
             .arg(format!("-dir={}", dir.path().display()))
