@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use choco_factory::cocoa_butter::config::{OtlpProtocol, TracingConfig};
 use choco_factory::cocoa_butter::metrics::{Outcome, RoomMetrics};
-use choco_factory::cocoa_butter::telemetry::{self, propagation};
+use choco_factory::cocoa_butter::telemetry::{self, EventIds, MessageSpan, propagation};
 use criterion::{Criterion, criterion_group, criterion_main};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -60,14 +60,21 @@ impl TraceService for Receiver {
 /// The telemetry work of one delivery, as the consumer, the handler's
 /// buckets and the publisher do it.
 fn one_event(metrics: &RoomMetrics, incoming: &propagation::TraceHeaders, sequence: u64) {
-    let span = telemetry::message_span(SUBJECT, "choco-conch", 1, sequence, incoming);
-    span.record(
-        "messaging.message.id",
-        "0199a0b1-7c1e-7000-8000-000000000001",
+    let span = telemetry::message_span(
+        &MessageSpan {
+            subject: SUBJECT,
+            consumer: "choco-conch",
+            delivered: 1,
+            sequence,
+            message_id: Some("0199a0b1-7c1e-7000-8000-000000000001"),
+            event: Some(EventIds {
+                event_id: "0199a0b1-7c1e-7000-8000-000000000001",
+                correlation_id: "0199a0b1-7c1e-7000-8000-000000000001",
+                aggregate_id: "doc-1",
+            }),
+        },
+        incoming,
     );
-    span.record("event_id", "0199a0b1-7c1e-7000-8000-000000000001");
-    span.record("correlation_id", "0199a0b1-7c1e-7000-8000-000000000001");
-    span.record("aggregate_id", "doc-1");
     let _in_message = span.enter();
     {
         let handler = telemetry::handler_span("the-conch", "coordination.property_sync.requested");

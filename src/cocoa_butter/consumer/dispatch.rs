@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use crate::cocoa_butter::metrics::Outcome;
 use crate::cocoa_butter::room::InboundEvent;
-use crate::cocoa_butter::telemetry::{self, propagation};
+use crate::cocoa_butter::telemetry::{self, EventIds, MessageSpan, propagation};
 
 use super::{Delivery, Engine, Job, LaneMap, Route, Routing, Slot, route, secs};
 
@@ -73,19 +73,24 @@ impl Engine {
         // continues the trace of whoever published the message.
         let incoming = propagation::TraceHeaders::from_nats(message.headers.as_ref());
         let span = telemetry::message_span(
-            &subject,
-            &self.settings.durable_name,
-            delivered,
-            sequence,
+            &MessageSpan {
+                subject: &subject,
+                consumer: &self.settings.durable_name,
+                delivered,
+                sequence,
+                message_id: message
+                    .headers
+                    .as_ref()
+                    .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+                    .map(|id| id.as_str()),
+                event: verdict.as_ref().ok().map(|envelope| EventIds {
+                    event_id: &envelope.event_id,
+                    correlation_id: envelope.correlation(),
+                    aggregate_id: &envelope.aggregate_id,
+                }),
+            },
             &incoming,
         );
-        if let Some(id) = message
-            .headers
-            .as_ref()
-            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
-        {
-            span.record("messaging.message.id", id.as_str());
-        }
 
         let envelope = match verdict {
             Ok(envelope) => envelope,
@@ -104,9 +109,6 @@ impl Engine {
             }
         };
 
-        span.record("event_id", tracing::field::display(&envelope.event_id));
-        span.record("correlation_id", envelope.correlation());
-        span.record("aggregate_id", envelope.aggregate_id.as_str());
         let aggregate = envelope.aggregate_id.clone();
         let job: Job = Box::new(Delivery {
             event: InboundEvent {

@@ -257,16 +257,41 @@ pub fn current_trace_id() -> Option<String> {
 // conventions). The child spans are created only when exporting: with
 // tracing off nobody would see them.
 
-/// The span of one delivery: `messaging.*` attributes now, the event's ids
-/// (recorded once the envelope is decoded) on every log line inside it.
+/// What the span of one delivery says about it.
+pub struct MessageSpan<'a> {
+    pub subject: &'a str,
+    pub consumer: &'a str,
+    pub delivered: i64,
+    pub sequence: u64,
+    /// The `Nats-Msg-Id` header, when the message has one.
+    pub message_id: Option<&'a str>,
+    /// The event's ids, when its envelope decoded.
+    pub event: Option<EventIds<'a>>,
+}
+
+/// The ids of a decoded event, on every log line about it.
+pub struct EventIds<'a> {
+    pub event_id: &'a str,
+    pub correlation_id: &'a str,
+    pub aggregate_id: &'a str,
+}
+
+/// The span of one delivery, in the messaging conventions, with every
+/// field known when it is opened: the JSON log layer serializes a span's
+/// fields anew on each `record`, and five records per message were five
+/// serializations, at a rate of one message every few microseconds.
 /// Continues the trace of the message's `traceparent`.
 pub fn message_span(
-    subject: &str,
-    consumer: &str,
-    delivered: i64,
-    sequence: u64,
+    message: &MessageSpan<'_>,
     incoming: &propagation::TraceHeaders,
 ) -> tracing::Span {
+    let event = message.event.as_ref();
+    let exporting = tracing_enabled();
+    // Exporting, the JSON layer writes the span's own trace id; not
+    // exporting, the one that came in still links these lines to the
+    // trace the publisher began, as the correlation id links them to the
+    // request.
+    let incoming_trace_id = if exporting { None } else { incoming.trace_id() };
     let span = tracing::info_span!(
         "nats.process",
         otel.name = tracing::field::Empty,
@@ -274,31 +299,25 @@ pub fn message_span(
         otel.status_code = tracing::field::Empty,
         messaging.system = "nats",
         messaging.operation.type = "process",
-        messaging.destination.name = %subject,
-        messaging.consumer.group.name = %consumer,
-        messaging.message.id = tracing::field::Empty,
-        messaging.nats.delivery_count = delivered,
+        messaging.destination.name = message.subject,
+        messaging.consumer.group.name = message.consumer,
+        messaging.message.id = message.message_id,
+        messaging.nats.delivery_count = message.delivered,
         // As i64: tracing-opentelemetry exports a u64 as its text.
-        messaging.nats.stream_sequence = i64::try_from(sequence).unwrap_or(i64::MAX),
-        event_id = tracing::field::Empty,
-        correlation_id = tracing::field::Empty,
-        aggregate_id = tracing::field::Empty,
-        trace_id = tracing::field::Empty,
+        messaging.nats.stream_sequence = i64::try_from(message.sequence).unwrap_or(i64::MAX),
+        event_id = event.map(|ids| ids.event_id),
+        correlation_id = event.map(|ids| ids.correlation_id),
+        aggregate_id = event.map(|ids| ids.aggregate_id),
+        trace_id = incoming_trace_id,
     );
     if span.is_disabled() {
         // A log filter above `info` turns this span off; the message's work
         // then runs in the room's span, so its warnings still name the room.
         return tracing::Span::current();
     }
-    if tracing_enabled() {
-        span.record("otel.name", format!("process {subject}"));
+    if exporting {
+        span.record("otel.name", format!("process {}", message.subject));
         propagation::continue_trace(&span, incoming);
-    } else if let Some(trace_id) = incoming.trace_id() {
-        // Exporting, the JSON layer writes the span's own trace id; not
-        // exporting, the one that came in still links these lines to the
-        // trace the publisher began, as the correlation id links them to
-        // the request.
-        span.record("trace_id", trace_id);
     }
     span
 }
