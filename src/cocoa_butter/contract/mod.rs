@@ -414,8 +414,11 @@ pub struct Outbound {
     pub aggregate_id: String,
     pub payload: serde_json::Value,
     /// Deduplicates by what the output says rather than by what caused it:
-    /// when set, the `Nats-Msg-Id` is derived from this key, so two inputs
-    /// producing the same output inside the duplicate window store it once.
+    /// when set, the `Nats-Msg-Id` is derived from this key and the
+    /// payload's content hash, so two inputs producing the same output
+    /// (same key, same payload) inside the duplicate window store it once.
+    /// The key need not repeat the payload: it says what the output is
+    /// about, the hash what it says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// The major of `payload`'s shape.

@@ -130,11 +130,16 @@ impl OutputEncoder {
             self.service.clone(),
         );
         envelope.schema_version = version;
+        // Keyed by content: the key and the payload's hash, which the
+        // envelope has computed already (hashing a key that repeats the
+        // payload was a second SHA-256 of it, and a second serialization).
         let message_id = match &output.idempotency_key {
             Some(key) => format!(
                 "{}:{}",
                 event_type,
-                crate::cocoa_butter::envelope::content_hash(key.as_bytes())
+                crate::cocoa_butter::envelope::content_hash(
+                    format!("{key}\n{}", envelope.content_hash).as_bytes()
+                )
             ),
             None => event_id.to_string(),
         };
@@ -275,7 +280,57 @@ pub(crate) fn header_safe(detail: &str) -> HeaderValue {
 
 #[cfg(test)]
 mod tests {
-    use super::header_safe;
+    use chrono::Utc;
+    use serde_json::json;
+
+    use super::{OutputEncoder, header_safe};
+    use crate::cocoa_butter::contract::Outbound;
+    use crate::cocoa_butter::envelope::Cause;
+
+    fn cause(id: &str) -> Cause {
+        Cause {
+            id: id.to_string(),
+            correlation_id: "corr-1".to_string(),
+            at: Utc::now(),
+        }
+    }
+
+    fn output(key: Option<&str>, payload: serde_json::Value) -> Outbound {
+        Outbound {
+            action: "link.verified".to_string(),
+            aggregate_id: "doc-1".to_string(),
+            payload,
+            idempotency_key: key.map(str::to_string),
+            major: 1,
+        }
+    }
+
+    /// A keyed output's message id follows its key and its payload, not
+    /// its cause: the same result of two inputs is one message, another
+    /// result under the same key is another. Unkeyed, it is the event id.
+    #[test]
+    fn a_keyed_output_is_one_message_per_key_and_payload() {
+        let encoder = OutputEncoder::new("choco.events.resolution.", "resolution", "the-wrapper");
+        let id = |cause_id: &str, output: &Outbound| {
+            encoder
+                .encode(&cause(cause_id), 0, output)
+                .map(|encoded| encoded.message_id)
+                .map_err(|err| err.to_string())
+        };
+        let ok = output(Some("doc-1\nabc"), json!({"url": "a", "ok": true}));
+        let broken = output(Some("doc-1\nabc"), json!({"url": "a", "ok": false}));
+        let elsewhere = output(Some("doc-2\nabc"), json!({"url": "a", "ok": true}));
+        assert_eq!(id("cause-1", &ok), id("cause-2", &ok));
+        assert!(
+            id("cause-1", &ok)
+                .is_ok_and(|message_id| message_id.starts_with("resolution.link.verified:"))
+        );
+        assert_ne!(id("cause-1", &ok), id("cause-1", &broken));
+        assert_ne!(id("cause-1", &ok), id("cause-1", &elsewhere));
+        let unkeyed = output(None, json!({"url": "a", "ok": true}));
+        let encoded = encoder.encode(&cause("cause-1"), 0, &unkeyed);
+        assert!(encoded.is_ok_and(|encoded| encoded.message_id == encoded.event_id.to_string()));
+    }
 
     /// A safe detail passes as it is; control characters become spaces,
     /// and a long one is cut at 512 characters, whichever path it takes.

@@ -609,10 +609,10 @@ impl FieldErrorOr {
 fn outputs(request: &ResolveRequest, resolution: &Resolution) -> Vec<Outbound> {
     let doc = &resolution.document_id;
     let content = content_hash(request.content.as_bytes());
-    let keyed = |output: Outbound| {
-        let key = format!("{doc}\n{content}\n{}", output.payload);
-        output.with_idempotency_key(key)
-    };
+    // The runtime adds the output's payload hash to the key: the result
+    // need not be written into it.
+    let key = format!("{doc}\n{content}");
+    let keyed = |output: Outbound| output.with_idempotency_key(key.clone());
     let mut out = Vec::with_capacity(resolution.tags.len() + resolution.links.len() + 1);
     for tag in &resolution.tags {
         out.push(keyed(Outbound::new(
