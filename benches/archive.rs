@@ -41,7 +41,10 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[path = "common/measure.rs"]
 mod measure;
-use measure::{free_ports, process_cpu_s, thread_cpu_s};
+use measure::{process_cpu_s, thread_cpu_s};
+#[path = "../tests/common/ports.rs"]
+mod ports;
+use ports::free_ports;
 
 #[path = "../tests/common/workload.rs"]
 #[allow(dead_code)]

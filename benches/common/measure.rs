@@ -1,25 +1,8 @@
-//! What the benches read off processes and the machine, shared by
+//! What the benches read off processes and the machine (CPU times; the
+//! ports are `tests/common/ports.rs`), shared by
 //! `benches/pipeline.rs` and `benches/archive.rs` through `#[path]`.
 
-use std::net::TcpListener;
-
 use super::Error;
-
-/// `N` distinct free ports on loopback, all bound at once before any is
-/// released: one bind at a time may be handed the port the previous one
-/// just released, and a binary given the same port twice refuses to start
-/// (a smoke run failed so). The tests' `common::free_ports` has the same
-/// signature, for the cluster the pipeline bench borrows from them.
-pub fn free_ports<const N: usize>() -> Result<[u16; N], Error> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
-    }
-    Ok(ports)
-}
 
 /// User + system CPU seconds of process `pid` so far (`/proc/<pid>/stat`).
 pub fn process_cpu_s(pid: u32) -> Result<f64, Error> {

@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+mod ports;
 pub mod proxy;
 pub mod seaweed;
 pub mod steady;
 pub mod workload;
+
+pub use ports::free_ports;
 
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
@@ -72,22 +75,6 @@ pub fn tls_provider() {
 pub fn free_port() -> u16 {
     let [port] = free_ports().expect("a free port");
     port
-}
-
-/// `N` distinct free ports on loopback, all bound at once before any is
-/// released: taken one bind at a time, the kernel may hand out the port
-/// the previous bind just released, and a process given one port twice
-/// fails to start (the pipeline bench's smoke run did). The benches'
-/// `measure::free_ports` has the same signature, for `cluster.rs`.
-pub fn free_ports<const N: usize>() -> std::io::Result<[u16; N]> {
-    let listeners: Vec<std::net::TcpListener> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
-    let mut ports = [0; N];
-    for (port, listener) in ports.iter_mut().zip(&listeners) {
-        *port = listener.local_addr()?.port();
-    }
-    Ok(ports)
 }
 
 /// The binary, running `serve` for the-conch on ephemeral ports.

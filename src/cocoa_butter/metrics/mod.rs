@@ -119,14 +119,7 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    const ALL: [Outcome; 4] = [
-        Outcome::Ok,
-        Outcome::Skipped,
-        Outcome::Retried,
-        Outcome::DeadLettered,
-    ];
-
-    /// Its place in [`Outcome::ALL`].
+    /// Its slot in [`EventSeries::outcomes`].
     fn index(self) -> usize {
         self as usize
     }
@@ -354,11 +347,16 @@ pub struct RoomMetrics {
 /// those). Undeclared types (`unknown`) go through the families.
 type KnownSeries = HashMap<String, EventSeries, foldhash::fast::RandomState>;
 
+/// `processed` and `duration` of one event type, one slot per [`Outcome`]
+/// (an outcome without a slot, or with an empty one, goes through the
+/// families).
+type OutcomeSeries = [Option<(Counter, LatencyHistogram)>; 4];
+
 struct EventSeries {
     received: Counter,
     /// `processed` and `duration`, by [`Outcome::index`], for the outcomes
     /// the type can end with (an input's three, an output's `skipped`).
-    outcomes: [Option<(Counter, LatencyHistogram)>; 4],
+    outcomes: OutcomeSeries,
     /// An output's `published` ok and error, and the duration of ok.
     published: Option<(Counter, Counter, LatencyHistogram)>,
 }
@@ -554,7 +552,7 @@ impl RoomMetrics {
     pub fn finished(&self, event_type: &str, outcome: Outcome, seconds: f64) {
         if let Some((processed, duration)) = self
             .known(event_type)
-            .and_then(|series| series.outcomes[outcome.index()].as_ref())
+            .and_then(|series| series.outcomes.get(outcome.index())?.as_ref())
         {
             processed.inc();
             duration.observe(seconds, exemplar(), None);
@@ -648,17 +646,18 @@ impl RoomMetrics {
             // Each handle is cloned out in a statement of its own: a
             // family's read guard held while the same family creates the
             // next series would wait for itself.
-            let outcomes = Outcome::ALL.map(|outcome| {
-                ends.contains(&outcome).then(|| {
-                    let labels = OutcomeLabels {
-                        event_type: event_type.clone(),
-                        outcome,
-                    };
-                    let processed = self.processed.get_or_create(&labels).clone();
-                    let duration = self.duration.get_or_create(&labels).clone();
-                    (processed, duration)
-                })
-            });
+            let mut outcomes = OutcomeSeries::default();
+            for &outcome in ends {
+                let labels = OutcomeLabels {
+                    event_type: event_type.clone(),
+                    outcome,
+                };
+                let processed = self.processed.get_or_create(&labels).clone();
+                let duration = self.duration.get_or_create(&labels).clone();
+                if let Some(slot) = outcomes.get_mut(outcome.index()) {
+                    *slot = Some((processed, duration));
+                }
+            }
             let published = (!is_input).then(|| {
                 let publish_labels = |outcome| PublishLabels {
                     event_type: event_type.clone(),
@@ -940,8 +939,29 @@ mod tests {
             &["coordination.in".to_string()],
             &["coordination.out".to_string()],
         );
-        for declared in ["coordination.in", "coordination.out"] {
-            assert!(metrics.known(declared).is_some(), "{declared} kept");
+        // Each declared type keeps the handles of the outcomes it can end
+        // with, and an output those of its publishes.
+        for (declared, ends, publishes) in [
+            (
+                "coordination.in",
+                &[Outcome::Ok, Outcome::Retried, Outcome::DeadLettered][..],
+                false,
+            ),
+            ("coordination.out", &[Outcome::Skipped][..], true),
+        ] {
+            let series = metrics.known(declared);
+            assert!(series.is_some(), "{declared} kept");
+            for outcome in [
+                Outcome::Ok,
+                Outcome::Skipped,
+                Outcome::Retried,
+                Outcome::DeadLettered,
+            ] {
+                let kept = series.is_some_and(|series| series.outcomes[outcome.index()].is_some());
+                assert_eq!(kept, ends.contains(&outcome), "{declared} {outcome:?}");
+            }
+            let kept = series.is_some_and(|series| series.published.is_some());
+            assert_eq!(kept, publishes, "{declared} publishes");
         }
         assert!(metrics.known("unknown").is_none());
         let before = metrics.encode();

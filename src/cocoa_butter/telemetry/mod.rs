@@ -278,8 +278,8 @@ pub struct EventIds<'a> {
 
 /// The span of one delivery, in the messaging conventions, with every
 /// field known when it is opened: the JSON log layer serializes a span's
-/// fields anew on each `record`, and five records per message were five
-/// serializations, at a rate of one message every few microseconds.
+/// fields anew on each `record`, and recording the ids after opening it
+/// was four or five serializations per message instead of one.
 /// Continues the trace of the message's `traceparent`.
 pub fn message_span(
     message: &MessageSpan<'_>,
